@@ -1,0 +1,126 @@
+"""The `flamingo-export` command line: thin wrappers over library functions the tests call too.
+
+Commands that need torch import it lazily, so `flamingo-export run` works with the base
+(torch-free) install.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+MODEL_OPTIONS = [
+    click.option("--lm", "lm_dir", required=True, type=click.Path(path_type=Path),
+                 help="HF language model directory (config.json, weights, tokenizer)."),
+    click.option("--vision", "vision_path", required=True, type=click.Path(path_type=Path),
+                 help="open_clip CLIP state dict (.safetensors/.pt) or an HF CLIP directory."),
+    click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(path_type=Path),
+                 help="OpenFlamingo checkpoint.pt (or .safetensors)."),
+    click.option("--cross-attn-every-n-layers", type=int, default=None,
+                 help="Cross-attention interval (default: inferred from the checkpoint)."),
+    click.option("--preset", default=None, help="A released OpenFlamingo model (see `presets`)."),
+    click.option("--vision-heads", type=int, default=None,
+                 help="Vision attention heads (open_clip files have no config; default width/64)."),
+    click.option("--vision-act", type=click.Choice(["quick_gelu", "gelu"]), default=None,
+                 help="Vision MLP activation (default quick_gelu: OpenAI CLIP weights)."),
+    click.option("--vision-tokens-after-ln-post", is_flag=True, default=False,
+                 help="Apply ln_post to the patch tokens (open_clip >= 2.23); default: before "
+                      "ln_post, as the released checkpoints were trained."),
+]  # fmt: skip
+
+
+def model_options(f: Any) -> Any:
+    for option in reversed(MODEL_OPTIONS):
+        f = option(f)
+    return f
+
+
+def load_model(**kw: Any) -> tuple[Any, Any, Any]:
+    """Load the reference model, turning loader errors into a clean CLI error."""
+    from flamingo.loaders import LoadError, load_flamingo
+
+    try:
+        return load_flamingo(
+            kw["lm_dir"],
+            kw["vision_path"],
+            kw["checkpoint_path"],
+            cross_attn_every_n_layers=kw["cross_attn_every_n_layers"],
+            preset=kw["preset"],
+            vision_heads=kw["vision_heads"],
+            vision_act=kw["vision_act"],
+            vision_tokens_after_ln_post=kw["vision_tokens_after_ln_post"],
+        )
+    except LoadError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flamingo-export")
+def main() -> None:
+    """Export Flamingo (OpenFlamingo) models to ONNX/TensorRT and run few-shot inference."""
+
+
+@main.command()
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(as_json: bool, **kw: Any) -> None:
+    """Load a model from local files and print what was resolved."""
+    from flamingo.inspect import describe
+
+    model, tok, report = load_model(**kw)
+    info = describe(model, tok, report)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"LM family            {info['lm_family']}")
+    lm = info["lm"]
+    click.echo(
+        f"LM                   {lm['num_layers']} layers, hidden {lm['hidden_size']}, "
+        f"{lm['num_heads']} heads ({lm['num_kv_heads']} KV), vocab {lm['vocab_size']}"
+    )
+    v = info["vision"]
+    click.echo(
+        f"vision               ViT {v['image_size']}px/{v['patch_size']}, width {v['width']}, "
+        f"{v['layers']} layers, {v['heads']} heads, act {v['act']}, "
+        f"tokens {'after' if v['tokens_after_ln_post'] else 'before'} ln_post"
+    )
+    click.echo(
+        f"cross-attention      every {info['cross_attn_every_n_layers']} layer(s): before "
+        f"decoder layers {info['cross_attn_layer_indices']}"
+    )
+    click.echo(
+        f"special tokens       <image>={info['media_token_id']} "
+        f"<|endofchunk|>={info['eoc_token_id']} pad={info['pad_token_id']}"
+    )
+    click.echo("parameters")
+    for name, n in info["num_parameters"].items():
+        click.echo(f"  {name:<19}{n:>14,}")
+    for label, items in (("unexpected", report.unexpected), ("filled", report.filled)):
+        for item in items:
+            click.echo(f"{label}: {item}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def presets(as_json: bool) -> None:
+    """List the released OpenFlamingo models and their LM/cross-attention layout."""
+    from dataclasses import asdict
+
+    from flamingo.config import PRESETS
+
+    if as_json:
+        click.echo(json.dumps([asdict(p) for p in PRESETS.values()], indent=2))
+        return
+    for p in PRESETS.values():
+        click.echo(
+            f"{p.name:<42} {p.lm_family:<9} {p.lm_layers} layers, cross-attn every "
+            f"{p.cross_attn_every_n_layers}  ({p.lm_name})"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

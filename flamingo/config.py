@@ -1,0 +1,170 @@
+"""Configuration of a Flamingo model: vision tower, resampler, language model, cross-attention.
+
+One dataclass per component, plain JSON-serialisable values only, so the same config travels
+into the export manifest and back out in the torch-free runtime. OpenFlamingo's fixed choices
+(resampler depth 6, 8 heads x 64, 64 latents; cross-attention 8 heads x 64) are the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+LM_FAMILIES = ("llama", "gpt_neox", "mpt")
+
+
+@dataclass
+class VisionConfig:
+    """open_clip CLIP ViT (the `visual` tower). OpenAI weights use QuickGELU."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    embed_dim: int = 768  # output of `proj` (pooled vector only; Flamingo uses the patch tokens)
+    act: str = "quick_gelu"  # "quick_gelu" (OpenAI) or "gelu"
+    ln_eps: float = 1e-5
+    # open_clip <= 2.22 (what OpenFlamingo trained with) returns patch tokens before ln_post;
+    # open_clip >= 2.23 applies ln_post to every token. False = training-time behaviour.
+    tokens_after_ln_post: bool = False
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class ResamplerConfig:
+    """Perceiver resampler; dim is the vision width."""
+
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    num_latents: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
+class CrossAttentionConfig:
+    """Gated cross-attention blocks inserted before decoder layer i when (i+1) % every_n == 0."""
+
+    every_n_layers: int = 1
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        return [i for i in range(num_layers) if (i + 1) % self.every_n_layers == 0]
+
+
+@dataclass
+class LMConfig:
+    """Decoder-only LM, re-implemented from the HF weights of one of LM_FAMILIES."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    act: str
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # rotary families (llama, gpt_neox): frequencies are stored so the runtime needs no HF code
+    rotary_dim: int = 0
+    rope_inv_freq: list[float] = field(default_factory=list)
+    rope_attention_scaling: float = 1.0
+    parallel_residual: bool = False  # gpt_neox
+    # mpt
+    alibi_bias_max: float = 8.0
+    clip_qkv: float | None = None
+    softmax_scale: float | None = None
+    max_position_embeddings: int = 2048
+
+    @property
+    def uses_position_ids(self) -> bool:
+        return self.family in ("llama", "gpt_neox")
+
+
+@dataclass
+class FlamingoConfig:
+    vision: VisionConfig
+    lm: LMConfig
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    cross_attn: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    media_token_id: int = -1
+    eoc_token_id: int = -1
+    pad_token_id: int = -1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FlamingoConfig:
+        def build(kind: type, values: dict[str, Any]) -> Any:
+            known = {f.name for f in fields(kind)}
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"{kind.__name__}: unknown keys {sorted(unknown)}")
+            return kind(**values)
+
+        return cls(
+            vision=build(VisionConfig, d["vision"]),
+            lm=build(LMConfig, d["lm"]),
+            resampler=build(ResamplerConfig, d.get("resampler", {})),
+            cross_attn=build(CrossAttentionConfig, d.get("cross_attn", {})),
+            media_token_id=d["media_token_id"],
+            eoc_token_id=d["eoc_token_id"],
+            pad_token_id=d.get("pad_token_id", -1),
+        )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A released OpenFlamingo model: which LM family and how often cross-attention sits."""
+
+    name: str
+    lm_family: str
+    lm_layers: int
+    cross_attn_every_n_layers: int
+    lm_name: str
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("OpenFlamingo-3B-vitl-mpt1b", "mpt", 24, 1, "mosaicml/mpt-1b-redpajama-200b"),
+        Preset(
+            "OpenFlamingo-3B-vitl-mpt1b-langinstruct",
+            "mpt",
+            24,
+            1,
+            "mosaicml/mpt-1b-redpajama-200b-dolly",
+        ),
+        Preset(
+            "OpenFlamingo-4B-vitl-rpj3b",
+            "gpt_neox",
+            32,
+            2,
+            "togethercomputer/RedPajama-INCITE-Base-3B-v1",
+        ),
+        Preset(
+            "OpenFlamingo-4B-vitl-rpj3b-langinstruct",
+            "gpt_neox",
+            32,
+            2,
+            "togethercomputer/RedPajama-INCITE-Instruct-3B-v1",
+        ),
+        Preset("OpenFlamingo-9B-vitl-mpt7b", "mpt", 32, 4, "mosaicml/mpt-7b"),
+    )
+}

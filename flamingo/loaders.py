@@ -1,0 +1,593 @@
+"""Load a Flamingo model from the local files users have; nothing is downloaded.
+
+Three sources, as OpenFlamingo composes them:
+- the language model: an HF directory (config.json, safetensors or .bin shards, tokenizer);
+- the vision tower: an open_clip CLIP state dict (`visual.*`) or an HF CLIP directory;
+- the Flamingo weights: OpenFlamingo's `checkpoint.pt` (plain or a `model_state_dict` training
+  save with `module.` prefixes) or safetensors: resampler, gated cross-attention, embeddings.
+
+Every error names the file, the key and what was expected. torch.load always uses
+weights_only=True; trust_remote_code is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import (
+    LM_FAMILIES,
+    PRESETS,
+    CrossAttentionConfig,
+    FlamingoConfig,
+    LMConfig,
+    VisionConfig,
+)
+from .model import Flamingo
+
+MEDIA_TOKEN = "<image>"
+EOC_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<PAD>"
+
+
+class LoadError(ValueError):
+    """A model file is missing, unreadable or does not fit: the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files
+# ---------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or .pt/.bin/.pth via torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"{path}: file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or truncated files surface many exception types
+        raise LoadError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise LoadError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj
+
+
+def unwrap_training_save(sd: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """OpenFlamingo training saves {"model_state_dict": {...}} with DDP `module.` prefixes."""
+    if "model_state_dict" in sd:
+        sd = sd["model_state_dict"]
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise LoadError(f"{path}: entry {k!r} is a {type(v).__name__}, expected a tensor")
+        out[k.removeprefix("module.")] = v
+    return out
+
+
+def read_hf_weights(lm_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF model directory: single file or sharded, safetensors preferred."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (lm_dir / single).is_file():
+            return read_state_dict(lm_dir / single)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = lm_dir / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                sd.update(read_state_dict(lm_dir / shard))
+            return sd
+    raise LoadError(
+        f"{lm_dir}: no weights found (expected model.safetensors, pytorch_model.bin or a "
+        "sharded *.index.json)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Language model: config and the one rename table per family
+# ---------------------------------------------------------------------------------------------
+
+# HF name prefix -> FlamingoLM name prefix; inside a decoder layer the names are HF's own.
+LM_KEY_MAP: dict[str, list[tuple[str, str]]] = {
+    "llama": [
+        ("model.embed_tokens.", "embed_tokens."),
+        ("model.layers.", "layers."),
+        ("model.norm.", "final_norm."),
+        ("lm_head.", "lm_head."),
+    ],
+    "gpt_neox": [
+        ("gpt_neox.embed_in.", "embed_tokens."),
+        ("gpt_neox.layers.", "layers."),
+        ("gpt_neox.final_layer_norm.", "final_norm."),
+        ("embed_out.", "lm_head."),
+    ],
+    "mpt": [
+        ("transformer.wte.", "embed_tokens."),
+        ("transformer.blocks.", "layers."),
+        ("transformer.norm_f.", "final_norm."),
+        ("lm_head.", "lm_head."),
+    ],
+}
+
+# OpenFlamingo's name for the decoder layer list (it wraps each in a FlamingoLayer).
+DECODER_LAYERS_ATTR = {
+    "llama": "model.layers",
+    "gpt_neox": "gpt_neox.layers",
+    "mpt": "transformer.blocks",
+}
+
+# Buffers HF keeps in some checkpoints that carry no weights we need.
+_IGNORED_HF_KEYS = re.compile(r"(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
+
+
+def hf_family(hf_config: dict[str, Any], path: Path) -> str:
+    model_type = hf_config.get("model_type")
+    if model_type in LM_FAMILIES:
+        return model_type
+    if model_type == "mosaic_gpt":
+        return "mosaic_gpt"
+    raise LoadError(
+        f"{path}: unsupported language model family model_type={model_type!r}; "
+        f"supported: {', '.join(LM_FAMILIES)} (and MosaicGPT for OpenFlamingo-3B)"
+    )
+
+
+def lm_config_from_hf(hf_config: dict[str, Any], path: Path) -> LMConfig:
+    """Our LMConfig from an HF config.json dict (rotary frequencies computed by transformers)."""
+    family = hf_family(hf_config, path)
+    if family == "mosaic_gpt":
+        from .mosaic_gpt import mosaic_gpt_hf_config_to_mpt
+
+        try:
+            hf_config = mosaic_gpt_hf_config_to_mpt(hf_config)
+        except ValueError as e:
+            raise LoadError(f"{path}: {e}") from e
+        family = "mpt"
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.for_model(**hf_config)
+    except Exception as e:
+        raise LoadError(f"{path}: invalid {family} config ({e})") from e
+
+    def rope() -> tuple[list[float], float, int]:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        scaling = getattr(cfg, "rope_scaling", None) or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type in ("dynamic", "longrope"):
+            raise LoadError(
+                f"{path}: rope_scaling type {rope_type!r} depends on the sequence length at run "
+                "time and cannot be baked into a static graph; supported: default, linear, "
+                "llama3, yarn"
+            )
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+        return inv_freq.tolist(), float(scale), 2 * len(inv_freq)
+
+    if family == "llama":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        inv, scale, rot = rope()
+        return LMConfig(
+            family=family,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=cfg.intermediate_size,
+            norm_eps=cfg.rms_norm_eps,
+            act=cfg.hidden_act,
+            tie_word_embeddings=bool(cfg.tie_word_embeddings),
+            attention_bias=bool(cfg.attention_bias),
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            rotary_dim=rot,
+            rope_inv_freq=inv,
+            rope_attention_scaling=scale,
+            max_position_embeddings=cfg.max_position_embeddings,
+        )
+    if family == "gpt_neox":
+        inv, scale, rot = rope()
+        return LMConfig(
+            family=family,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_attention_heads,
+            head_dim=cfg.hidden_size // cfg.num_attention_heads,
+            intermediate_size=cfg.intermediate_size,
+            norm_eps=cfg.layer_norm_eps,
+            act=cfg.hidden_act,
+            tie_word_embeddings=bool(cfg.tie_word_embeddings),
+            attention_bias=bool(getattr(cfg, "attention_bias", True)),
+            rotary_dim=rot,
+            rope_inv_freq=inv,
+            rope_attention_scaling=scale,
+            parallel_residual=bool(cfg.use_parallel_residual),
+            max_position_embeddings=cfg.max_position_embeddings,
+        )
+    attn = cfg.attn_config
+    if not getattr(attn, "alibi", True):
+        raise LoadError(f"{path}: MPT without ALiBi (attn_config.alibi=false) is not supported")
+    return LMConfig(
+        family="mpt",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_layers=cfg.n_layers,
+        num_heads=cfg.n_heads,
+        num_kv_heads=cfg.n_heads,
+        head_dim=cfg.d_model // cfg.n_heads,
+        # transformers' MptMLP is fixed at 4x (it ignores expansion_ratio), as is our layer
+        intermediate_size=4 * cfg.d_model,
+        norm_eps=cfg.layer_norm_epsilon,
+        act="gelu",
+        tie_word_embeddings=True,
+        alibi_bias_max=float(attn.alibi_bias_max),
+        clip_qkv=attn.clip_qkv,
+        softmax_scale=attn.softmax_scale,
+        max_position_embeddings=cfg.max_seq_len,
+    )
+
+
+def map_lm_key(family: str, key: str) -> str | None:
+    for src, dst in LM_KEY_MAP[family]:
+        if key.startswith(src):
+            return dst + key[len(src) :]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision: open_clip state dict (architecture from tensor shapes) or HF CLIP directory
+# ---------------------------------------------------------------------------------------------
+
+
+def clip_hf_to_open_clip(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF CLIPVisionModel(+visual_projection) tensors -> open_clip `visual.*` names (no prefix)."""
+    p = "vision_model."
+    hf = {k.removeprefix(p) if k.startswith(p) else k: v for k, v in hf.items()}
+    out = {
+        "conv1.weight": hf["embeddings.patch_embedding.weight"],
+        "class_embedding": hf["embeddings.class_embedding"],
+        "positional_embedding": hf["embeddings.position_embedding.weight"],
+        "ln_pre.weight": hf["pre_layrnorm.weight"],
+        "ln_pre.bias": hf["pre_layrnorm.bias"],
+        "ln_post.weight": hf["post_layernorm.weight"],
+        "ln_post.bias": hf["post_layernorm.bias"],
+    }
+    if "visual_projection.weight" in hf:
+        out["proj"] = hf["visual_projection.weight"].t().contiguous()
+    i = 0
+    while f"encoder.layers.{i}.layer_norm1.weight" in hf:
+        s, d = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for a, b in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2")):
+            out[f"{d}{b}.weight"], out[f"{d}{b}.bias"] = hf[f"{s}{a}.weight"], hf[f"{s}{a}.bias"]
+        qkv = [f"{s}self_attn.{n}_proj" for n in "qkv"]
+        out[f"{d}attn.in_proj_weight"] = torch.cat([hf[f"{n}.weight"] for n in qkv])
+        out[f"{d}attn.in_proj_bias"] = torch.cat([hf[f"{n}.bias"] for n in qkv])
+        for a, b in (
+            ("self_attn.out_proj", "attn.out_proj"),
+            ("mlp.fc1", "mlp.c_fc"),
+            ("mlp.fc2", "mlp.c_proj"),
+        ):
+            out[f"{d}{b}.weight"], out[f"{d}{b}.bias"] = hf[f"{s}{a}.weight"], hf[f"{s}{a}.bias"]
+        i += 1
+    return out
+
+
+def vision_config_from_open_clip(
+    sd: dict[str, torch.Tensor], path: Path, heads: int | None, act: str
+) -> VisionConfig:
+    """open_clip state dicts carry no config: infer it from shapes (heads = width / 64 unless
+    given, open_clip's default head width)."""
+    for key in (
+        "conv1.weight",
+        "positional_embedding",
+        "proj",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+    ):
+        if key not in sd:
+            raise LoadError(
+                f"{path}: missing vision tensor 'visual.{key}' (not an open_clip CLIP ViT?)"
+            )
+    width, _, patch, _ = sd["conv1.weight"].shape
+    grid = math.isqrt(sd["positional_embedding"].shape[0] - 1)
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
+    return VisionConfig(
+        image_size=grid * patch,
+        patch_size=patch,
+        width=width,
+        layers=layers,
+        heads=heads or max(1, width // 64),
+        mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+        embed_dim=sd["proj"].shape[1],
+        act=act,
+    )
+
+
+def read_vision(
+    path: Path, heads: int | None = None, act: str | None = None
+) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
+    """(config, open_clip-named visual tensors) from an open_clip file or an HF CLIP directory."""
+    path = Path(path)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise LoadError(f"{path}: HF CLIP directory without config.json")
+        hf_cfg = json.loads(cfg_file.read_text())
+        vcfg = hf_cfg.get("vision_config", hf_cfg)
+        sd = clip_hf_to_open_clip(read_hf_weights(path))
+        cfg = vision_config_from_open_clip(
+            sd,
+            path,
+            heads or vcfg["num_attention_heads"],
+            act or vcfg.get("hidden_act", "quick_gelu"),
+        )
+        cfg.ln_eps = vcfg.get("layer_norm_eps", 1e-5)
+        return cfg, sd
+    sd = read_state_dict(path)
+    sd = unwrap_training_save(sd, path) if "model_state_dict" in sd else sd
+    if any(k.startswith("visual.") for k in sd):
+        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    # OpenAI CLIP weights (what OpenFlamingo uses) were trained with QuickGELU
+    return vision_config_from_open_clip(sd, path, heads, act or "quick_gelu"), sd
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer, extended exactly as OpenFlamingo does
+# ---------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(lm_dir: Path, tokenizer_dir: Path | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    src = Path(tokenizer_dir or lm_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(src), local_files_only=True, trust_remote_code=False
+        )
+    except Exception as e:
+        raise LoadError(f"{src}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
+    tok.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = "left"
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# The Flamingo checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What was loaded from where, and what did not fit (printed by `inspect`)."""
+
+    lm_dir: str
+    vision_path: str
+    checkpoint_path: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    filled: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+_XATTN = re.compile(
+    r"^lang_encoder\.(?P<layers>.+)\.(?P<i>\d+)\.gated_cross_attn_layer\.(?P<rest>.+)$"
+)
+
+
+def cross_attn_layers_in_checkpoint(sd: Iterable[str]) -> list[int]:
+    return sorted({int(m["i"]) for k in sd if (m := _XATTN.match(k))})
+
+
+def infer_cross_attn_every_n(indices: list[int], num_layers: int, path: Path) -> int:
+    for n in range(1, num_layers + 1):
+        if CrossAttentionConfig(every_n_layers=n).layer_indices(num_layers) == indices:
+            return n
+    raise LoadError(
+        f"{path}: gated cross-attention layers at {indices} match no cross_attn_every_n_layers "
+        f"for a {num_layers}-layer LM"
+    )
+
+
+def map_checkpoint_key(key: str, family: str) -> str | None:
+    """OpenFlamingo checkpoint name -> our Flamingo name (None = not a Flamingo tensor)."""
+    if key.startswith("perceiver."):
+        return key
+    if m := _XATTN.match(key):
+        return f"lang_model.cross_attn_layers.{m['i']}.{m['rest']}"
+    if key.startswith("lang_encoder."):
+        hf_key = key[len("lang_encoder.") :].replace(".decoder_layer.", ".")
+        mapped = map_lm_key(family, hf_key)
+        return f"lang_model.{mapped}" if mapped else None
+    return None
+
+
+def resolve_cross_attn_every_n(
+    requested: int | None, preset: str | None, found: list[int], num_layers: int, path: Path
+) -> int:
+    if preset is not None:
+        if preset not in PRESETS:
+            raise LoadError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        p = PRESETS[preset]
+        if requested is not None and requested != p.cross_attn_every_n_layers:
+            raise LoadError(
+                f"--cross-attn-every-n-layers {requested} contradicts preset {preset} "
+                f"({p.cross_attn_every_n_layers})"
+            )
+        requested = p.cross_attn_every_n_layers
+    if requested is None:
+        return infer_cross_attn_every_n(found, num_layers, path)
+    expected = CrossAttentionConfig(every_n_layers=requested).layer_indices(num_layers)
+    if found != expected:
+        raise LoadError(
+            f"{path}: cross_attn_every_n_layers={requested} expects gated cross-attention before "
+            f"decoder layers {expected}, but the checkpoint has them at {found}"
+        )
+    return requested
+
+
+def load_flamingo(
+    lm_dir: str | Path,
+    vision_path: str | Path,
+    checkpoint_path: str | Path,
+    *,
+    cross_attn_every_n_layers: int | None = None,
+    preset: str | None = None,
+    vision_heads: int | None = None,
+    vision_act: str | None = None,
+    vision_tokens_after_ln_post: bool = False,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Flamingo, Any, LoadReport]:
+    """The reference model from local files: (model in eval mode, tokenizer, report)."""
+    lm_dir, vision_path, ckpt_path = Path(lm_dir), Path(vision_path), Path(checkpoint_path)
+    report = LoadReport(str(lm_dir), str(vision_path), str(ckpt_path))
+    cfg_file = lm_dir / "config.json"
+    if not cfg_file.is_file():
+        raise LoadError(f"{lm_dir}: not an HF model directory (config.json not found)")
+    try:
+        hf_config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{cfg_file}: invalid JSON ({e})") from e
+    lm_cfg = lm_config_from_hf(hf_config, cfg_file)
+    is_mosaic = hf_config.get("model_type") == "mosaic_gpt"
+
+    vision_cfg, vision_sd = read_vision(vision_path, vision_heads, vision_act)
+    vision_cfg.tokens_after_ln_post = vision_tokens_after_ln_post
+
+    ckpt = read_state_dict(ckpt_path)
+    ckpt = unwrap_training_save(ckpt, ckpt_path)
+    found = cross_attn_layers_in_checkpoint(ckpt)
+    if not found:
+        raise LoadError(
+            f"{ckpt_path}: no gated cross-attention tensors "
+            "(lang_encoder.*.gated_cross_attn_layer.*)"
+        )
+    every_n = resolve_cross_attn_every_n(
+        cross_attn_every_n_layers, preset, found, lm_cfg.num_layers, ckpt_path
+    )
+    if preset is not None and PRESETS[preset].lm_family != lm_cfg.family:
+        raise LoadError(
+            f"{cfg_file}: preset {preset} expects a {PRESETS[preset].lm_family} LM, "
+            f"found {lm_cfg.family}"
+        )
+
+    tok = load_tokenizer(lm_dir, Path(tokenizer_dir) if tokenizer_dir else None)
+    base_vocab = lm_cfg.vocab_size
+    lm_cfg.vocab_size = max(len(tok), base_vocab)
+    cfg = FlamingoConfig(
+        vision=vision_cfg,
+        lm=lm_cfg,
+        cross_attn=CrossAttentionConfig(every_n_layers=every_n),
+        media_token_id=tok.encode(MEDIA_TOKEN)[-1],
+        eoc_token_id=tok.encode(EOC_TOKEN)[-1],
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.device("meta"):
+        model = Flamingo(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    loaded: dict[str, torch.Tensor] = {}
+
+    def put(our_key: str, tensor: torch.Tensor, source: Path, source_key: str) -> None:
+        if our_key not in expected:
+            report.unexpected.append(f"{source}:{source_key}")
+            return
+        want = tuple(expected[our_key].shape)
+        if (
+            our_key.endswith(("embed_tokens.weight", "lm_head.weight"))
+            and tensor.shape[0] <= want[0]
+        ):
+            if tensor.shape[1:] != want[1:]:
+                raise LoadError(
+                    f"{source}: tensor {source_key!r} has shape {tuple(tensor.shape)}, expected "
+                    f"(<= {want[0]}, {want[1]}) for an LM of width {lm_cfg.hidden_size}"
+                )
+        elif tuple(tensor.shape) != want:
+            raise LoadError(
+                f"{source}: tensor {source_key!r} has shape {tuple(tensor.shape)}, expected {want}"
+            )
+        loaded[our_key] = tensor
+
+    # 1. LM weights
+    lm_sd = read_hf_weights(lm_dir)
+    if is_mosaic:
+        from .mosaic_gpt import map_mosaic_gpt_state_dict
+
+        lm_sd = map_mosaic_gpt_state_dict(lm_sd)
+    for k, v in lm_sd.items():
+        mapped = map_lm_key(lm_cfg.family, k)
+        if mapped is None:
+            if not _IGNORED_HF_KEYS.search(k):
+                report.unexpected.append(f"{lm_dir}:{k}")
+            continue
+        put(f"lang_model.{mapped}", v, lm_dir, k)
+    # 2. vision weights
+    for k, v in vision_sd.items():
+        put(f"vision_encoder.{k}", v, vision_path, f"visual.{k}" if not vision_path.is_dir() else k)
+    # 3. Flamingo checkpoint (overrides the LM's embeddings with the resized, trained ones)
+    for k, v in ckpt.items():
+        if k.startswith("vision_encoder."):
+            continue
+        mapped = map_checkpoint_key(k, lm_cfg.family)
+        if mapped is None:
+            report.unexpected.append(f"{ckpt_path}:{k}")
+            continue
+        put(mapped, v, ckpt_path, k)
+
+    # the vocabulary grew by Flamingo's special tokens: resized rows must come from the checkpoint
+    vocab = lm_cfg.vocab_size
+    for key in ("lang_model.embed_tokens.weight", "lang_model.lm_head.weight"):
+        if key == "lang_model.lm_head.weight" and lm_cfg.tie_word_embeddings:
+            continue
+        t = loaded.get(key)
+        if t is not None and t.shape[0] < vocab:
+            if key.endswith("embed_tokens.weight"):
+                raise LoadError(
+                    f"{ckpt_path}: input embeddings have {t.shape[0]} rows but the extended "
+                    f"tokenizer has {vocab} tokens; the checkpoint must carry resized embeddings"
+                )
+            # HF's resize gives new output rows random values that OpenFlamingo never saved for
+            # untied heads; the mean row is the deterministic choice and is reported.
+            fill = t.float().mean(0, keepdim=True).to(t.dtype).expand(vocab - t.shape[0], -1)
+            loaded[key] = torch.cat([t, fill])
+            report.filled.append(f"{key}[{t.shape[0]}:{vocab}] = mean of existing rows")
+
+    required_missing = []
+    for k in expected:
+        if k in loaded or (k == "lang_model.lm_head.weight" and lm_cfg.tie_word_embeddings):
+            continue
+        (required_missing if not k.startswith("lang_model.lm_head") else report.missing).append(k)
+    if required_missing:
+        where = {"perceiver": ckpt_path, "lang_model.cross": ckpt_path, "vision": vision_path}
+        first = required_missing[0]
+        src = next((p for pre, p in where.items() if first.startswith(pre)), lm_dir)
+        raise LoadError(
+            f"{src}: {len(required_missing)} required tensor(s) missing, e.g. {first!r}"
+            + (f" (and {required_missing[1]!r})" if len(required_missing) > 1 else "")
+        )
+    if report.missing:
+        raise LoadError(f"{lm_dir}: output embeddings missing ({report.missing[0]})")
+
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: v.to(dtype) for k, v in loaded.items()}, strict=False, assign=False)
+    if lm_cfg.tie_word_embeddings:
+        model.lang_model.lm_head.weight = model.lang_model.embed_tokens.weight
+    model.lang_model._init_buffers()
+    model.to(dtype).eval()
+    report.notes.append(f"cross_attn_every_n_layers={every_n}; vocabulary {base_vocab} -> {vocab}")
+    return model, tok, report

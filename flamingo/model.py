@@ -1,0 +1,691 @@
+"""The Flamingo reference model in PyTorch: the numbers every exported graph is measured against.
+
+Read top to bottom: CLIP vision tower -> Perceiver resampler -> gated cross-attention ->
+decoder layers of the three LM families -> FlamingoLM (LM with cross-attention and explicit KV
+cache tensors) -> Flamingo (the whole model, OpenFlamingo's forward semantics).
+
+Why the LM is re-implemented from HF weights instead of wrapping HF modules (OpenFlamingo's
+mixin): the exported decoder graph needs KV cache and cross-attention K/V as plain tensors in and
+out, attention written from MatMul/Softmax (TensorRT cannot carry past KV through the ONNX
+Attention op), and a forward that does not change with transformers' cache API. Parameter names
+inside each decoder layer match HF's so weights load without a rename table per tensor.
+
+Shape letters: B batch, T new tokens, P past tokens, S = P + T, N images, L latents per image,
+M = images x latents (cross-attention keys), D width, H heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FlamingoConfig, LMConfig, ResamplerConfig, VisionConfig
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def activation(name: str) -> nn.Module:
+    """HF/open_clip activation names -> modules (exact erf GELU unless the name says tanh)."""
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name in ("gelu", "gelu_python"):
+        return nn.GELU()
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return nn.GELU(approximate="tanh")
+    if name in ("silu", "swish"):
+        return nn.SiLU()
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm, statistics in float32 as HF computes them."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def scaled_dot_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v from MatMul/Softmax only (exports to plain ONNX ops)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision: open_clip VisionTransformer (parameter names as in open_clip's `visual.*` state dict)
+# ---------------------------------------------------------------------------------------------
+
+
+class VisionAttention(nn.Module):
+    """nn.MultiheadAttention's parameter layout (in_proj_weight) with an exportable forward."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = scaled_dot_attention(
+            q, k, v, torch.zeros((), dtype=x.dtype), (d // self.heads) ** -0.5
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = activation(act)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.attn = VisionAttention(cfg.width, cfg.heads)
+        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
+        self.mlp = VisionMLP(cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTransformerBlocks(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """CLIP ViT returning (pooled, patch tokens without CLS), like open_clip with output_tokens."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(w))
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.num_patches + 1, w))
+        self.ln_pre = nn.LayerNorm(w, eps=cfg.ln_eps)
+        self.transformer = VisionTransformerBlocks(cfg)
+        self.ln_post = nn.LayerNorm(w, eps=cfg.ln_eps)
+        self.proj = nn.Parameter(torch.zeros(w, cfg.embed_dim))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.conv1(pixels)  # (N, D, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (N, g*g, D)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (N, 1+g*g, D)
+        x = self.transformer(self.ln_pre(x))
+        if self.cfg.tokens_after_ln_post:  # open_clip >= 2.23
+            x = self.ln_post(x)
+            pooled, tokens = x[:, 0], x[:, 1:]
+        else:  # open_clip <= 2.22, what the released checkpoints were trained with
+            pooled, tokens = self.ln_post(x[:, 0]), x[:, 1:]
+        return pooled @ self.proj, tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Perceiver resampler (names as OpenFlamingo's `perceiver.*` so checkpoints load unchanged)
+# ---------------------------------------------------------------------------------------------
+
+
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    """LayerNorm -> Linear -> GELU -> Linear, no biases (OpenFlamingo's FeedForward)."""
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, dim * mult, bias=False),
+        nn.GELU(),
+        nn.Linear(dim * mult, dim, bias=False),
+    )
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to concat(media, latents)."""
+
+    def __init__(self, dim: int, cfg: ResamplerConfig) -> None:
+        super().__init__()
+        inner = cfg.heads * cfg.dim_head
+        self.heads, self.scale = cfg.heads, cfg.dim_head**-0.5
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        # media (N, V, D), latents (N, L, D)
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        n, num_latents, _ = latents.shape
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
+        q, k, v = (t.reshape(n, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = scaled_dot_attention(q, k, v, torch.zeros((), dtype=q.dtype), self.scale)
+        return self.to_out(out.transpose(1, 2).reshape(n, num_latents, -1))  # (N, L, D)
+
+
+class PerceiverResampler(nn.Module):
+    """(N, V, D) patch tokens -> (N, L, D) latents: a fixed number of visual tokens per image."""
+
+    def __init__(self, dim: int, cfg: ResamplerConfig) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, cfg), feed_forward(dim, cfg.ff_mult)])
+            for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, media: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.to(media.dtype).expand(media.shape[0], -1, -1)
+        for attn, ff in self.layers:
+            latents = attn(media, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm(latents)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gated cross-attention and the media-location rule
+# ---------------------------------------------------------------------------------------------
+
+
+def media_index_from_ids(input_ids: torch.Tensor, media_token_id: int) -> torch.Tensor:
+    """1-based number of the latest `<image>` at or before each token; 0 before the first one.
+
+    An integer cumsum (OpenFlamingo's bool cumsum is what broke its ONNX export, issue #256).
+    """
+    return torch.cumsum((input_ids == media_token_id).to(torch.int64), dim=-1)
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text queries attend only to the latents of their own (latest preceding) image."""
+
+    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.scale = heads, dim_head**-0.5
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L, Dv) latents -> K, V (N, H, L, Dh): computed once per image, not per token."""
+        n, num_latents, _ = latents.shape
+        k, v = self.to_kv(latents).chunk(2, dim=-1)
+        return tuple(t.reshape(n, num_latents, self.heads, -1).transpose(1, 2) for t in (k, v))
+
+    def forward(
+        self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor, media_mask: torch.Tensor
+    ) -> torch.Tensor:
+        # x (B, T, D); key/value (B, H, M, Dh); media_mask (B, 1, T, M) additive 0/-inf-like
+        b, t, _ = x.shape
+        q = self.to_q(self.norm(x)).reshape(b, t, self.heads, -1).transpose(1, 2)
+        out = scaled_dot_attention(q, key, value, media_mask, self.scale)  # (B, H, T, Dh)
+        return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """x + tanh(attn_gate) * xattn(x) ; x + tanh(ff_gate) * ff(x). Gates 0 = the plain LM."""
+
+    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int) -> None:
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = feed_forward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        media_mask: torch.Tensor,
+        has_media: torch.Tensor,
+    ) -> torch.Tensor:
+        # has_media (B, T, 1): text before the first image gets no cross-attention output
+        x = x + self.attn(x, key, value, media_mask) * has_media * self.attn_gate.tanh()
+        return x + self.ff(x) * self.ff_gate.tanh()
+
+
+def cross_attention_mask(
+    media_index: torch.Tensor, num_keys: int, num_latents: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive mask (B, 1, T, M) allowing key m iff it belongs to image media_index, plus (B,T,1)
+    multiplier zeroing tokens with media_index 0 (OpenFlamingo zeroes their attention)."""
+    key_image = torch.arange(num_keys, device=media_index.device) // num_latents + 1  # (M,)
+    allowed = key_image.view(1, 1, 1, -1) == media_index.unsqueeze(1).unsqueeze(-1)
+    neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    mask = torch.where(allowed, torch.zeros((), dtype=dtype), neg)
+    has_media = (media_index > 0).to(dtype).unsqueeze(-1)
+    return mask, has_media
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder layers: one class per LM family, HF parameter names, explicit past/present KV
+# ---------------------------------------------------------------------------------------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims (all for LLaMA, rotary_pct for GPT-NeoX)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+def append_kv(
+    past: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(d, h * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, kvh * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, kvh * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=cfg.attention_bias)
+
+    def forward(self, x, bias, rope, past):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k, v = append_kv(past, k, v)  # (B, KVH, S, Dh): the present cache
+        groups = cfg.num_heads // cfg.num_kv_heads
+        kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+        vv = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+        out = scaled_dot_attention(q, kk, vv, bias, cfg.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, d, bias=cfg.mlp_bias)
+        self.act_fn = activation(cfg.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, bias, rope, past):
+        attn, present = self.self_attn(self.input_layernorm(x), bias, rope, past)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class GPTNeoXAttention(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, cfg.attention_bias)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x, bias, rope, past):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        # fused projection is laid out per head: (B, T, H, 3 * Dh)
+        qkv = self.query_key_value(x).view(b, t, cfg.num_heads, 3 * cfg.head_dim).transpose(1, 2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k, v = append_kv(past, k, v)
+        out = scaled_dot_attention(q, k, v, bias, cfg.head_dim**-0.5)
+        return self.dense(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class GPTNeoXMLP(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = activation(cfg.act)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class GPTNeoXDecoderLayer(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.parallel = cfg.parallel_residual
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attention = GPTNeoXAttention(cfg)
+        self.mlp = GPTNeoXMLP(cfg)
+
+    def forward(self, x, bias, rope, past):
+        attn, present = self.attention(self.input_layernorm(x), bias, rope, past)
+        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return x + attn + self.mlp(self.post_attention_layernorm(x)), present
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+def bias_free_layer_norm(dim: int, eps: float) -> nn.LayerNorm:
+    """MPT's LayerNorm has no bias (HF MptBlock sets it to None)."""
+    return nn.LayerNorm(dim, eps=eps, bias=False)
+
+
+class MptAttention(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.scale = cfg.softmax_scale or cfg.head_dim**-0.5
+
+    def forward(self, x, bias, rope, past):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        qkv = self.Wqkv(x)
+        if cfg.clip_qkv:
+            qkv = qkv.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv)
+        q, k, v = (
+            s.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2) for s in qkv.chunk(3, -1)
+        )
+        k, v = append_kv(past, k, v)
+        out = scaled_dot_attention(q, k, v, bias, self.scale)  # bias carries ALiBi per head
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class MptMLP(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.act = activation(cfg.act)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class MptDecoderLayer(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.norm_1 = bias_free_layer_norm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = MptAttention(cfg)
+        self.norm_2 = bias_free_layer_norm(cfg.hidden_size, cfg.norm_eps)
+        self.ffn = MptMLP(cfg)
+
+    def forward(self, x, bias, rope, past):
+        attn, present = self.attn(self.norm_1(x), bias, rope, past)
+        x = x + attn
+        return x + self.ffn(self.norm_2(x)), present
+
+
+DECODER_LAYERS: dict[str, type[nn.Module]] = {
+    "llama": LlamaDecoderLayer,
+    "gpt_neox": GPTNeoXDecoderLayer,
+    "mpt": MptDecoderLayer,
+}
+
+
+def alibi_slopes(num_heads: int, alibi_bias_max: float) -> torch.Tensor:
+    """MPT's ALiBi slopes (H,), including its ordering for non-power-of-two head counts."""
+    n2 = 2 ** math.ceil(math.log2(num_heads))
+    slopes = 1.0 / torch.pow(
+        2, torch.arange(1, n2 + 1, dtype=torch.float32) * (alibi_bias_max / n2)
+    )
+    if n2 != num_heads:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM with cross-attention: what the decoder graph exports
+# ---------------------------------------------------------------------------------------------
+
+
+class FlamingoLM(nn.Module):
+    """Decoder-only LM with gated cross-attention blocks before selected decoder layers.
+
+    forward takes everything explicitly (no hidden conditioning state): the per-token media
+    index, the per-layer cross-attention K/V over all images of each row, and past KV.
+    """
+
+    def __init__(self, cfg: FlamingoConfig) -> None:
+        super().__init__()
+        lm = cfg.lm
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
+        self.layers = nn.ModuleList(DECODER_LAYERS[lm.family](lm) for _ in range(lm.num_layers))
+        xa = cfg.cross_attn
+        self.cross_attn_layer_indices = xa.layer_indices(lm.num_layers)
+        # keyed by decoder-layer index, like OpenFlamingo's `<layers>.<i>.gated_cross_attn_layer`
+        self.cross_attn_layers = nn.ModuleDict(
+            {
+                str(i): GatedCrossAttentionBlock(
+                    lm.hidden_size, cfg.vision.width, xa.heads, xa.dim_head, xa.ff_mult
+                )
+                for i in self.cross_attn_layer_indices
+            }
+        )
+        if lm.family == "llama":
+            self.final_norm = RMSNorm(lm.hidden_size, lm.norm_eps)
+        elif lm.family == "mpt":
+            self.final_norm = bias_free_layer_norm(lm.hidden_size, lm.norm_eps)
+        else:
+            self.final_norm = nn.LayerNorm(lm.hidden_size, eps=lm.norm_eps)
+        self.lm_head = nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
+        if lm.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._init_buffers()
+
+    def _init_buffers(self) -> None:
+        """Constants derived from the config (not weights); rebuilt after meta-device loading."""
+        lm = self.cfg.lm
+        if lm.rope_inv_freq:
+            inv = torch.tensor(lm.rope_inv_freq, dtype=torch.float32)
+            self.register_buffer("rope_inv_freq", inv, persistent=False)
+        if lm.family == "mpt":
+            slopes = alibi_slopes(lm.num_heads, lm.alibi_bias_max)
+            self.register_buffer("alibi_slopes", slopes, persistent=False)
+
+    def media_kv(self, latents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per cross-attention layer K/V (N, H, L, Dh) for N images' latents (N, L, Dv)."""
+        return [
+            self.cross_attn_layers[str(i)].attn.media_kv(latents)
+            for i in self.cross_attn_layer_indices
+        ]
+
+    def rope(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.unsqueeze(-1).float() * self.rope_inv_freq  # (B, T, rot/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        scale = self.cfg.lm.rope_attention_scaling
+        cos, sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rot)
+
+    def self_attention_bias(
+        self, attention_mask: torch.Tensor, num_new: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Additive (B, 1|H, T, S) bias: causal over S = past + new, padding, ALiBi for MPT."""
+        total = attention_mask.shape[1]
+        past = total - num_new
+        key_pos = torch.arange(total, device=attention_mask.device)
+        query_pos = torch.arange(num_new, device=attention_mask.device) + past
+        causal = key_pos.view(1, -1) <= query_pos.view(-1, 1)  # (T, S)
+        allowed = causal.view(1, 1, num_new, total) & (attention_mask.view(-1, 1, 1, total) > 0)
+        bias = torch.where(
+            allowed, torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+        )
+        if self.cfg.lm.family == "mpt":
+            # slope * (key - last key): only differences matter under softmax, so padding and
+            # the absolute offset are irrelevant; same values as HF's build_mpt_alibi_tensor
+            rel = (key_pos - (total - 1)).to(torch.float32)
+            bias = bias + (self.alibi_slopes.view(1, -1, 1, 1) * rel.view(1, 1, 1, -1)).to(dtype)
+        return bias
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor,  # (B, S) 1 = real token (past and new), 0 = padding
+        media_index: torch.Tensor,  # (B, T) 1-based image number per token, 0 = none
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]],  # per xattn layer (B, H, M, Dh)
+        past: KVCache,  # per decoder layer (B, KVH, P, Dh)
+        position_ids: torch.Tensor | None = None,  # (B, T) rotary families
+    ) -> tuple[torch.Tensor, KVCache]:
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        dtype = x.dtype
+        bias = self.self_attention_bias(attention_mask, input_ids.shape[1], dtype)
+        rope = self.rope(position_ids, dtype) if self.cfg.lm.uses_position_ids else None
+        num_keys = cross_kv[0][0].shape[2] if cross_kv else 0
+        media_mask, has_media = cross_attention_mask(
+            media_index, num_keys, self.cfg.resampler.num_latents, dtype
+        )
+        present: KVCache = []
+        xattn_kv = dict(zip(self.cross_attn_layer_indices, cross_kv))
+        for i, layer in enumerate(self.layers):
+            if i in xattn_kv:
+                key, value = xattn_kv[i]
+                x = self.cross_attn_layers[str(i)](x, key, value, media_mask, has_media)
+            x, kv = layer(x, bias, rope, past[i])
+            present.append(kv)
+        return self.lm_head(self.final_norm(x)), present
+
+    def empty_cache(
+        self, batch: int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> KVCache:
+        lm = self.cfg.lm
+        shape = (batch, lm.num_kv_heads, 0, lm.head_dim)
+        return [
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(lm.num_layers)
+        ]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+    """HF's rule for left padding: cumsum(mask) - 1, pads at 1; positions of the last num_new."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(attention_mask == 0, 1)
+    return pos[:, -num_new:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Flamingo: the whole model
+# ---------------------------------------------------------------------------------------------
+
+
+class Flamingo(nn.Module):
+    def __init__(self, cfg: FlamingoConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision_encoder = VisionTransformer(cfg.vision)
+        self.perceiver = PerceiverResampler(cfg.vision.width, cfg.resampler)
+        self.lang_model = FlamingoLM(cfg)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) preprocessed pixels -> (N, L, Dv) resampled latents."""
+        _, patch_tokens = self.vision_encoder(pixels)  # (N, g*g, Dv), no CLS
+        return self.perceiver(patch_tokens)
+
+    def cross_kv_for_rows(self, latents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(B, T_img, L, Dv) latents of each row's images -> per layer (B, H, T_img*L, Dh)."""
+        b, t_img, num_latents, dv = latents.shape
+        out = []
+        for k, v in self.lang_model.media_kv(latents.reshape(b * t_img, num_latents, dv)):
+            h, dh = k.shape[1], k.shape[3]
+            out.append(
+                tuple(
+                    s.reshape(b, t_img, h, num_latents, dh).transpose(1, 2).reshape(b, h, -1, dh)
+                    for s in (k, v)
+                )
+            )
+        return out
+
+    def encode_vision_x(self, vision_x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """OpenFlamingo's vision_x (B, T_img, F, C, H, W), F = 1 -> cross-attention K/V."""
+        if vision_x.ndim != 6:
+            raise ValueError(
+                f"vision_x must be (B, T_img, F, C, H, W), got {tuple(vision_x.shape)}"
+            )
+        b, t_img, frames = vision_x.shape[:3]
+        if frames != 1:
+            raise ValueError(f"only single-frame media are supported (F = 1), got F = {frames}")
+        latents = self.encode_images(vision_x.flatten(0, 2))
+        return self.cross_kv_for_rows(latents.view(b, t_img, *latents.shape[1:]))
+
+    def forward(
+        self,
+        vision_x: torch.Tensor,
+        lang_x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Full-sequence logits (B, T, V), OpenFlamingo's `Flamingo.forward` semantics."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(lang_x)
+        cross_kv = self.encode_vision_x(vision_x)
+        logits, _ = self.lang_model(
+            lang_x,
+            attention_mask,
+            media_index_from_ids(lang_x, self.cfg.media_token_id),
+            cross_kv,
+            self.lang_model.empty_cache(lang_x.shape[0], self.lang_model.embed_tokens.weight.dtype),
+            position_ids_from_mask(attention_mask, lang_x.shape[1]),
+        )
+        return logits

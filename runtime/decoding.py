@@ -1,0 +1,43 @@
+"""Per-step bookkeeping that every decoder backend shares (numpy only).
+
+The media-location rule and the position ids are computed outside the graphs, once, here: the
+PyTorch reference's step model and the onnxruntime/TensorRT sessions all call these, so the
+backends can differ only in how they compute logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class MediaCounter:
+    """Which image each new token attends to, carried across prefill and decode steps.
+
+    A token's media index is the 1-based number of the latest `<image>` at or before it
+    (0 = before the first image: no cross-attention), counted with integer ops. Counting goes on
+    across steps, so every generated token attends to the prompt's last image, as OpenFlamingo's
+    cached-media generation does. Indices are capped at the row's image count so a generated
+    `<image>` token keeps attending to the last real image instead of to nothing.
+    """
+
+    def __init__(self, media_token_id: int, num_images: np.ndarray) -> None:
+        self.media_token_id = media_token_id
+        self.num_images = np.asarray(num_images, dtype=np.int64)
+        self.count = np.zeros_like(self.num_images)
+
+    def __call__(self, input_ids: np.ndarray) -> np.ndarray:
+        step = np.cumsum(input_ids == self.media_token_id, axis=-1, dtype=np.int64)
+        index = np.minimum(self.count[:, None] + step, self.num_images[:, None])
+        self.count = index[:, -1].copy()
+        return index
+
+    def reorder(self, index: np.ndarray) -> None:
+        self.count = self.count[index]
+        self.num_images = self.num_images[index]
+
+
+def position_ids(attention_mask: np.ndarray, num_new: int) -> np.ndarray:
+    """HF's rule under left padding: cumsum(mask) - 1 with pads at 1; the last num_new columns."""
+    pos = np.cumsum(attention_mask, axis=-1, dtype=np.int64) - 1
+    pos[attention_mask == 0] = 1
+    return pos[:, -num_new:]
