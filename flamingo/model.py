@@ -84,7 +84,7 @@ class VisionAttention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(3 * width, width)))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
@@ -323,6 +323,15 @@ def append_kv(
     return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
 
 
+def repeat_kv(x: torch.Tensor, cfg: LMConfig) -> torch.Tensor:
+    """(B, KVH, S, Dh) -> (B, H, S, Dh) for grouped-query attention, as Expand + Reshape."""
+    groups = cfg.num_heads // cfg.num_kv_heads
+    if groups == 1:
+        return x
+    b, kvh, s, dh = x.shape
+    return x.unsqueeze(2).expand(b, kvh, groups, s, dh).reshape(b, kvh * groups, s, dh)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
@@ -341,9 +350,7 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k, v = append_kv(past, k, v)  # (B, KVH, S, Dh): the present cache
-        groups = cfg.num_heads // cfg.num_kv_heads
-        kk = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-        vv = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+        kk, vv = repeat_kv(k, cfg), repeat_kv(v, cfg)
         out = scaled_dot_attention(q, kk, vv, bias, cfg.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
 

@@ -1,0 +1,398 @@
+"""Torch-free image loading and OpenFlamingo / open_clip eval preprocessing.
+
+This module runs on edge devices, so it depends on numpy and Pillow only (never torch or
+torchvision).  :func:`preprocess` reproduces the eval transform that OpenFlamingo gets from
+``open_clip.create_model_and_transforms`` for CLIP ViT-L/14::
+
+    Resize(image_size, interpolation=BICUBIC)   # PIL image, shortest side -> image_size
+    CenterCrop(image_size)
+    _convert_to_rgb                             # image.convert("RGB")
+    ToTensor()                                  # uint8 HWC -> float32 CHW / 255
+    Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+The steps run in that order and on the image in its *decoded* mode, exactly as open_clip
+does, because the order is observable:
+
+* ``P`` (palette) and ``1`` images are resized by Pillow with NEAREST whatever filter is
+  asked for (Pillow forces it for those modes), so they are resized as palette indices and
+  only then mapped to RGB.
+* ``RGBA`` / ``LA`` images are resized with premultiplied alpha; the final
+  ``convert("RGB")`` then simply drops alpha.  Transparent areas are therefore NOT composited
+  onto a background: they keep whatever colour is stored under them (black after a
+  premultiplied resize).  That is what open_clip feeds the model, so we do the same.
+
+Deliberate, documented differences from open_clip (which sees ``Image.open(path)``):
+
+* EXIF orientation is applied (``ImageOps.exif_transpose``) so phone photos are upright.
+  Images without an orientation tag are unaffected.
+* 16/32-bit integer images (modes ``I;16*`` and ``I``) are scaled to 8 bits with
+  ``round(v / 257)`` (exactly maps 0..65535 onto 0..255).  Pillow's plain ``convert`` --
+  what open_clip does -- clips every value above 255 to white, which destroys 16-bit PNGs.
+* Float data (``F`` images, float arrays) must lie in [0, 1] and is mapped with
+  ``round(v * 255)``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "ImageError",
+    "ImageInput",
+    "PreprocessConfig",
+    "load_image",
+    "preprocess",
+]
+
+OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+_INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_RESIZE_MODES = ("shortest", "longest", "squash")
+# Modes that go through resize/crop unchanged and are converted to RGB at the end, like
+# open_clip does.  Everything else is first normalised by _normalise_mode.
+_NATIVE_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+
+
+class ImageError(ValueError):
+    """An input image could not be used; the message names the input and the problem."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Parameters of the open_clip eval transform; stored in the export manifest.
+
+    ``resize_mode`` follows open_clip: ``"shortest"`` (the CLIP default: shortest side to
+    ``image_size`` then centre crop), ``"longest"`` (longest side to ``image_size`` then
+    centre crop/pad with 0), ``"squash"`` (resize to a square, no crop).
+    """
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+            raise ValueError(f"image_size must be a positive int, got {size!r}")
+        object.__setattr__(self, "image_size", int(size))
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be 3 numbers, got {value!r}") from None
+            if len(value) != 3 or not all(np.isfinite(value)):
+                raise ValueError(f"{key} must be 3 finite numbers, got {value!r}")
+            object.__setattr__(self, key, value)
+        if any(s == 0.0 for s in self.std):
+            raise ValueError(f"std must be non-zero, got {self.std!r}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
+        if self.resize_mode not in _RESIZE_MODES:
+            raise ValueError(
+                f"resize_mode must be one of {list(_RESIZE_MODES)}, got {self.resize_mode!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists) for the export manifest."""
+        d = asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are refused rather than silently ignored,
+        since a field this runtime does not know could change the preprocessing."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocess config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocess config keys: {unknown}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _default_name(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return "<bytes input>"
+    if isinstance(image, np.ndarray):
+        return "<ndarray input>"
+    if isinstance(image, Image.Image):
+        return "<PIL image input>"
+    return f"<{type(image).__name__} input>"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _decode(fp: Any, name: str) -> Image.Image:
+    """Open, fully decode and EXIF-transpose; every failure becomes an ImageError."""
+    try:
+        with Image.open(fp) as im:
+            # .load() forces the full decode so truncated files fail here (Pillow's
+            # ImageFile.LOAD_TRUNCATED_IMAGES is left at its default, False).
+            im.load()
+            return _exif_transpose(im, name)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a directory, not an image file") from None
+    except PermissionError as e:
+        raise ImageError(f"{name}: cannot read file ({_describe(e)})") from e
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not a recognised image format (or not an image)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: image too large ({e})") from e
+    except Exception as e:  # Pillow plugins raise OSError, SyntaxError, ValueError, ...
+        raise ImageError(
+            f"{name}: cannot decode image, truncated or corrupt? ({_describe(e)})"
+        ) from e
+
+
+def _exif_transpose(im: Image.Image, name: str) -> Image.Image:
+    """Apply EXIF orientation; always returns a new image (never the caller's object)."""
+    try:
+        out = ImageOps.exif_transpose(im)
+    except Exception as e:  # a malformed EXIF block should not reject a decodable image
+        warnings.warn(f"{name}: ignoring unreadable EXIF data ({_describe(e)})", stacklevel=3)
+        out = None
+    return out if out is not None else im.copy()
+
+
+def _u16_to_u8(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 as round(v / 257); exact at both ends, no overflow."""
+    v = np.clip(values.astype(np.int64), 0, 65535)
+    return ((v + 128) // 257).astype(np.uint8)
+
+
+def _float_to_u8(values: np.ndarray, name: str) -> np.ndarray:
+    v = values.astype(np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ImageError(f"{name}: float image contains NaN or infinite values")
+    lo, hi = float(v.min()), float(v.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ImageError(f"{name}: float image values must lie in [0, 1], got [{lo:g}, {hi:g}]")
+    return np.rint(v * 255.0).astype(np.uint8)
+
+
+def _from_array(arr: np.ndarray, name: str) -> Image.Image:
+    shape = arr.shape
+    if arr.ndim == 3 and shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (2, 3, 4))):
+        raise ImageError(
+            f"{name}: array must be HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA), got shape {shape}"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"{name}: zero-size image (array shape {shape})")
+    if arr.dtype == np.uint8:
+        data = arr
+    elif arr.dtype == np.uint16:
+        data = _u16_to_u8(arr)
+    elif np.issubdtype(arr.dtype, np.floating):
+        data = _float_to_u8(arr, name)
+    else:
+        raise ImageError(
+            f"{name}: unsupported array dtype {arr.dtype} (use uint8, uint16 or float in [0, 1])"
+        )
+    return Image.fromarray(np.ascontiguousarray(data))
+
+
+def _normalise_mode(im: Image.Image, name: str) -> Image.Image:
+    """Bring rare modes into one of _NATIVE_MODES (8 bits per band)."""
+    mode = im.mode
+    if mode in _NATIVE_MODES:
+        return im
+    if mode.startswith("I;16") or mode == "I":
+        return Image.fromarray(_u16_to_u8(np.asarray(im)))
+    if mode == "F":
+        return Image.fromarray(_float_to_u8(np.asarray(im), name))
+    target = {"PA": "RGBA", "La": "LA", "RGBa": "RGBA"}.get(mode, "RGB")
+    try:
+        return im.convert(target)
+    except Exception as e:
+        raise ImageError(f"{name}: unsupported image mode {mode!r} ({_describe(e)})") from e
+
+
+def load_image(image: ImageInput, *, name: str | None = None) -> Image.Image:
+    """Decode ``image`` into a fully loaded PIL image with EXIF orientation applied.
+
+    Accepts a file path, encoded bytes, a PIL image or a numpy array (HxW gray, HxWx3 RGB,
+    HxWx4 RGBA; uint8, uint16, or float in [0, 1]).  The result is a new image in an 8-bit
+    mode that :func:`preprocess` handles like open_clip (the input object is never modified).
+    ``name`` is used in error messages; it defaults to the path or the input's type.
+    Raises :class:`ImageError` for every unusable input.
+    """
+    label = name if name is not None else _default_name(image)
+    if isinstance(image, (str, os.PathLike)):
+        im = _decode(os.fspath(image), label)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        if len(image) == 0:
+            raise ImageError(f"{label}: empty bytes")
+        im = _decode(io.BytesIO(bytes(image)), label)
+    elif isinstance(image, Image.Image):
+        try:
+            image.load()  # lazily opened images: surface truncation now
+        except Exception as e:
+            raise ImageError(
+                f"{label}: cannot decode image, truncated or corrupt? ({_describe(e)})"
+            ) from e
+        im = _exif_transpose(image, label)
+    elif isinstance(image, np.ndarray):
+        im = _from_array(image, label)
+    else:
+        raise ImageError(
+            f"{label}: unsupported input type {type(image).__name__} "
+            "(expected a path, bytes, PIL.Image.Image or numpy.ndarray)"
+        )
+    if im.width == 0 or im.height == 0:
+        raise ImageError(f"{label}: zero-size image ({im.width}x{im.height})")
+    return _normalise_mode(im, label)
+
+
+# ------------------------------------------------------------------------ preprocessing
+
+
+def _shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) after torchvision ``Resize(int)``: short side -> size, long side truncated
+    (``int(size * long / short)``, as in ``_compute_resized_output_size``)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def _longest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) after open_clip ``ResizeKeepRatio(size, longest=1)``: Python ``round``."""
+    ratio = max(height / size, width / size)
+    return round(width / ratio), round(height / ratio)
+
+
+def _pad(im: Image.Image, left: int, top: int, right: int, bottom: int) -> Image.Image:
+    """Constant 0 padding in the image's own mode, like torchvision's PIL ``pad`` (for ``P``
+    that is palette index 0; for ``CMYK`` it becomes white after conversion)."""
+    bands = len(im.getbands())
+    fill: int | tuple[int, ...] = 0 if bands == 1 else (0,) * bands
+    out = Image.new(im.mode, (left + im.width + right, top + im.height + bottom), fill)
+    if im.mode == "P":
+        palette = im.getpalette()
+        if palette is not None:
+            out.putpalette(palette)
+    out.paste(im, (left, top))
+    return out
+
+
+def _center_crop(im: Image.Image, size: int) -> Image.Image:
+    """torchvision ``center_crop``: pad (left/top get the floor half) when smaller, then
+    crop at ``int(round((dim - size) / 2.0))`` -- Python's round-half-to-even."""
+    width, height = im.size
+    if size > width or size > height:
+        dw, dh = max(size - width, 0), max(size - height, 0)
+        im = _pad(im, dw // 2, dh // 2, (dw + 1) // 2, (dh + 1) // 2)
+        width, height = im.size
+        if width == size and height == size:
+            return im
+    top = round((height - size) / 2.0)  # round() of a float already returns an int
+    left = round((width - size) / 2.0)
+    return im.crop((left, top, left + size, top + size))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """open_clip's ``_convert_to_rgb``: a plain ``convert("RGB")`` (alpha dropped)."""
+    if im.mode == "RGB":
+        return im
+    with warnings.catch_warnings():
+        # P images whose tRNS holds per-index alpha warn here; RGB output ignores alpha.
+        warnings.filterwarnings("ignore", message="Palette images with Transparency")
+        return im.convert("RGB")
+
+
+def _geometry(im: Image.Image, config: PreprocessConfig) -> Image.Image:
+    size = config.image_size
+    resample = _INTERPOLATIONS[config.interpolation]
+    if config.resize_mode == "shortest":
+        target = _shortest_side_size(im.width, im.height, size)
+    elif config.resize_mode == "longest":
+        target = _longest_side_size(im.width, im.height, size)
+    else:  # squash
+        target = (size, size)
+    if target != im.size:
+        # torchvision's PIL backend calls exactly img.resize(size, interpolation): no box,
+        # no reducing_gap; Pillow's BICUBIC/BILINEAR always antialias when downscaling.
+        im = im.resize(target, resample=resample)
+    if config.resize_mode != "squash":
+        im = _center_crop(im, size)
+    return im
+
+
+def _check_batch(images: Any) -> list[Any]:
+    single = (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)
+    if isinstance(images, single) or (isinstance(images, np.ndarray) and images.ndim != 4):
+        raise ImageError(
+            "preprocess expects a sequence of images (a list, or an NxHxWxC array); "
+            "wrap a single image in a list"
+        )
+    try:
+        batch = list(images)
+    except TypeError:
+        raise ImageError(
+            f"preprocess expects a sequence of images, got {type(images).__name__}"
+        ) from None
+    if not batch:
+        raise ImageError("no images given (empty sequence)")
+    return batch
+
+
+def preprocess(images: Sequence[ImageInput], config: PreprocessConfig) -> np.ndarray:
+    """Load and preprocess a batch into the vision encoder input.
+
+    Returns a C-contiguous float32 array of shape (N, 3, S, S) equal (to float32 rounding) to
+    stacking open_clip's eval transform over the images.  Errors name the offending input as
+    ``image #i`` (plus its path for path inputs).
+    """
+    batch = _check_batch(images)
+    size = config.image_size
+    mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
+    out = np.empty((len(batch), 3, size, size), dtype=np.float32)
+    for i, item in enumerate(batch):
+        name = f"image #{i}"
+        if isinstance(item, (str, os.PathLike)):
+            name += f" ({os.fspath(item)})"
+        im = _to_rgb(_geometry(load_image(item, name=name), config))
+        if im.size != (size, size):  # defensive: geometry must give the crop size
+            raise ImageError(f"{name}: internal error, got {im.size} after preprocessing")
+        # ToTensor: uint8 HWC -> float32 CHW / 255, then Normalize: (x - mean) / std.
+        chw = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
+        chw /= np.float32(255.0)
+        chw -= mean
+        chw /= std
+        out[i] = chw
+    return out

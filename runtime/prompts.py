@@ -1,0 +1,201 @@
+"""OpenFlamingo prompt templates and few-shot prompt building (pure Python, no torch).
+
+The templates are those of OpenFlamingo's evaluation code
+(``open_flamingo/eval/models/open_flamingo.py`` and ``open_flamingo/eval/evaluate.py``)::
+
+    caption demo  <image>Output:{caption}<|endofchunk|>
+    caption query <image>Output:
+    VQA demo      <image>Question:{question} Short answer:{answer}<|endofchunk|>
+    VQA query     <image>Question:{question} Short answer:
+
+Like ``evaluate.py``, demonstrations are concatenated each followed by ``"\\n"`` (the
+``demo_separator`` argument), captions are ``.strip()``-ed and VQA text is used as given.
+A demonstration whose ``image`` is ``None`` is a text-only demonstration: its ``<image>``
+marker is dropped (OpenFlamingo's zero-shot setting keeps demo text without images).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "EOC_TOKEN",
+    "MEDIA_TOKEN",
+    "Demonstration",
+    "build_few_shot_prompt",
+    "caption_prompt",
+    "check_images_match",
+    "count_media",
+    "load_demos_jsonl",
+    "vqa_prompt",
+]
+
+MEDIA_TOKEN = "<image>"
+EOC_TOKEN = "<|endofchunk|>"
+
+Task = Literal["caption", "vqa", "raw"]
+_TASKS = ("caption", "vqa", "raw")
+
+
+@dataclass
+class Demonstration:
+    """One in-context example: an image plus its caption (``text``) or question/answer."""
+
+    image: Any
+    text: str | None = None
+    question: str | None = None
+    answer: str | None = None
+
+
+def caption_prompt(caption: str | None = None) -> str:
+    """Caption template; with ``caption=None`` it is the open query the model completes."""
+    if caption is None:
+        return f"{MEDIA_TOKEN}Output:"
+    return f"{MEDIA_TOKEN}Output:{caption}{EOC_TOKEN}"
+
+
+def vqa_prompt(question: str, answer: str | None = None) -> str:
+    """VQA template; with ``answer=None`` it is the open query the model completes."""
+    if answer is None:
+        return f"{MEDIA_TOKEN}Question:{question} Short answer:"
+    return f"{MEDIA_TOKEN}Question:{question} Short answer:{answer}{EOC_TOKEN}"
+
+
+def _demo_text(demo: Demonstration, index: int, task: str) -> str:
+    where = f"demonstration #{index}"
+    if not isinstance(demo, Demonstration):
+        raise ValueError(f"{where}: expected a Demonstration, got {type(demo).__name__}")
+    if task == "caption":
+        if demo.text is None:
+            raise ValueError(f"{where}: task 'caption' needs text (the caption)")
+        piece = caption_prompt(demo.text.strip())
+    elif task == "vqa":
+        if demo.question is None or demo.answer is None:
+            raise ValueError(f"{where}: task 'vqa' needs both question and answer")
+        piece = vqa_prompt(demo.question, demo.answer)
+    else:  # raw
+        if demo.text is None:
+            raise ValueError(f"{where}: task 'raw' needs text")
+        piece = f"{MEDIA_TOKEN}{demo.text}{EOC_TOKEN}"
+    if demo.image is None:
+        piece = piece.replace(MEDIA_TOKEN, "")
+    elif count_media(piece) != 1:
+        raise ValueError(
+            f"{where}: text must not contain {MEDIA_TOKEN!r}; the marker is added for its image"
+        )
+    return piece
+
+
+def build_few_shot_prompt(
+    demos: list[Demonstration],
+    query_question: str | None = None,
+    task: Task = "caption",
+    *,
+    query_image: Any = None,
+    demo_separator: str = "\n",
+) -> tuple[str, list[Any]]:
+    """Build an OpenFlamingo few-shot prompt.
+
+    Returns ``(prompt, images)`` where ``images`` are the demonstration images in prompt
+    order, followed by ``query_image`` when given.  The prompt always ends with the query's
+    ``<image>`` marker, so without ``query_image`` the caller appends the query image itself
+    (``count_media(prompt) == len(images) + 1``).  ``query_question`` is required for
+    ``"vqa"``; for ``"raw"`` it is the text after the query's ``<image>`` marker.
+    """
+    if task not in _TASKS:
+        raise ValueError(f"task must be one of {list(_TASKS)}, got {task!r}")
+    pieces = [_demo_text(d, i, task) + demo_separator for i, d in enumerate(demos)]
+    images = [d.image for d in demos if d.image is not None]
+    if task == "caption":
+        if query_question is not None:
+            raise ValueError("query_question is only used with task 'vqa' or 'raw'")
+        query = caption_prompt()
+    elif task == "vqa":
+        if query_question is None:
+            raise ValueError("task 'vqa' needs query_question")
+        query = vqa_prompt(query_question)
+    else:
+        query = MEDIA_TOKEN + (query_question or "")
+    if count_media(query) != 1:
+        raise ValueError(f"query_question must not contain {MEDIA_TOKEN!r}")
+    if query_image is not None:
+        images.append(query_image)
+    return "".join(pieces) + query, images
+
+
+def count_media(prompt: str) -> int:
+    """Number of ``<image>`` markers in ``prompt``."""
+    return prompt.count(MEDIA_TOKEN)
+
+
+def check_images_match(prompt: str, n_images: int) -> None:
+    """Raise ValueError unless the prompt has exactly one ``<image>`` marker per image."""
+    n_markers = count_media(prompt)
+    if n_markers != n_images:
+        raise ValueError(
+            f"prompt has {n_markers} {MEDIA_TOKEN} marker{'s' if n_markers != 1 else ''} "
+            f"but {n_images} image{'s' if n_images != 1 else ''} "
+            f"{'was' if n_images == 1 else 'were'} given"
+        )
+
+
+def _opt_str(record: dict[str, Any], key: str, where: str) -> str | None:
+    value = record.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def load_demos_jsonl(path: str | os.PathLike, *, check_exists: bool = True) -> list[Demonstration]:
+    """Read demonstrations from a JSONL file, one JSON object per line.
+
+    Each object has ``image`` (a path; relative paths are resolved against the JSONL file's
+    folder, absolute ones are kept) and either ``caption`` or ``question`` + ``answer``
+    (``answers``, a list whose first item is used, is accepted as in VQA annotations).
+    Blank lines are skipped.  Errors are ValueErrors naming ``file:line``.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{file}: cannot read demonstrations file ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e})") from e
+    base = file.parent
+    demos: list[Demonstration] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{file}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        image = record.get("image")
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"{where}: missing or empty 'image' path")
+        image_path = Path(image)
+        if not image_path.is_absolute():
+            image_path = base / image_path
+        if check_exists and not image_path.is_file():
+            raise ValueError(f"{where}: image file not found: {image_path}")
+        caption = _opt_str(record, "caption", where)
+        question = _opt_str(record, "question", where)
+        answer = _opt_str(record, "answer", where)
+        if answer is None and "answers" in record:
+            answers = record["answers"]
+            if not isinstance(answers, list) or not answers or not isinstance(answers[0], str):
+                raise ValueError(f"{where}: 'answers' must be a non-empty list of strings")
+            answer = answers[0]
+        if caption is None and (question is None or answer is None):
+            raise ValueError(f"{where}: needs 'caption' or both 'question' and 'answer'")
+        demos.append(
+            Demonstration(image=str(image_path), text=caption, question=question, answer=answer)
+        )
+    return demos
