@@ -1,0 +1,312 @@
+"""Split a Flamingo model into the two ONNX graphs edge runtimes execute, plus tokenizer + manifest.
+
+Graph I/O comes from runtime.spec (the shared contract). The export is written into a temporary
+folder beside OUT and renamed into place only when complete, so an interrupted or failed export
+never leaves a partial OUT behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from flamingo.model import Flamingo
+from runtime.images import PreprocessConfig
+from runtime.manifest import GraphEntry, Manifest
+from runtime.spec import GraphSpec, ModelDims, decoder_spec, vision_spec
+
+# The TorchScript-based exporter covers opsets 14-20 (LayerNormalization is native from 17).
+MIN_OPSET, MAX_OPSET = 14, 20
+DEFAULT_OPSET = 17  # portable to JetPack 5 (TensorRT 8.5) and later
+ONNX_PROTO_LIMIT = 2 * 1024**3
+
+
+class ExportError(RuntimeError):
+    """The export cannot proceed (bad option, existing output, unwritable folder, ...)."""
+
+
+Progress = Callable[[str], None]
+
+
+def stderr_progress(message: str) -> None:
+    print(f"[flamingo-export] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    max_images: int = 32
+    max_seq_len: int = 2048
+    force: bool = False
+
+    def validate(self) -> None:
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ExportError(
+                f"--opset {self.opset} is not supported: the exporter writes opsets "
+                f"{MIN_OPSET}-{MAX_OPSET} (17 is the TensorRT 8.5+ portable default; int4 "
+                "blocked DequantizeLinear needs opset 21 and is added by `quantize`)"
+            )
+        if self.max_images < 1:
+            raise ExportError(f"--max-images must be >= 1, got {self.max_images}")
+        if self.max_seq_len < 2:
+            raise ExportError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
+
+
+class VisionGraph(nn.Module):
+    """pixel_values -> image latents and every cross-attention layer's K/V over them."""
+
+    def __init__(self, model: Flamingo) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        latents = self.model.encode_images(pixel_values)
+        flat = [t for kv in self.model.lang_model.media_kv(latents) for t in kv]
+        return (latents, *flat)
+
+
+class DecoderGraph(nn.Module):
+    """FlamingoLM with flat positional inputs/outputs in the order of runtime.spec."""
+
+    def __init__(self, model: Flamingo) -> None:
+        super().__init__()
+        self.lm = model.lang_model
+        self.num_xattn = len(self.lm.cross_attn_layer_indices)
+        self.uses_position_ids = model.cfg.lm.uses_position_ids
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = list(args)
+        input_ids, attention_mask = args.pop(0), args.pop(0)
+        position_ids = args.pop(0) if self.uses_position_ids else None
+        media_index = args.pop(0)
+        xkv = [(args[2 * j], args[2 * j + 1]) for j in range(self.num_xattn)]
+        rest = args[2 * self.num_xattn :]
+        past = [(rest[2 * i], rest[2 * i + 1]) for i in range(len(rest) // 2)]
+        logits, present = self.lm(input_ids, attention_mask, media_index, xkv, past, position_ids)
+        return (logits, *[t for kv in present for t in kv])
+
+
+def example_inputs(spec: GraphSpec, sizes: dict[str, int], dtype: torch.dtype) -> tuple:
+    """Tracing inputs with every dynamic dimension >= 2 (so none is specialised)."""
+    out = []
+    for t in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
+        if t.name == "input_ids":
+            out.append(torch.randint(0, 100, shape))
+        elif t.name == "attention_mask":
+            out.append(torch.ones(shape, dtype=torch.int64))
+        elif t.name == "position_ids":
+            past = sizes["past_sequence"]
+            out.append(torch.arange(past, past + shape[1]).expand(shape).contiguous())
+        elif t.name == "media_index":
+            out.append(torch.ones(shape, dtype=torch.int64))
+        else:
+            out.append(torch.randn(shape, dtype=dtype))
+    return tuple(out)
+
+
+def consolidate_external_data(onnx_path: Path, data_name: str) -> list[str]:
+    """Put all external tensors in one `<graph>.onnx.data` file beside the graph.
+
+    TorchScript export of a >2 GB model writes one file per tensor; this streams them into a
+    single file with relative locations, reading one tensor at a time (no second model copy).
+    Returns the data file names used (empty for a self-contained graph).
+    """
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    folder = onnx_path.parent
+    moved: list[str] = []
+    offset = 0
+    with open(folder / data_name, "wb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            src = folder / info["location"]
+            with open(src, "rb") as f:
+                if "offset" in info:
+                    f.seek(int(info["offset"]))
+                payload = f.read(int(info["length"])) if "length" in info else f.read()
+            pad = (-offset) % 64  # keep tensors aligned for mmap
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(payload)
+            del tensor.external_data[:]
+            for key, value in (
+                ("location", data_name),
+                ("offset", offset),
+                ("length", len(payload)),
+            ):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            offset += len(payload)
+            if info["location"] != data_name:
+                moved.append(info["location"])
+    if offset == 0:
+        (folder / data_name).unlink()
+        return []
+    onnx.save(model, str(onnx_path))
+    for name in set(moved):
+        (folder / name).unlink(missing_ok=True)
+    return [data_name]
+
+
+def export_graph(
+    module: nn.Module, args: tuple, spec: GraphSpec, path: Path, opset: int
+) -> list[str]:
+    """torch.onnx (TorchScript exporter: it writes opset 17) -> checked ONNX file at path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    external = consolidate_external_data(path, path.name + ".data")
+    onnx.checker.check_model(str(path), full_check=True)
+    return external
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": sys.version.split()[0]}
+    for dist in ("flamingo-export", "torch", "transformers", "onnx", "onnxruntime", "tokenizers"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = "absent"
+    return versions
+
+
+def prepare_output(out: Path, force: bool) -> Path:
+    """Check OUT can be (re)placed; return a fresh temporary folder beside it."""
+    out = out.absolute()
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {parent}: {e.strerror}") from e
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"{parent} is not writable")
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished export into place (replacing an old one only at the very end)."""
+    out = out.absolute()
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(
+    model: Flamingo,
+    tokenizer: Any,
+    out: str | Path,
+    options: ExportOptions | None = None,
+    progress: Progress | None = stderr_progress,
+) -> Manifest:
+    """Write OUT/{vision.onnx, decoder.onnx, tokenizer/, manifest.json} for a loaded model."""
+    options = options or ExportOptions()
+    options.validate()
+    say = progress or (lambda _message: None)
+    out = Path(out)
+    tmp = prepare_output(out, options.force)
+    try:
+        manifest = _export_into(model, tokenizer, tmp, options, say)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out}")
+    return manifest
+
+
+def _export_into(
+    model: Flamingo, tokenizer: Any, tmp: Path, options: ExportOptions, say: Progress
+) -> Manifest:
+    model = model.eval()
+    cfg = model.cfg.to_dict()
+    dims = ModelDims.from_config(cfg)
+    dtype = next(model.parameters()).dtype
+    io_dtype = {torch.float32: "float32", torch.float16: "float16"}[dtype]
+    sizes = {
+        "num_images": 3,
+        "batch": 2,
+        "sequence": 5,
+        "past_sequence": 3,
+        "total_sequence": 8,
+        "media_keys": 2 * dims.num_latents,
+    }
+    graphs: dict[str, GraphEntry] = {}
+    with torch.no_grad():
+        for name, spec, module in (
+            ("vision", vision_spec(dims, io_dtype), VisionGraph(model)),
+            ("decoder", decoder_spec(dims, io_dtype), DecoderGraph(model)),
+        ):
+            start = time.perf_counter()
+            say(f"exporting {name} graph (opset {options.opset})...")
+            path = tmp / f"{name}.onnx"
+            external = export_graph(
+                module, example_inputs(spec, sizes, dtype), spec, path, options.opset
+            )
+            graphs[name] = GraphEntry(path.name, "fp32", options.opset, spec, external)
+            size = sum((tmp / f).stat().st_size for f in (path.name, *external))
+            say(f"{name} graph: {size / 2**20:.1f} MiB in {time.perf_counter() - start:.1f} s")
+
+    say("saving tokenizer...")
+    tok_dir = tmp / "tokenizer"
+    tokenizer.save_pretrained(str(tok_dir))
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise ExportError(
+            "the tokenizer has no fast (tokenizer.json) form; the torch-free runtime needs one"
+        )
+    tok_files = sorted(str(p.relative_to(tmp)) for p in tok_dir.rglob("*") if p.is_file())
+    special = {
+        "media_token": "<image>",
+        "eoc_token": "<|endofchunk|>",
+        "media_token_id": model.cfg.media_token_id,
+        "eoc_token_id": model.cfg.eoc_token_id,
+        "pad_token_id": model.cfg.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    preprocess = PreprocessConfig(image_size=model.cfg.vision.image_size)
+    manifest = Manifest(
+        model=cfg,
+        special_tokens=special,
+        preprocess=preprocess.to_dict(),
+        graphs=graphs,
+        limits={"max_images": options.max_images, "max_seq_len": options.max_seq_len},
+        tokenizer_files=tok_files,
+        tools=tool_versions(),
+    )
+    manifest.record_files(tmp)
+    manifest.write(tmp)
+    return manifest

@@ -1,0 +1,166 @@
+"""The graph contract: names, dtypes and (symbolic) shapes of every input and output.
+
+Declared once as data and read by the exporter (input/output names, dynamic axes), the runtime
+(what to feed, what comes back), the TensorRT profile builder and the tests. Only numbers go in:
+no torch, no onnx.
+
+Two graphs:
+- vision: `pixel_values` (num_images, 3, S, S) -> `image_latents` (num_images, L, Dv) and, for
+  every gated cross-attention layer j (in decoder-layer order), `cross_attn.{j}.key|value`
+  (num_images, H, L, Dh). K/V over image latents are computed here, once per image, never per
+  generated token.
+- decoder: `input_ids`, `attention_mask` (batch, past + new), `position_ids` (rotary families),
+  `media_index` (which image each token attends to, 0 = none), `cross_attn.{j}.key|value`
+  (batch, H, media_keys, Dh) = the row's images' K/V concatenated, `past_key_values.{i}.key|value`
+  -> `logits` (batch, sequence, vocab), `present.{i}.key|value`. One graph for prefill and decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Symbolic dimension names (also the TensorRT optimization-profile keys).
+BATCH = "batch"
+SEQUENCE = "sequence"
+PAST_SEQUENCE = "past_sequence"
+TOTAL_SEQUENCE = "total_sequence"  # past_sequence + sequence
+NUM_IMAGES = "num_images"
+MEDIA_KEYS = "media_keys"  # images per row x latents per image
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "float16", "int64"
+    shape: tuple[Dim, ...]
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs) if t.dynamic_axes()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GraphSpec:
+        return cls(
+            d["name"],
+            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+        )
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The numbers the contract depends on, read from a FlamingoConfig dict."""
+
+    image_size: int
+    vision_width: int
+    num_latents: int
+    xattn_layers: tuple[int, ...]  # decoder-layer indices with a gated cross-attention block
+    xattn_heads: int
+    xattn_dim_head: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    uses_position_ids: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelDims:
+        lm, xa = cfg["lm"], cfg["cross_attn"]
+        every = xa["every_n_layers"]
+        return cls(
+            image_size=cfg["vision"]["image_size"],
+            vision_width=cfg["vision"]["width"],
+            num_latents=cfg["resampler"]["num_latents"],
+            xattn_layers=tuple(i for i in range(lm["num_layers"]) if (i + 1) % every == 0),
+            xattn_heads=xa["heads"],
+            xattn_dim_head=xa["dim_head"],
+            num_layers=lm["num_layers"],
+            num_kv_heads=lm["num_kv_heads"],
+            head_dim=lm["head_dim"],
+            vocab_size=lm["vocab_size"],
+            uses_position_ids=lm["family"] in ("llama", "gpt_neox"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cross_attn_names(layer: int) -> tuple[str, str]:
+    return f"cross_attn.{layer}.key", f"cross_attn.{layer}.value"
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
+def vision_spec(dims: ModelDims, dtype: str = "float32") -> GraphSpec:
+    s = dims.image_size
+    kv_shape = (NUM_IMAGES, dims.xattn_heads, dims.num_latents, dims.xattn_dim_head)
+    outputs = [
+        TensorSpec("image_latents", dtype, (NUM_IMAGES, dims.num_latents, dims.vision_width))
+    ]
+    for j in dims.xattn_layers:
+        outputs += [TensorSpec(n, dtype, kv_shape) for n in cross_attn_names(j)]
+    return GraphSpec(
+        "vision",
+        (TensorSpec("pixel_values", dtype, (NUM_IMAGES, 3, s, s)),),
+        tuple(outputs),
+    )
+
+
+def decoder_spec(dims: ModelDims, dtype: str = "float32") -> GraphSpec:
+    inputs = [
+        TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
+        TensorSpec("attention_mask", "int64", (BATCH, TOTAL_SEQUENCE)),
+    ]
+    if dims.uses_position_ids:
+        inputs.append(TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)))
+    inputs.append(TensorSpec("media_index", "int64", (BATCH, SEQUENCE)))
+    xkv = (BATCH, dims.xattn_heads, MEDIA_KEYS, dims.xattn_dim_head)
+    for j in dims.xattn_layers:
+        inputs += [TensorSpec(n, dtype, xkv) for n in cross_attn_names(j)]
+    past = (BATCH, dims.num_kv_heads, PAST_SEQUENCE, dims.head_dim)
+    present = (BATCH, dims.num_kv_heads, TOTAL_SEQUENCE, dims.head_dim)
+    outputs = [TensorSpec("logits", dtype, (BATCH, SEQUENCE, dims.vocab_size))]
+    for i in range(dims.num_layers):
+        inputs += [TensorSpec(n, dtype, past) for n in past_names(i)]
+        outputs += [TensorSpec(n, dtype, present) for n in present_names(i)]
+    return GraphSpec("decoder", tuple(inputs), tuple(outputs))
