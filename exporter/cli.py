@@ -105,6 +105,76 @@ def inspect(as_json: bool, **kw: Any) -> None:
 
 
 @main.command()
+@model_options
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Export folder to create (written atomically).",
+)
+@click.option(
+    "--opset",
+    type=int,
+    default=17,
+    show_default=True,
+    help="ONNX opset (17 runs on TensorRT 8.5+, i.e. JetPack 5 and later).",
+)
+@click.option(
+    "--max-images",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Most images per prompt the engines are built for.",
+)
+@click.option(
+    "--max-seq-len",
+    type=int,
+    default=2048,
+    show_default=True,
+    help="Most tokens (prompt + generated) per sequence.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+def export(
+    output: Path,
+    opset: int,
+    max_images: int,
+    max_seq_len: int,
+    force: bool,
+    as_json: bool,
+    **kw: Any,
+) -> None:
+    """Write OUT/vision.onnx, OUT/decoder.onnx, the tokenizer and manifest.json."""
+    from exporter.export import ExportError, ExportOptions, export_model
+
+    options = ExportOptions(
+        opset=opset, max_images=max_images, max_seq_len=max_seq_len, force=force
+    )
+    try:
+        options.validate()  # before the (slow) model load
+        model, tok, _ = load_model(**kw)
+        manifest = export_model(model, tok, output, options)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from e
+    summary = {
+        "output": str(output),
+        "files": manifest.files,
+        "graphs": {
+            k: {"file": g.file, "precision": g.precision, "opset": g.opset}
+            for k, g in manifest.graphs.items()
+        },
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for name, digest in manifest.files.items():
+            size = (output / name).stat().st_size
+            click.echo(f"{name:<40} {size / 2**20:>9.2f} MiB  sha256 {digest[:12]}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def presets(as_json: bool) -> None:
     """List the released OpenFlamingo models and their LM/cross-attention layout."""

@@ -88,6 +88,7 @@ class LMConfig:
     # mpt
     alibi_bias_max: float = 8.0
     clip_qkv: float | None = None
+    qk_ln: bool = False  # MosaicGPT (OpenFlamingo-3B's MPT-1B): LayerNorm on full-width q and k
     softmax_scale: float | None = None
     max_position_embeddings: int = 2048
 

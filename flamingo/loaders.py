@@ -151,7 +151,7 @@ def lm_config_from_hf(hf_config: dict[str, Any], path: Path) -> LMConfig:
         from .mosaic_gpt import mosaic_gpt_hf_config_to_mpt
 
         try:
-            hf_config = mosaic_gpt_hf_config_to_mpt(hf_config)
+            hf_config = mosaic_gpt_hf_config_to_mpt(hf_config, allow_qk_ln=True)
         except ValueError as e:
             raise LoadError(f"{path}: {e}") from e
         family = "mpt"
@@ -237,6 +237,7 @@ def lm_config_from_hf(hf_config: dict[str, Any], path: Path) -> LMConfig:
         tie_word_embeddings=True,
         alibi_bias_max=float(attn.alibi_bias_max),
         clip_qkv=attn.clip_qkv,
+        qk_ln=bool(getattr(attn, "qk_ln", False)),
         softmax_scale=attn.softmax_scale,
         max_position_embeddings=cfg.max_seq_len,
     )
@@ -341,6 +342,18 @@ def read_vision(
     sd = unwrap_training_save(sd, path) if "model_state_dict" in sd else sd
     if any(k.startswith("visual.") for k in sd):
         sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+    # open_clip's hub layout keeps the model config beside the weights: use it when present
+    oc_file = path.parent / "open_clip_config.json"
+    if oc_file.is_file():
+        try:
+            model_cfg = json.loads(oc_file.read_text()).get("model_cfg", {})
+        except json.JSONDecodeError as e:
+            raise LoadError(f"{oc_file}: invalid JSON ({e})") from e
+        vision = model_cfg.get("vision_cfg", {})
+        if heads is None and "head_width" in vision:
+            heads = vision["width"] // vision["head_width"]
+        if act is None and "quick_gelu" in model_cfg:
+            act = "quick_gelu" if model_cfg["quick_gelu"] else "gelu"
     # OpenAI CLIP weights (what OpenFlamingo uses) were trained with QuickGELU
     return vision_config_from_open_clip(sd, path, heads, act or "quick_gelu"), sd
 
@@ -528,7 +541,7 @@ def load_flamingo(
     if is_mosaic:
         from .mosaic_gpt import map_mosaic_gpt_state_dict
 
-        lm_sd = map_mosaic_gpt_state_dict(lm_sd)
+        lm_sd = map_mosaic_gpt_state_dict(lm_sd, allow_qk_ln=True)
     for k, v in lm_sd.items():
         mapped = map_lm_key(lm_cfg.family, k)
         if mapped is None:

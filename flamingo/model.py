@@ -441,6 +441,9 @@ class MptAttention(nn.Module):
         self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.scale = cfg.softmax_scale or cfg.head_dim**-0.5
+        if cfg.qk_ln:
+            self.q_ln = bias_free_layer_norm(cfg.hidden_size, cfg.norm_eps)
+            self.k_ln = bias_free_layer_norm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, x, bias, rope, past):
         cfg = self.cfg
@@ -448,9 +451,10 @@ class MptAttention(nn.Module):
         qkv = self.Wqkv(x)
         if cfg.clip_qkv:
             qkv = qkv.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv)
-        q, k, v = (
-            s.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2) for s in qkv.chunk(3, -1)
-        )
+        q, k, v = qkv.chunk(3, -1)
+        if cfg.qk_ln:  # over the full width, before the head split (and before the cache)
+            q, k = self.q_ln(q), self.k_ln(k)
+        q, k, v = (s.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2) for s in (q, k, v))
         k, v = append_kv(past, k, v)
         out = scaled_dot_attention(q, k, v, bias, self.scale)  # bias carries ALiBi per head
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)

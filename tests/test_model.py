@@ -140,7 +140,8 @@ def test_nonzero_gates_change_logits(family: str) -> None:
     mask = torch.ones_like(ids)
     media_index = torch.tensor([[0, 0, 1, 1, 1, 1]])
     kv = random_cross_kv(lm, 1, 1)
-    args = (ids, mask, media_index, kv, lm.empty_cache(1, torch.float32), position_ids_from_mask(mask, 6))
+    cache = lm.empty_cache(1, torch.float32)
+    args = (ids, mask, media_index, kv, cache, position_ids_from_mask(mask, 6))
     before, _ = lm(*args)
     for block in lm.cross_attn_layers.values():
         block.attn_gate.fill_(0.7)

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny OpenFlamingo-style models in the real file formats, built once per run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+FAMILIES = ("llama", "gpt_neox", "mpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> Callable:
+    """tiny_paths(family, **kw) -> TinyPaths, cached per argument set for the whole session."""
+    from flamingo.tiny import build_tiny_flamingo
+
+    cache: dict[tuple, object] = {}
+
+    def build(family: str, **kw: object):
+        key = (family, tuple(sorted(kw.items())))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"tiny-{family}")
+            cache[key] = build_tiny_flamingo(root, family, **kw)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_paths: Callable) -> Callable:
+    """tiny_model(family) -> (our model, tokenizer, report, paths), loaded through the loaders."""
+    from flamingo.loaders import load_flamingo
+
+    cache: dict[str, tuple] = {}
+
+    def load(family: str):
+        if family not in cache:
+            p = tiny_paths(family)
+            model, tok, report = load_flamingo(p.lm_dir, p.vision_path, p.checkpoint_path)
+            cache[family] = (model, tok, report, p)
+        return cache[family]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model: Callable, tmp_path_factory: pytest.TempPathFactory) -> Callable:
+    """tiny_export(family) -> export folder of the tiny model (fp32, opset 17)."""
+    from exporter.export import export_model
+
+    cache: dict[str, Path] = {}
+
+    def export(family: str) -> Path:
+        if family not in cache:
+            model, tok, _, _ = tiny_model(family)
+            out = tmp_path_factory.mktemp(f"export-{family}") / "out"
+            export_model(model, tok, out, progress=None)
+            cache[family] = out
+        return cache[family]
+
+    return export
