@@ -66,6 +66,8 @@ def generate(
         setattr(config, k, v)
     if attention_mask is None:
         attention_mask = torch.ones_like(lang_x)
-    num_images = np.full(lang_x.shape[0], vision_x.shape[1], dtype=np.int64)
+    # each row's real image count (rows of vision_x are padded to the longest): a generated
+    # `<image>` token then keeps attending to the row's last real image
+    num_images = (lang_x == model.cfg.media_token_id).sum(-1).numpy()
     step_model = TorchStepModel(model, vision_x, num_images)
     return search(step_model, lang_x.numpy(), attention_mask.numpy(), config)

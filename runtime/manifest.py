@@ -147,11 +147,12 @@ def load_manifest(root: str | Path, verify_hashes: bool = True) -> Manifest:
         for name in (graph.file, *graph.external_data):
             if name not in manifest.files:
                 raise ManifestError(f"{path}: file {name!r} is used but has no sha256 entry")
-    for name, digest in manifest.files.items():
-        file = safe_join(root, name)
+    files = {name: safe_join(root, name) for name in manifest.files}  # all paths first
+    for name, file in files.items():
         if not file.is_file():
             raise ManifestError(f"{root}: file {name!r} listed in the manifest is missing")
-        if verify_hashes and sha256_file(file) != digest:
+    for name, digest in manifest.files.items():
+        if verify_hashes and sha256_file(files[name]) != digest:
             raise ManifestError(
                 f"{root}: file {name!r} does not match its sha256 in the manifest "
                 "(modified or truncated after export)"

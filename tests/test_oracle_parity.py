@@ -58,9 +58,11 @@ def _oracle_new_tokens(oracle, tok, vision_x, ids, mask, **kw) -> list[list[int]
 def test_generations_match_oracle(tiny_model, family: str, num_beams: int) -> None:
     model, tok, oracle = _setup(tiny_model, family)
     vision_x, ids, mask, _ = batch(tok, model.cfg.vision.image_size)
-    # Beams run the oracle without its KV cache: with the cache, open-flamingo 2.0.1 under
-    # transformers 4.57 produced GPT-NeoX beam logits that disagree with its own full forward
-    # (by 0.78 at step 9 of a 3-beam run); cache-free, every step *is* its forward.
+    # Beams run the oracle without its KV cache. With the cache, a beam that generates the
+    # `<image>` token makes open-flamingo re-condition on that single token (its cached-media
+    # path), re-pointing later tokens to image 1: its GPT-NeoX beam logits then disagreed with
+    # its own full forward (0.78 at step 9). Cache-free, every step *is* its forward. Greedy
+    # runs with the cache, as users run it.
     ref = _oracle_new_tokens(
         oracle, tok, vision_x, ids, mask, max_new_tokens=12, num_beams=num_beams,
         use_cache=num_beams == 1,

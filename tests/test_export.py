@@ -1,0 +1,221 @@
+"""Export: fp32 onnxruntime parity with the PyTorch reference per LM family, graph rules,
+manifest checks, and the export command's error handling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from exporter.cli import main
+from exporter.graph_rules import check_graph, dynamic_dims
+from flamingo.generate import TorchStepModel
+from runtime.engine import OnnxFlamingo
+from runtime.generation import GenerationConfig, generate
+from runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from runtime.spec import ModelDims, decoder_spec, vision_spec
+from tests.conftest import FAMILIES
+from tests.prompts_fixture import batch
+
+TOL = 1e-4
+
+
+def _rows(counts: list[int]) -> list[list[int]]:
+    """Row b's images as indices into the flat image batch."""
+    rows, start = [], 0
+    for n in counts:
+        rows.append(list(range(start, start + n)))
+        start += n
+    return rows
+
+
+def _setup(tiny_model, tiny_export, family: str):
+    model, tok, _, _ = tiny_model(family)
+    engine = OnnxFlamingo(tiny_export(family))
+    vision_x, ids, mask, counts = batch(tok, model.cfg.vision.image_size)
+    pixels = torch.cat([vision_x[b, :n, 0] for b, n in enumerate(counts)])
+    features = engine.encode_images(pixels.numpy())
+    cross_kv = engine.rows_cross_kv(features, _rows(counts))
+    num_images = np.array(counts)
+    return (
+        model,
+        tok,
+        engine,
+        vision_x,
+        ids.numpy(),
+        mask.numpy(),
+        pixels,
+        features,
+        cross_kv,
+        num_images,
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_vision_graph_parity(tiny_model, tiny_export, family: str) -> None:
+    model, _, engine, _, _, _, pixels, features, _, _ = _setup(tiny_model, tiny_export, family)
+    latents = model.encode_images(pixels)
+    assert np.abs(features["image_latents"] - latents.numpy()).max() <= TOL
+    for j, (k, v) in zip(engine.dims.xattn_layers, model.lang_model.media_kv(latents)):
+        assert np.abs(features[f"cross_attn.{j}.key"] - k.numpy()).max() <= TOL
+        assert np.abs(features[f"cross_attn.{j}.value"] - v.numpy()).max() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_decoder_parity_prefill_and_20_decode_steps(tiny_model, tiny_export, family: str) -> None:
+    model, _, engine, vision_x, ids, mask, _, _, cross_kv, num_images = _setup(
+        tiny_model, tiny_export, family
+    )
+    ort_step = engine.step_model(cross_kv, num_images)
+    ref_step = TorchStepModel(model, vision_x, num_images)
+    ort_logits = ort_step.run(ids, mask)
+    ref_logits = ref_step.step(ids, mask)  # last position
+    real = mask.astype(bool)
+    # all real positions of the prefill against the reference's own full forward
+    full = model(vision_x, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    assert np.abs(ort_logits[real] - full[real]).max() <= TOL
+    assert np.abs(ort_logits[:, -1] - ref_logits).max() <= TOL
+    for _ in range(20):  # teacher-forced on the reference's greedy tokens
+        nxt = ref_logits.argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+        ref_logits = ref_step.step(nxt, mask)
+        ort = ort_step.step(nxt, mask)
+        assert np.abs(ort - ref_logits).max() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("num_beams", [1, 3])
+@torch.no_grad()
+def test_generations_identical(tiny_model, tiny_export, family: str, num_beams: int) -> None:
+    model, _, engine, vision_x, ids, mask, _, _, cross_kv, num_images = _setup(
+        tiny_model, tiny_export, family
+    )
+    config = GenerationConfig(
+        max_new_tokens=20,
+        num_beams=num_beams,
+        eos_token_ids=(model.cfg.eoc_token_id,),
+        pad_token_id=model.cfg.pad_token_id,
+    )
+    ours = generate(engine.step_model(cross_kv, num_images), ids, mask, config)
+    ref = generate(TorchStepModel(model, vision_x, num_images), ids, mask, config)
+    assert ours.sequences == ref.sequences
+    for a, b in zip(ours.logprobs, ref.logprobs):
+        assert np.abs(np.array(a) - np.array(b)).max(initial=0) <= TOL
+    if num_beams > 1:
+        assert np.abs(np.array(ours.scores) - np.array(ref.scores)).max() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_rules_and_dynamic_axes(tiny_export, family: str) -> None:
+    out = tiny_export(family)
+    manifest = load_manifest(out)
+    dims = ModelDims.from_config(manifest.model)
+    for name, spec in (("vision", vision_spec(dims)), ("decoder", decoder_spec(dims))):
+        path = out / manifest.graphs[name].file
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path), load_external_data=False)
+        assert model.opset_import[0].version == 17
+        assert check_graph(model) == [], check_graph(model)
+        ops = {n.op_type for n in model.graph.node}
+        if name == "decoder":
+            assert {"MatMul", "Softmax", "Concat"} <= ops  # attention written out, KV concat
+        # every dynamic axis of the spec is symbolic in the graph, with the spec's name
+        declared = dynamic_dims(model)
+        assert [t.name for t in model.graph.input] == spec.input_names
+        assert [t.name for t in model.graph.output] == spec.output_names
+        for t in (*spec.inputs, *spec.outputs):
+            for axis, dim_name in t.dynamic_axes().items():
+                assert declared[t.name][axis] == dim_name, (t.name, axis)
+        assert manifest.graphs[name].spec == spec
+
+
+def test_manifest_contents_and_tamper_detection(tiny_export, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_export("llama"), out)
+    manifest = load_manifest(out)
+    assert manifest.special_tokens["media_token"] == "<image>"
+    assert manifest.preprocess["image_size"] == manifest.model["vision"]["image_size"]
+    assert "tokenizer/tokenizer.json" in manifest.files
+    assert set(manifest.tools) >= {"torch", "onnx", "onnxruntime", "transformers"}
+    with open(out / "decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ManifestError, match=r"decoder\.onnx.*sha256"):
+        load_manifest(out)
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    data["schema_version"] = 99
+    (out / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="schema_version 99"):
+        load_manifest(out)
+    data["schema_version"] = 1
+    data["files"]["../escape.txt"] = "0" * 64
+    (out / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="escapes the export folder"):
+        load_manifest(out)
+
+
+def _cli_args(paths, out: Path, *extra: str) -> list[str]:
+    return [
+        "export",
+        "--lm", str(paths.lm_dir),
+        "--vision", str(paths.vision_path),
+        "--checkpoint", str(paths.checkpoint_path),
+        "--output", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_cli_export_refuses_existing_output_and_force_replaces(tiny_paths, tmp_path) -> None:
+    paths = tiny_paths("mpt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me unless --force")
+    runner = CliRunner()
+    result = runner.invoke(main, _cli_args(paths, out))
+    assert result.exit_code != 0 and "already exists; pass --force" in result.output
+    assert (out / "old.txt").exists()
+    result = runner.invoke(main, [*_cli_args(paths, out, "--force", "--json")])
+    assert result.exit_code == 0, result.output
+    assert not (out / "old.txt").exists()
+    assert (out / MANIFEST_NAME).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp or backup folders left
+
+
+def test_cli_export_bad_options_and_unwritable_output(tiny_paths, tmp_path) -> None:
+    paths = tiny_paths("mpt")
+    runner = CliRunner()
+    result = runner.invoke(main, _cli_args(paths, tmp_path / "o", "--opset", "21"))
+    assert result.exit_code != 0 and "--opset 21 is not supported" in result.output
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = runner.invoke(main, _cli_args(paths, blocker / "sub" / "out"))
+    assert result.exit_code != 0 and "cannot create" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_interrupted_export_leaves_nothing(tiny_model, tmp_path, monkeypatch) -> None:
+    import exporter.export as ex
+
+    model, tok, _, _ = tiny_model("llama")
+    real = ex.export_graph
+    calls = []
+
+    def interrupt_on_decoder(module, args, spec, path, opset):
+        calls.append(spec.name)
+        if spec.name == "decoder":
+            raise KeyboardInterrupt
+        return real(module, args, spec, path, opset)
+
+    monkeypatch.setattr(ex, "export_graph", interrupt_on_decoder)
+    with pytest.raises(KeyboardInterrupt):
+        ex.export_model(model, tok, tmp_path / "out", progress=None)
+    assert calls == ["vision", "decoder"]
+    assert list(tmp_path.iterdir()) == []
