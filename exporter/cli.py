@@ -175,6 +175,52 @@ def export(
 
 
 @main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompt", required=True, help="Text with one <image> marker per image.")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Image file, once per <image> marker, in order.",
+)
+@click.option("--max-new-tokens", type=int, default=20, show_default=True)
+@click.option("--num-beams", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="text, token_ids, logprobs, timings.")
+def run(
+    export_dir: Path,
+    prompt: str,
+    images: tuple[Path, ...],
+    max_new_tokens: int,
+    num_beams: int,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    """Generate from an export folder with onnxruntime (no torch needed)."""
+    from runtime.generation import GenerationConfig
+    from runtime.images import ImageError
+    from runtime.manifest import ManifestError
+    from runtime.pipeline import FlamingoPipeline
+
+    try:
+        pipe = FlamingoPipeline(export_dir, threads=threads)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            eos_token_ids=(pipe.engine.eoc_token_id,),
+            pad_token_id=pipe.engine.pad_token_id,
+        )
+        out = pipe.generate(prompt, [str(p) for p in images], config)
+    except (ManifestError, ImageError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(out.to_dict(), indent=2))
+    else:
+        click.echo(out.text)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def presets(as_json: bool) -> None:
     """List the released OpenFlamingo models and their LM/cross-attention layout."""
