@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,27 +117,50 @@ def example_inputs(spec: GraphSpec, sizes: dict[str, int], dtype: torch.dtype) -
     return tuple(out)
 
 
+def _attribute_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Tensors held by node attributes (Constant values), subgraphs included."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                yield from sub.initializer
+                yield from _attribute_tensors(sub)
+
+
+def _read_external(tensor: onnx.TensorProto, folder: Path) -> tuple[str, bytes]:
+    info = {e.key: e.value for e in tensor.external_data}
+    with open(folder / info["location"], "rb") as f:
+        if "offset" in info:
+            f.seek(int(info["offset"]))
+        return info["location"], f.read(int(info["length"])) if "length" in info else f.read()
+
+
 def consolidate_external_data(onnx_path: Path, data_name: str) -> list[str]:
     """Put all external tensors in one `<graph>.onnx.data` file beside the graph.
 
-    TorchScript export of a >2 GB model writes one file per tensor; this streams them into a
-    single file with relative locations, reading one tensor at a time (no second model copy).
+    TorchScript export of a >2 GB model writes one file per tensor, initializers and Constant
+    node values alike; this streams the initializers into a single file with relative locations,
+    reading one tensor at a time (no second model copy), and puts the (small) Constant values
+    back inline so the graph reads like a small export and the manifest lists every file.
     Returns the data file names used (empty for a self-contained graph).
     """
     model = onnx.load(str(onnx_path), load_external_data=False)
     folder = onnx_path.parent
     moved: list[str] = []
     offset = 0
+    for tensor in _attribute_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location, tensor.raw_data = _read_external(tensor, folder)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            moved.append(location)
     with open(folder / data_name, "wb") as data:
         for tensor in model.graph.initializer:
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            info = {e.key: e.value for e in tensor.external_data}
-            src = folder / info["location"]
-            with open(src, "rb") as f:
-                if "offset" in info:
-                    f.seek(int(info["offset"]))
-                payload = f.read(int(info["length"])) if "length" in info else f.read()
+            location, payload = _read_external(tensor, folder)
             pad = (-offset) % 64  # keep tensors aligned for mmap
             data.write(b"\0" * pad)
             offset += pad
@@ -151,21 +174,27 @@ def consolidate_external_data(onnx_path: Path, data_name: str) -> list[str]:
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, str(value)
             offset += len(payload)
-            if info["location"] != data_name:
-                moved.append(info["location"])
+            if location != data_name:
+                moved.append(location)
     if offset == 0:
         (folder / data_name).unlink()
-        return []
-    onnx.save(model, str(onnx_path))
+    if offset or moved:
+        onnx.save(model, str(onnx_path))
     for name in set(moved):
         (folder / name).unlink(missing_ok=True)
-    return [data_name]
+    return [data_name] if offset else []
 
 
 def export_graph(
     module: nn.Module, args: tuple, spec: GraphSpec, path: Path, opset: int
 ) -> list[str]:
-    """torch.onnx (TorchScript exporter: it writes opset 17) -> checked ONNX file at path."""
+    """torch.onnx (TorchScript exporter: it writes opset 17) -> checked ONNX file at path.
+
+    Memory: a graph under 2 GB is built in memory by torch (~3 copies of its weights at the
+    peak); above, torch writes each tensor straight to its own file. Only then is there
+    anything to consolidate, so a self-contained graph is never parsed back whole here.
+    """
+    before = set(path.parent.iterdir())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -179,7 +208,10 @@ def export_graph(
             opset_version=opset,
             do_constant_folding=True,
         )
-    external = consolidate_external_data(path, path.name + ".data")
+    written = set(path.parent.iterdir()) - before - {path}
+    external = consolidate_external_data(path, path.name + ".data") if written else []
+    # by path: the checker reads the graph without its external data, so a >2 GB model is
+    # checked (and shape-inferred) without loading its weights
     onnx.checker.check_model(str(path), full_check=True)
     return external
 
