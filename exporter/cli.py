@@ -174,49 +174,124 @@ def export(
             click.echo(f"{name:<40} {size / 2**20:>9.2f} MiB  sha256 {digest[:12]}")
 
 
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--prompt", required=True, help="Text with one <image> marker per image.")
+@click.option(
+    "--prompt",
+    default=None,
+    help="Text with one <image> marker per image (instead of --demos/--task).",
+)
 @click.option(
     "--image",
     "images",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Image file, once per <image> marker, in order.",
+    help="Image file, once per <image> marker, in order; with --demos or --task: "
+    "the one query image.",
 )
+@click.option(
+    "--demos",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Few-shot demonstrations, JSONL: {image, caption} or {image, question, "
+    "answer} per line (image paths relative to the file).",
+)
+@click.option(
+    "--task",
+    type=click.Choice(["caption", "vqa"]),
+    default=None,
+    help="Few-shot template (default caption).",
+)
+@click.option("--question", default=None, help="The query's question (--task vqa).")
 @click.option("--max-new-tokens", type=int, default=20, show_default=True)
 @click.option("--num-beams", type=int, default=1, show_default=True)
+@click.option("--length-penalty", type=float, default=1.0, show_default=True)
+@click.option("--do-sample", is_flag=True, help="Sample instead of greedy/beam argmax.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=50, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed (reproducible per seed).")
+@click.option("--no-repeat-ngram-size", type=int, default=0, show_default=True)
+@click.option(
+    "--provider",
+    "providers",
+    multiple=True,
+    help="onnxruntime execution provider, in priority order (repeatable; "
+    "cpu, cuda, tensorrt or a full name; default cpu).",
+)
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
-@click.option("--json", "as_json", is_flag=True, help="text, token_ids, logprobs, timings.")
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Print text as tokens are chosen (beam search: at the end; with --json: to stderr).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="text, token_ids, logprobs, timings_ms, stats."
+)
 def run(
     export_dir: Path,
-    prompt: str,
+    prompt: str | None,
     images: tuple[Path, ...],
-    max_new_tokens: int,
-    num_beams: int,
+    demos: Path | None,
+    task: str | None,
+    question: str | None,
+    providers: tuple[str, ...],
     threads: int | None,
+    stream: bool,
     as_json: bool,
+    **search: Any,
 ) -> None:
-    """Generate from an export folder with onnxruntime (no torch needed)."""
-    from runtime.generation import GenerationConfig
+    """Generate from an export folder with onnxruntime (no torch needed).
+
+    Either --prompt with its images, or a few-shot query: [--demos FILE] [--task caption|vqa]
+    [--question Q] --image QUERY.
+    """
     from runtime.images import ImageError
     from runtime.manifest import ManifestError
-    from runtime.pipeline import FlamingoPipeline
+    from runtime.pipeline import FlamingoPipeline, TextStream
+    from runtime.prompts import load_demos_jsonl
 
-    try:
-        pipe = FlamingoPipeline(export_dir, threads=threads)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            eos_token_ids=(pipe.engine.eoc_token_id,),
-            pad_token_id=pipe.engine.pad_token_id,
+    if prompt is not None and (demos is not None or task is not None or question is not None):
+        raise click.UsageError("--prompt cannot be combined with --demos, --task or --question")
+    if prompt is None and len(images) != 1:
+        raise click.UsageError(
+            f"a few-shot query needs exactly one --image (the query), got {len(images)}; "
+            "or give --prompt"
         )
-        out = pipe.generate(prompt, [str(p) for p in images], config)
+    names = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers] or ["CPUExecutionProvider"]
+    try:
+        pipe = FlamingoPipeline(export_dir, providers=names, threads=threads)
+        config = pipe.default_config(**search)
+        config.validate()
+        streamer = TextStream(pipe.tokenizer, config.eos_token_ids) if stream else None
+
+        def on_token(row: int, token_id: int) -> None:
+            if streamer is not None and row == 0:
+                click.echo(streamer.push(token_id), nl=False, err=as_json)
+
+        callback = on_token if stream else None
+        if prompt is not None:
+            out = pipe.generate(prompt, [str(p) for p in images], config, callback)
+        else:
+            examples = load_demos_jsonl(demos) if demos is not None else []
+            out = pipe.few_shot(
+                examples, str(images[0]), task or "caption", question, config, callback
+            )
     except (ManifestError, ImageError, ValueError) as e:
         raise click.ClickException(str(e)) from e
+    if streamer is not None:
+        click.echo(streamer.flush(), err=as_json)
     if as_json:
         click.echo(json.dumps(out.to_dict(), indent=2))
-    else:
+    elif streamer is None:
         click.echo(out.text)
 
 

@@ -7,8 +7,10 @@ runtime.generation drives.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -102,49 +104,146 @@ class OnnxFlamingo:
                 out[name] = buf
         return out
 
-    def step_model(self, cross_kv: dict[str, np.ndarray], num_images: np.ndarray) -> OrtStepModel:
-        return OrtStepModel(self, cross_kv, num_images)
+    def step_model(
+        self,
+        cross_kv: dict[str, np.ndarray],
+        num_images: np.ndarray,
+        past: dict[str, np.ndarray] | None = None,
+        media_count: np.ndarray | None = None,
+        io_binding: bool = True,
+    ) -> OrtStepModel:
+        return OrtStepModel(self, cross_kv, num_images, past, media_count, io_binding)
+
+
+Past = dict[str, Any]  # name -> np.ndarray or ort.OrtValue (IOBinding outputs)
 
 
 class OrtStepModel:
-    """StepModel over the decoder graph; owns the self-attention KV cache between steps."""
+    """StepModel over the decoder graph; owns the self-attention KV cache between steps.
+
+    It may start from a cached state (`past` of length S, `media_count` images already seen):
+    `step` then runs only the tokens the attention mask says are new, so the search can pass the
+    whole prompt. With IOBinding (default where available) each step's `present.*` OrtValues
+    are bound as the next step's `past_key_values.*` inputs and never copied through numpy;
+    the graph's Concat still builds present = past + new inside onnxruntime. `io_binding=False`
+    (or an onnxruntime without it) uses plain `session.run` with numpy arrays; both paths run
+    the same kernels on the same values, so their outputs are identical.
+    """
 
     def __init__(
-        self, engine: OnnxFlamingo, cross_kv: dict[str, np.ndarray], num_images: np.ndarray
+        self,
+        engine: OnnxFlamingo,
+        cross_kv: dict[str, np.ndarray],
+        num_images: np.ndarray,
+        past: dict[str, np.ndarray] | None = None,
+        media_count: np.ndarray | None = None,
+        io_binding: bool = True,
     ) -> None:
         self.engine = engine
         self.session = engine.sessions["decoder"]
         self.cross_kv = cross_kv
         self.media = MediaCounter(engine.media_token_id, num_images)
+        if media_count is not None:
+            self.media.count = np.asarray(media_count, dtype=np.int64).copy()
         dims = engine.dims
         batch = len(num_images)
-        empty = np.zeros((batch, dims.num_kv_heads, 0, dims.head_dim), dtype=engine.float_dtype)
-        self.past = {n: empty for i in range(dims.num_layers) for n in past_names(i)}
+        self.past_names = [n for i in range(dims.num_layers) for n in past_names(i)]
+        if past is None:
+            shape = (batch, dims.num_kv_heads, 0, dims.head_dim)
+            empty = np.zeros(shape, dtype=engine.float_dtype)
+            past = {n: empty for n in self.past_names}
+        self._past: Past = {n: past[n] for n in self.past_names}
         self.uses_position_ids = dims.uses_position_ids
+        self._source = np.arange(batch)  # original row of each current row (cross K/V owner)
+        self._binding = None
+        if io_binding and hasattr(self.session, "io_binding"):
+            try:
+                self._binding = self.session.io_binding()
+            except Exception:  # an onnxruntime build without IOBinding: plain session.run
+                self._binding = None
+        self._bound_cross: dict[str, np.ndarray] | None = None
+        self._output_names = engine.decoder_spec.output_names
+        self.prefill_end: float | None = None  # perf_counter() after the first step
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """All-position logits (N, T, V) for the new tokens; advances the cache."""
+    @property
+    def uses_io_binding(self) -> bool:
+        return self._binding is not None
+
+    @property
+    def past_length(self) -> int:
+        v = self._past[self.past_names[0]]
+        return int(v.shape()[2] if isinstance(v, ort.OrtValue) else v.shape[2])
+
+    @property
+    def past(self) -> dict[str, np.ndarray]:
+        """The KV cache as numpy arrays (views of onnxruntime's buffers: read, don't keep)."""
+        return {k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in self._past.items()}
+
+    def past_arrays(self) -> dict[str, np.ndarray]:
+        """An owned copy of the KV cache (for snapshots that outlive this model)."""
+        return {k: np.array(v, copy=True) for k, v in self.past.items()}
+
+    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Run new tokens; returns logits (N, T, V), a view valid until the next call."""
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.uses_position_ids:
             feed["position_ids"] = position_ids(attention_mask, input_ids.shape[1])
         feed["media_index"] = self.media(input_ids)
-        feed.update(self.cross_kv)
-        feed.update(self.past)
-        logits, *presents = self.session.run(None, feed)
-        self.past = {
-            p: v
-            for p, v in zip(
-                (n for i in range(self.engine.dims.num_layers) for n in past_names(i)), presents
-            )
-        }
-        return logits
+        if self._binding is None:
+            feed.update(self.cross_kv)
+            feed.update(self.past)
+            logits, *presents = self.session.run(None, feed)
+            self._past = dict(zip(self.past_names, presents))
+            return logits
+        binding = self._binding
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        if self._bound_cross is not self.cross_kv:
+            for name, value in self.cross_kv.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            self._bound_cross = self.cross_kv
+        for name, value in self._past.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        # fresh outputs every step: the previous presents are this step's (bound) inputs
+        binding.clear_binding_outputs()
+        for name in self._output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        logits, *presents = binding.get_outputs()
+        self._past = dict(zip(self.past_names, presents))
+        return logits.numpy()
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """All-position logits (N, T, V) for the new tokens; advances the cache."""
+        return np.array(self._forward(input_ids, attention_mask), copy=True)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        """StepModel.step; leading ids already in the cache (mask longer than past + new
+        tokens says how many are new) are skipped, so a cached prefix is never recomputed."""
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        return self.run(ids, mask)[:, -1].astype(np.float32)
+        new = mask.shape[1] - self.past_length
+        if not 1 <= new <= input_ids.shape[1]:
+            raise ValueError(
+                f"attention mask of {mask.shape[1]} with {self.past_length} cached positions "
+                f"leaves {new} new tokens, but {input_ids.shape[1]} ids were given"
+            )
+        ids = np.ascontiguousarray(input_ids[:, -new:], dtype=np.int64)
+        logits = self._forward(ids, mask)[:, -1].astype(np.float32)
+        if self.prefill_end is None:
+            self.prefill_end = time.perf_counter()
+        return logits
 
     def reorder_cache(self, index: np.ndarray) -> None:
-        self.past = {k: v[index] for k, v in self.past.items()}
-        self.cross_kv = {k: v[index] for k, v in self.cross_kv.items()}
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) == len(self._source) and np.array_equal(index, np.arange(len(index))):
+            return
+        self._past = {k: np.ascontiguousarray(v[index]) for k, v in self.past.items()}
+        source = self._source[index]
+        # beams of one prompt share its images: cross K/V moves only when rows change prompt
+        if len(source) != len(self._source) or not np.array_equal(source, self._source):
+            self.cross_kv = {k: v[index] for k, v in self.cross_kv.items()}
+        self._source = source
         self.media.reorder(index)

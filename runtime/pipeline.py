@@ -1,13 +1,23 @@
 """Prompt in, text out: tokenizer + image preprocessing + the two graphs + the shared search.
 
-Torch-free (numpy, onnxruntime, tokenizers, Pillow). One prompt with `<image>` markers and its
-images per call; batching, prefix caching and streaming build on this in later steps.
+Torch-free (numpy, onnxruntime, tokenizers, Pillow). One request is a batch of prompts with
+`<image>` markers and their images, left-padded into one decoder batch.
+
+Few-shot prompts repeat their demonstrations, so their work is cached (runtime/cache.py):
+* image K/V per preprocessed-pixel hash (vision cache);
+* the decoder state after the demonstrations (prefix cache). A prompt is prefilled in two parts,
+  split after its last `<|endofchunk|>` (the end of the demonstrations): the prefix alone, batch
+  1, with only the prefix's images, snapshotted; then the rest. A later prompt reuses the longest
+  cached prefix that matches token-for-token and image-for-image and prefills only the rest.
+A snapshot depends on nothing but its tokens and images (never on the query, the batch or the
+search settings), which is what makes reuse exact. Results with and without caches agree to
+float rounding (the split prefill sums in a different order): same tokens, log-probs ~1e-6.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,18 +25,27 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from .cache import ImageKV, PrefixCache, PrefixState, VisionCache, pixel_digest
 from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
 from .generation import GenerationConfig, generate
 from .images import ImageInput, PreprocessConfig, preprocess
-from .prompts import check_images_match
+from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match
+from .spec import cross_attn_names
+
+OnToken = Callable[[int, int], None]
 
 
 @dataclass
 class Generation:
+    """One prompt's continuation. `timings_ms` are the whole request's (shared by a batch):
+    vision (preprocess + hash + vision graph), prefill (prompt up to its first logits, cached
+    prefixes excluded), decode (the rest), total. `stats` are this prompt's counts."""
+
     text: str
     token_ids: list[int]
     logprobs: list[float]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -34,70 +53,362 @@ class Generation:
             "token_ids": self.token_ids,
             "logprobs": self.logprobs,
             "timings_ms": self.timings_ms,
+            "stats": self.stats,
         }
 
 
+@dataclass
+class _Row:
+    """Per-prompt bookkeeping of one request."""
+
+    ids: np.ndarray  # (L,) int64
+    media_positions: np.ndarray  # token index of each image's marker
+    pixels: np.ndarray | None  # (n, 3, S, S)
+    hashes: list[str]
+    boundaries: np.ndarray  # prefix lengths that end a demonstration (after <|endofchunk|>)
+    image_kv: list[ImageKV | None] = field(default_factory=list)
+    state: PrefixState | None = None
+    cached: int = 0  # leading tokens whose KV `state` holds (usable by the batch)
+    reused: int = 0  # of those, found in the cache (not computed by this request)
+
+    @property
+    def split(self) -> int:
+        """Where the prompt is split for caching: after its last demonstration."""
+        return int(self.boundaries[-1]) if len(self.boundaries) else 0
+
+    def images_before(self, length: int) -> int:
+        return int(np.searchsorted(self.media_positions, length))
+
+
+class TextStream:
+    """Incremental detokenizer for streaming: returns only complete characters.
+
+    Byte-level BPE splits multi-byte characters over tokens; decoding a partial sequence ends in
+    U+FFFD, so text is held back until the character is complete.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_ids: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.skip_ids = set(skip_ids)
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        if token_id in self.skip_ids:
+            return ""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """Whatever is left (incomplete bytes included) at the end of generation."""
+        return self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _emit(self, text: str) -> str:
+        new = text[self.emitted :]
+        self.emitted = len(text)
+        return new
+
+
 class FlamingoPipeline:
+    """An export folder ready for few-shot generation, with vision and prefix caches."""
+
     def __init__(
         self,
         export_dir: str | Path,
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         threads: int | None = None,
+        *,
+        prefix_cache: bool = True,
+        vision_cache: bool = True,
+        prefix_cache_entries: int = 8,
+        prefix_cache_bytes: int = 1 << 30,
+        vision_cache_bytes: int = 256 << 20,
+        io_binding: bool = True,
     ) -> None:
         self.engine = OnnxFlamingo(export_dir, providers, threads)
         self.tokenizer = Tokenizer.from_file(str(self.engine.root / "tokenizer" / "tokenizer.json"))
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         self.max_seq_len = self.engine.manifest.limits["max_seq_len"]
         self.max_images = self.engine.manifest.limits["max_images"]
+        self.use_prefix_cache = prefix_cache
+        self.use_vision_cache = vision_cache
+        self.io_binding = io_binding
+        self.prefix_cache = PrefixCache(prefix_cache_entries, prefix_cache_bytes)
+        self.vision_cache = VisionCache(vision_cache_bytes)
+        dims = self.engine.dims
+        self._xattn_names = [n for j in dims.xattn_layers for n in cross_attn_names(j)]
+
+    # ------------------------------------------------------------------ public API
+
+    def default_config(self, **kw: Any) -> GenerationConfig:
+        """GenerationConfig stopping at `<|endofchunk|>` and padding with the export's pad id."""
+        kw.setdefault("eos_token_ids", (self.engine.eoc_token_id,))
+        kw.setdefault("pad_token_id", self.engine.pad_token_id)
+        return GenerationConfig(**kw)
 
     def generate(
         self,
         prompt: str,
         images: Sequence[ImageInput],
         config: GenerationConfig | None = None,
+        on_token: OnToken | None = None,
     ) -> Generation:
-        """Greedy/beam/sampled continuation of an interleaved prompt (OpenFlamingo semantics)."""
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        check_images_match(prompt, len(images))
+        """Greedy/beam/sampled continuation of an interleaved prompt (OpenFlamingo semantics).
+
+        `on_token(0, token_id)` streams tokens (greedy/sampling: as chosen; beams: at the end).
+        """
+        return self.generate_batch([prompt], [images], config, on_token)[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        images_per_prompt: Sequence[Sequence[ImageInput]],
+        config: GenerationConfig | None = None,
+        on_token: OnToken | None = None,
+    ) -> list[Generation]:
+        """Several prompts in one left-padded decoder batch; each row gets what it would get
+        alone (to float rounding). Rows with fewer images get zero K/V slots no token attends to.
+        """
+        if isinstance(prompts, str):
+            raise ValueError("generate_batch takes a list of prompts; use generate for one")
+        if len(prompts) != len(images_per_prompt):
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(images_per_prompt)} image lists were given"
+            )
+        if not prompts:
+            raise ValueError("no prompts given")
+        config = config or self.default_config()
+        config.validate()
+        start = time.perf_counter()
+        rows = [
+            self._prepare(prompt, images, config, f"prompt #{i}: " if len(prompts) > 1 else "")
+            for i, (prompt, images) in enumerate(zip(prompts, images_per_prompt))
+        ]
+        if self.use_prefix_cache:
+            for row in rows:
+                row.state, row.reused = self.prefix_cache.lookup(
+                    row.ids, row.hashes, row.media_positions, row.boundaries
+                )
+                row.cached = row.reused
+        self._encode_missing_images(rows)
+        vision_end = time.perf_counter()
+        if self.use_prefix_cache:
+            for row in rows:
+                self._extend_prefix(row)
+        result, step_model, cached = self._decode_batch(rows, config, on_token)
+        end = time.perf_counter()
+        prefill_end = step_model.prefill_end or end
+        timings = {
+            "vision": (vision_end - start) * 1e3,
+            "prefill": (prefill_end - vision_end) * 1e3,
+            "decode": (end - prefill_end) * 1e3,
+            "total": (end - start) * 1e3,
+        }
+        n_ret = config.num_return_sequences if config.num_beams > 1 else 1
+        out = []
+        for b, row in enumerate(rows):
+            tokens = result.sequences[b * n_ret]
+            text_ids = [t for t in tokens if t not in config.eos_token_ids]
+            stats = {
+                "prompt_tokens": len(row.ids),
+                "cached_tokens": cached[b],
+                "new_tokens": len(tokens),
+                "images": len(row.hashes),
+                "batch_size": len(rows),
+            }
+            out.append(
+                Generation(
+                    text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+                    token_ids=tokens,
+                    logprobs=result.logprobs[b * n_ret],
+                    timings_ms=dict(timings),
+                    stats=stats,
+                )
+            )
+        return out
+
+    def few_shot(
+        self,
+        demos: Sequence[Demonstration],
+        query_image: ImageInput,
+        task: Task = "caption",
+        question: str | None = None,
+        config: GenerationConfig | None = None,
+        on_token: OnToken | None = None,
+    ) -> Generation:
+        """OpenFlamingo few-shot query: demonstrations (cached after the first call) + query."""
+        prompt, images = build_few_shot_prompt(list(demos), question, task, query_image=query_image)
+        return self.generate(prompt, images, config, on_token)
+
+    def clear_caches(self) -> None:
+        """Drop cached prefixes and image K/V (and reset their counters)."""
+        self.prefix_cache.clear()
+        self.vision_cache.clear()
+
+    def cache_stats(self) -> dict[str, dict[str, Any]]:
+        """Entries, bytes, hits, misses, evictions of both caches."""
+        return {"prefix": self.prefix_cache.stats(), "vision": self.vision_cache.stats()}
+
+    # ------------------------------------------------------------------ steps
+
+    def _prepare(
+        self, prompt: str, images: Sequence[ImageInput], config: GenerationConfig, where: str
+    ) -> _Row:
+        """Validate, tokenize, preprocess and hash one prompt (no state is touched)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}the prompt is empty")
+        images = list(images)
+        try:
+            check_images_match(prompt, len(images))
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
         if len(images) > self.max_images:
             raise ValueError(
-                f"{len(images)} images exceed this export's limit of {self.max_images}"
+                f"{where}{len(images)} images exceed this export's limit of {self.max_images}"
             )
-        config = config or GenerationConfig(
-            eos_token_ids=(self.engine.eoc_token_id,), pad_token_id=self.engine.pad_token_id
-        )
-        ids = np.array([self.tokenizer.encode(prompt).ids], dtype=np.int64)
-        if ids.shape[1] + config.max_new_tokens > self.max_seq_len:
+        ids = np.array(self.tokenizer.encode(prompt).ids, dtype=np.int64)
+        if len(ids) + config.max_new_tokens > self.max_seq_len:
             raise ValueError(
-                f"prompt of {ids.shape[1]} tokens + {config.max_new_tokens} new tokens exceeds "
+                f"{where}prompt of {len(ids)} tokens + {config.max_new_tokens} new tokens exceeds "
                 f"the exported maximum context of {self.max_seq_len}"
             )
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        if images:
-            features = self.engine.encode_images(preprocess(list(images), self.preprocess_config))
-            cross_kv = self.engine.rows_cross_kv(features, [list(range(len(images)))])
-        else:
-            cross_kv = self._empty_cross_kv()
-        timings["vision"] = (time.perf_counter() - start) * 1e3
-        start = time.perf_counter()
-        step_model = self.engine.step_model(cross_kv, np.array([len(images)]))
-        result = generate(step_model, ids, np.ones_like(ids), config)
-        timings["generate"] = (time.perf_counter() - start) * 1e3
-        tokens = result.sequences[0]
-        text_ids = [t for t in tokens if t not in config.eos_token_ids]
-        return Generation(
-            text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
-            token_ids=tokens,
-            logprobs=result.logprobs[0],
-            timings_ms=timings,
-        )
+        if len(ids) == 0:
+            raise ValueError(f"{where}the prompt is empty (no tokens)")
+        media_positions = np.flatnonzero(ids == self.engine.media_token_id)
+        if len(media_positions) != len(images):  # markers the tokenizer did not keep whole
+            raise ValueError(
+                f"{where}the tokenizer found {len(media_positions)} <image> tokens for "
+                f"{len(images)} images"
+            )
+        pixels = preprocess(images, self.preprocess_config) if images else None
+        hashes = [pixel_digest(p) for p in pixels] if pixels is not None else []
+        # a split needs a token after it: the first step must have something to run
+        boundaries = np.flatnonzero(ids[:-1] == self.engine.eoc_token_id) + 1
+        return _Row(ids, media_positions, pixels, hashes, boundaries, [None] * len(images))
 
-    def _empty_cross_kv(self) -> dict[str, np.ndarray]:
-        """Text-only prompts: one all-zero image slot that no token attends to."""
+    def _encode_missing_images(self, rows: list[_Row]) -> None:
+        """Fill every row's image K/V: from its prefix state, the vision cache, or one vision
+        run over the distinct missing images."""
+        missing: dict[str, np.ndarray] = {}
+        for row in rows:
+            from_state = row.images_before(row.cached) if row.state is not None else 0
+            for i in range(len(row.hashes)):
+                if i < from_state:
+                    row.image_kv[i] = row.state.image_kv[i]  # type: ignore[union-attr]
+                    continue
+                digest = row.hashes[i]
+                kv = self.vision_cache.get(digest) if self.use_vision_cache else None
+                if kv is not None:
+                    row.image_kv[i] = kv
+                elif digest not in missing:
+                    missing[digest] = row.pixels[i]  # type: ignore[index]
+        if not missing:
+            return
+        features = self.engine.encode_images(np.stack(list(missing.values())))
+        computed = {
+            digest: {n: features[n][k].copy() for n in self._xattn_names}
+            for k, digest in enumerate(missing)
+        }
+        if self.use_vision_cache:
+            for digest, kv in computed.items():
+                self.vision_cache.add(digest, kv)
+        for row in rows:
+            for i, digest in enumerate(row.hashes):
+                if row.image_kv[i] is None:
+                    row.image_kv[i] = computed[digest]
+
+    def _extend_prefix(self, row: _Row) -> None:
+        """Make sure the row's own prefix (up to `split`) is a cached state: compute it alone
+        from the best cached state (or from scratch) and store it."""
+        if row.split <= row.cached:
+            return
+        tokens = row.ids[: row.split]
+        n_images = row.images_before(row.split)
+        hashes = tuple(row.hashes[:n_images])
+        done = self.prefix_cache.exact(tokens, hashes)  # an earlier row of this batch made it
+        if done is not None:
+            row.state, row.cached = done, row.split
+            return
+        image_kv = tuple(row.image_kv[:n_images])  # type: ignore[arg-type]
+        past = row.state.past_prefix(row.cached) if row.state is not None else None
+        model = self.engine.step_model(
+            self._cross_kv([list(image_kv)]),
+            np.array([n_images]),
+            past=past,
+            media_count=np.array([row.images_before(row.cached)]),
+            io_binding=self.io_binding,
+        )
+        model.run(tokens[None, row.cached :], np.ones((1, row.split), dtype=np.int64))
+        row.state = PrefixState(tokens.copy(), hashes, model.past_arrays(), image_kv)
+        row.cached = row.split
+        self.prefix_cache.store(row.state)
+
+    def _decode_batch(
+        self, rows: list[_Row], config: GenerationConfig, on_token: OnToken | None
+    ) -> tuple[Any, Any, list[int]]:
+        """Left-pad the rows, start the decoder from their cached states, run the search.
+
+        Row b is [pads_b][prompt_b]; the common past length S is the largest every row can
+        take from its state (pads count as cached: zero K/V under mask 0), at most L-1 so each
+        row has a new token. Returns the search result, the step model, the reused tokens.
+        """
+        lengths = [len(r.ids) for r in rows]
+        total = max(lengths)
+        pads = [total - n for n in lengths]
+        past_len = min(min(p + r.cached for p, r in zip(pads, rows)), total - 1)
+        ids = np.full((len(rows), total), self.engine.pad_token_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for b, (row, pad) in enumerate(zip(rows, pads)):
+            ids[b, pad:] = row.ids
+            mask[b, pad:] = 1
+        past = self._batch_past(rows, pads, past_len)
+        media_count = [r.images_before(max(0, past_len - p)) for r, p in zip(rows, pads)]
+        model = self.engine.step_model(
+            self._cross_kv([r.image_kv for r in rows]),  # type: ignore[misc]
+            np.array([len(r.hashes) for r in rows]),
+            past=past,
+            media_count=np.array(media_count),
+            io_binding=self.io_binding,
+        )
+        result = generate(model, ids, mask, config, on_token)
+        reused = [min(r.reused, max(0, past_len - p)) for r, p in zip(rows, pads)]
+        return result, model, reused
+
+    def _batch_past(
+        self, rows: list[_Row], pads: list[int], past_len: int
+    ) -> dict[str, np.ndarray] | None:
+        if past_len == 0:
+            return None
+        if len(rows) == 1:
+            return rows[0].state.past_prefix(past_len)  # type: ignore[union-attr]
         dims = self.engine.dims
-        shape = (1, dims.xattn_heads, dims.num_latents, dims.xattn_dim_head)
-        zeros = np.zeros(shape, dtype=self.engine.float_dtype)
-        names = self.engine.decoder_spec.input_names
-        return {name: zeros for name in names if name.startswith("cross_attn.")}
+        shape = (len(rows), dims.num_kv_heads, past_len, dims.head_dim)
+        past = {}
+        for name in self.engine.decoder_spec.input_names:
+            if not name.startswith("past_key_values."):
+                continue
+            buf = np.zeros(shape, dtype=self.engine.float_dtype)
+            for b, (row, pad) in enumerate(zip(rows, pads)):
+                if past_len > pad and row.state is not None:  # else: pads only (zeros, masked)
+                    buf[b, :, pad:] = row.state.past[name][0, :, : past_len - pad]
+            past[name] = buf
+        return past
+
+    def _cross_kv(self, rows: list[list[ImageKV]]) -> dict[str, np.ndarray]:
+        """Per-row cross-attention K/V: each row's images concatenated, zero-padded to the
+        longest row (at least one slot: text-only rows attend to nothing)."""
+        dims = self.engine.dims
+        latents = dims.num_latents
+        most = max(1, max(len(r) for r in rows))
+        shape = (len(rows), dims.xattn_heads, most * latents, dims.xattn_dim_head)
+        out = {}
+        for name in self._xattn_names:
+            buf = np.zeros(shape, dtype=self.engine.float_dtype)
+            for b, kvs in enumerate(rows):
+                for slot, kv in enumerate(kvs):
+                    buf[b, :, slot * latents : (slot + 1) * latents] = kv[name]
+            out[name] = buf
+        return out

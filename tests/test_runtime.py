@@ -3,6 +3,7 @@ and importable where torch and transformers cannot be imported."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from PIL import Image
 from flamingo.generate import generate as reference_generate
 from runtime.generation import GenerationConfig
 from runtime.images import PreprocessConfig, preprocess
-from runtime.pipeline import FlamingoPipeline
+from runtime.pipeline import FlamingoPipeline, TextStream
 from tests.conftest import FAMILIES
 
 
@@ -50,18 +51,90 @@ def test_pipeline_equals_reference(tiny_model, tiny_export, images, family: str)
 
 
 def test_pipeline_input_errors_keep_it_usable(tiny_export, images, tmp_path) -> None:
+    """One pipeline, warm caches, a series of bad calls (each a clear error), then good calls
+    that still hit the caches and give the same result as before."""
     pipe = FlamingoPipeline(tiny_export("llama"))
+    config = GenerationConfig(max_new_tokens=3, eos_token_ids=(pipe.engine.eoc_token_id,))
+    few = "<image>A red circle<|endofchunk|><image>A"
+    before = pipe.generate(few, images, config)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    zero = np.zeros((0, 5, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="2 <image> markers but 1 image was given"):
         pipe.generate("<image>a<image>b", images[:1])
     with pytest.raises(ValueError, match="empty"):
         pipe.generate("  ", [])
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"bad\.png"):
         pipe.generate("<image>a", [str(bad)])
+    with pytest.raises(ValueError, match=r"empty\.png"):
+        pipe.generate(few, [images[0], str(empty)])  # the demo part is fine, the query is not
+    with pytest.raises(ValueError, match="zero-size"):
+        pipe.generate("<image>a", [zero])
     with pytest.raises(ValueError, match="maximum context"):
         pipe.generate("<image>a", images[:1], GenerationConfig(max_new_tokens=10_000))
+    with pytest.raises(ValueError, match="maximum context"):
+        pipe.generate("word " * 3000, [])
+    with pytest.raises(ValueError, match="exceed this export's limit"):
+        pipe.generate("<image>" * 40, images[:1] * 40)
+    with pytest.raises(ValueError, match=r"prompt #1: .*1 <image> marker but 0 images"):
+        pipe.generate_batch(["<image>a", "<image>b"], [images[:1], []])
+    with pytest.raises(ValueError, match="2 prompts but 1 image list"):
+        pipe.generate_batch(["a", "b"], [[]])
+    with pytest.raises(ValueError, match="num_beams"):
+        pipe.generate("<image>a", images[:1], GenerationConfig(num_beams=0))
     assert pipe.generate("<image>a", images[:1], GenerationConfig(max_new_tokens=3)).token_ids
+    after = pipe.generate(few, images, config)
+    assert after.stats["cached_tokens"] > 0
+    assert (after.token_ids, after.logprobs) == (before.token_ids, before.logprobs)
+    assert pipe.cache_stats()["prefix"]["entries"] == 1
+
+
+def test_text_stream_prints_whole_characters(tiny_export) -> None:
+    pipe = FlamingoPipeline(tiny_export("llama"))
+    text = "héllo € 日本 ok"
+    ids = pipe.tokenizer.encode(text).ids
+    stream = TextStream(pipe.tokenizer, skip_ids=(pipe.engine.eoc_token_id,))
+    pieces = [stream.push(t) for t in [*ids, pipe.engine.eoc_token_id]]
+    assert "".join(pieces) + stream.flush() == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert len([p for p in pieces if p]) < len(ids)  # multi-byte characters were held back
+
+
+def test_run_command_streams_and_maps_flags(tiny_export, images, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from exporter.cli import main
+
+    export = str(tiny_export("llama"))
+    base = ["run", export, "--prompt", "<image>A", "--image", images[0], "--max-new-tokens", "6"]
+    runner = CliRunner()
+    plain = runner.invoke(main, [*base, "--json"])
+    assert plain.exit_code == 0, plain.output
+    result = json.loads(plain.output)
+    streamed = runner.invoke(main, [*base, "--stream", "--provider", "cpu"])
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed.output == result["text"] + "\n"
+    sampled = [
+        json.loads(runner.invoke(main, [*base, *flags, "--json"]).output)["token_ids"]
+        for flags in (
+            ["--do-sample", "--seed", "1", "--top-k", "5", "--temperature", "0.7"],
+            ["--do-sample", "--seed", "1", "--top-k", "5", "--temperature", "0.7"],
+            ["--num-beams", "2", "--length-penalty", "0.5", "--no-repeat-ngram-size", "2"],
+        )
+    ]
+    assert sampled[0] == sampled[1]
+    for args, message in (
+        (["--provider", "nope"], "not available"),
+        (["--top-p", "2", "--do-sample"], "top_p"),
+        (["--demos", str(tmp_path / "missing.jsonl")], "--prompt cannot be combined"),
+    ):
+        out = runner.invoke(main, [*base, *args])
+        assert out.exit_code != 0 and message in out.output, out.output
+    out = runner.invoke(main, ["run", export, "--demos", str(tmp_path / "missing.jsonl"),
+                               "--image", images[0]])  # fmt: skip
+    assert out.exit_code != 0 and "cannot read demonstrations" in out.output
 
 
 def test_runtime_imports_and_runs_without_torch(tiny_export, images) -> None:
@@ -69,12 +142,42 @@ def test_runtime_imports_and_runs_without_torch(tiny_export, images) -> None:
 import sys
 sys.modules["torch"] = None
 sys.modules["transformers"] = None
-from runtime.pipeline import FlamingoPipeline
+from runtime.pipeline import FlamingoPipeline, TextStream
 from runtime.generation import GenerationConfig
 out = FlamingoPipeline({str(tiny_export("mpt"))!r}).generate(
     "<image>A", [{images[0]!r}], GenerationConfig(max_new_tokens=4))
 assert len(out.token_ids) >= 1
 assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_run_command_few_shot_without_torch(tiny_export, images, tmp_path) -> None:
+    """`flamingo-export run --demos` with torch and transformers blocked; caption and VQA."""
+    demos = tmp_path / "demos.jsonl"
+    lines = [{"image": images[0], "caption": "red", "question": "colour?", "answer": "red"}] * 2
+    demos.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    export = str(tiny_export("mpt"))
+    code = f"""
+import json, sys
+sys.modules["torch"] = None
+sys.modules["transformers"] = None
+from click.testing import CliRunner
+from exporter.cli import main
+base = ["run", {export!r}, "--demos", {str(demos)!r}, "--image", {images[1]!r}, "--json",
+        "--max-new-tokens", "4"]
+for extra in ([], ["--task", "vqa", "--question", "which?"]):
+    result = CliRunner().invoke(main, base + extra, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert {{"text", "token_ids", "logprobs", "timings_ms", "stats"}} <= set(out), out
+    assert len(out["token_ids"]) == len(out["logprobs"]) >= 1
+    assert out["stats"]["images"] == 3
+mods = [m for m in sys.modules if sys.modules[m] is not None]
+assert not [m for m in mods if m.split(".")[0] in ("torch", "transformers")]
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
