@@ -313,5 +313,9 @@ def presets(as_json: bool) -> None:
         )
 
 
+from exporter.cli_trt import register  # noqa: E402  check, plan, build, trt-run (TensorRT)
+
+register(main)
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -127,12 +127,16 @@ class FlamingoPipeline:
         prefix_cache_bytes: int = 1 << 30,
         vision_cache_bytes: int = 256 << 20,
         io_binding: bool = True,
+        engine: Any | None = None,
     ) -> None:
-        self.engine = OnnxFlamingo(export_dir, providers, threads)
+        """`engine` replaces the onnxruntime engine (e.g. runtime.trt_engine.TrtFlamingo): anything
+        with OnnxFlamingo's attributes and methods; its `limits` (if any) narrow the export's."""
+        self.engine = engine if engine is not None else OnnxFlamingo(export_dir, providers, threads)
         self.tokenizer = Tokenizer.from_file(str(self.engine.root / "tokenizer" / "tokenizer.json"))
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
-        self.max_seq_len = self.engine.manifest.limits["max_seq_len"]
-        self.max_images = self.engine.manifest.limits["max_images"]
+        limits = getattr(self.engine, "limits", None) or self.engine.manifest.limits
+        self.max_seq_len = limits["max_seq_len"]
+        self.max_images = limits["max_images"]
         self.use_prefix_cache = prefix_cache
         self.use_vision_cache = vision_cache
         self.io_binding = io_binding

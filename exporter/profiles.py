@@ -1,0 +1,241 @@
+"""TensorRT optimization profiles (min/opt/max per symbolic dimension) from the graph contract.
+
+Every dynamic axis in `runtime/spec.py` is named; a TensorRT engine needs, for every input, a
+min/opt/max shape per optimization profile. This module turns the export manifest's limits
+(`max_images`, `max_seq_len`) plus `max_batch` into those ranges, for `check` (is every symbolic
+dim covered?) and `build` (the profiles themselves). Pure data: no onnx, no TensorRT.
+
+Why the decoder gets three profiles (prefill, extend, decode) instead of one:
+
+1. Consistency. The decoder ties three dims together: `total_sequence = past_sequence +
+   sequence`. TensorRT times kernels at the opt shapes and sizes activation memory from the max
+   shapes; a single profile spanning every phase (past 0..max-1, sequence 1..max) has a max
+   corner past+sequence = 2*max-1 that `total_sequence <= max` contradicts, and widening total
+   to 2*max-1 would make TensorRT reserve attention-score and KV-Concat memory for a shape that
+   never runs. Each profile here is consistent at min, opt and max (checked by
+   `check_consistency`).
+2. Kernels. Decode runs once per generated token and is a matrix-vector product (sequence 1);
+   prefill is a matrix-matrix product over the prompt. One opt shape cannot serve both; decode
+   dominates generation time on a Jetson.
+
+* prefill: past 0, any prompt length (a fresh prompt).
+* extend: a short chunk after a cached prefix (the pipeline's prefix cache: few-shot
+  demonstrations computed once, then only the query): past 1..max-C, sequence 1..C, total
+  2..max, C = EXTEND_TOKENS. Longer continuations are run in chunks by the runtime.
+* decode: one new token after any past.
+
+Values chosen for opt are documented on `OPT_*`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.spec import (
+    BATCH,
+    MEDIA_KEYS,
+    NUM_IMAGES,
+    PAST_SEQUENCE,
+    SEQUENCE,
+    TOTAL_SEQUENCE,
+    GraphSpec,
+    ModelDims,
+)
+
+# max_batch is not in the manifest (the ONNX graphs take any batch): an engine fixes it. 1 is
+# greedy decoding of one prompt, the common case on an 8 GB device; beam search with k beams
+# needs --max-batch k (the search expands the batch to the beams after prefill).
+DEFAULT_MAX_BATCH = 1
+# opt prompt length: OpenFlamingo's few-shot prompts (4-8 shots of caption/VQA) are ~100-300
+# tokens; the decode profile's opt past length is the same prompt plus a few new tokens.
+OPT_PROMPT_TOKENS = 256
+# opt image count: the headline OpenFlamingo evaluation is 4-shot, i.e. 4 shots + 1 query image.
+OPT_IMAGES = 5
+
+# Longest chunk the extend profile takes after a cached prefix: a few-shot query ("<image>
+# Question: ... Short answer:") is well under 64 tokens; longer tails are chunked at runtime.
+EXTEND_TOKENS = 64
+# opt chunk: a caption query "<image>Output:" is ~5 tokens, a VQA query ~15-25.
+OPT_EXTEND_TOKENS = 16
+
+
+class ProfileError(ValueError):
+    """Limits cannot give valid optimization profiles (or a graph dim has no range)."""
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min <= self.opt <= self.max:
+            raise ProfileError(f"invalid range min {self.min} <= opt {self.opt} <= max {self.max}")
+
+    def to_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an engine is built for: rows per step, images per row, tokens per row."""
+
+    max_batch: int
+    max_images: int
+    max_seq_len: int
+
+    @classmethod
+    def resolve(
+        cls,
+        manifest_limits: dict[str, int],
+        max_batch: int | None = None,
+        max_images: int | None = None,
+        max_seq_len: int | None = None,
+    ) -> Limits:
+        """The export's limits, optionally lowered (never raised: the export declares what the
+        runtime and its prompt checks were built for)."""
+        out = {"max_batch": max_batch if max_batch is not None else DEFAULT_MAX_BATCH}
+        for key, value in (("max_images", max_images), ("max_seq_len", max_seq_len)):
+            declared = int(manifest_limits[key])
+            if value is not None and value > declared:
+                raise ProfileError(
+                    f"--{key.replace('_', '-')} {value} exceeds the export's {key} {declared}; "
+                    "re-export with a larger limit"
+                )
+            out[key] = value if value is not None else declared
+        for key, value in out.items():
+            if value < 1:
+                raise ProfileError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+        return cls(**out)
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "max_batch": self.max_batch,
+            "max_images": self.max_images,
+            "max_seq_len": self.max_seq_len,
+        }
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: a range for every symbolic dim of one graph."""
+
+    name: str
+    dims: dict[str, DimRange] = field(hash=False)
+
+    def shapes(self, spec: GraphSpec) -> dict[str, tuple[list[int], list[int], list[int]]]:
+        """(min, opt, max) shape of every graph input; a symbolic dim without range is an error."""
+        out = {}
+        for t in spec.inputs:
+            corners: tuple[list[int], list[int], list[int]] = ([], [], [])
+            for d in t.shape:
+                if isinstance(d, int):
+                    values = (d, d, d)
+                elif d in self.dims:
+                    r = self.dims[d]
+                    values = (r.min, r.opt, r.max)
+                else:
+                    raise ProfileError(
+                        f"profile {self.name!r}: input {t.name!r} has symbolic dim {d!r} with no "
+                        f"range (known: {sorted(self.dims)})"
+                    )
+                for corner, v in zip(corners, values):
+                    corner.append(v)
+            out[t.name] = corners
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dims": {k: r.to_list() for k, r in self.dims.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Profile:
+        return cls(d["name"], {k: DimRange(*v) for k, v in d["dims"].items()})
+
+
+def vision_profiles(dims: ModelDims, limits: Limits) -> list[Profile]:
+    n = limits.max_images
+    return [Profile("vision", {NUM_IMAGES: DimRange(1, min(OPT_IMAGES, n), n)})]
+
+
+def decoder_profiles(dims: ModelDims, limits: Limits) -> list[Profile]:
+    """prefill (past 0), extend (short chunk after a cached prefix), decode (one new token);
+    see the module docstring for why. extend is left out when max_seq_len < 4."""
+    b, s, latents = limits.max_batch, limits.max_seq_len, dims.num_latents
+    opt_images = min(OPT_IMAGES, limits.max_images)
+    media = DimRange(latents, opt_images * latents, limits.max_images * latents)
+    prompt = min(OPT_PROMPT_TOKENS, s)
+    profiles = [
+        Profile(
+            "prefill",
+            {
+                BATCH: DimRange(1, 1, b),  # one prompt; beams are expanded after prefill
+                SEQUENCE: DimRange(1, prompt, s),
+                PAST_SEQUENCE: DimRange(0, 0, 0),
+                TOTAL_SEQUENCE: DimRange(1, prompt, s),
+                MEDIA_KEYS: media,
+            },
+        )
+    ]
+    chunk = extend_tokens(s)
+    if chunk:
+        seq_opt = min(OPT_EXTEND_TOKENS, chunk)
+        past_opt = min(prompt, s - chunk)
+        profiles.append(
+            Profile(
+                "extend",
+                {
+                    BATCH: DimRange(1, 1, b),
+                    SEQUENCE: DimRange(1, seq_opt, chunk),
+                    PAST_SEQUENCE: DimRange(1, past_opt, s - chunk),
+                    TOTAL_SEQUENCE: DimRange(2, past_opt + seq_opt, s),
+                    MEDIA_KEYS: media,
+                },
+            )
+        )
+    past_opt = min(prompt, s - 1)
+    profiles.append(
+        Profile(
+            "decode",
+            {
+                BATCH: DimRange(1, b, b),  # greedy or b beams: the hot loop runs at full batch
+                SEQUENCE: DimRange(1, 1, 1),
+                PAST_SEQUENCE: DimRange(0, past_opt, s - 1),
+                TOTAL_SEQUENCE: DimRange(1, past_opt + 1, s),
+                MEDIA_KEYS: media,
+            },
+        )
+    )
+    return profiles
+
+
+def extend_tokens(max_seq_len: int) -> int:
+    """Chunk length of the extend profile for a context (0: no extend profile)."""
+    return min(EXTEND_TOKENS, max_seq_len // 2) if max_seq_len >= 4 else 0
+
+
+def graph_profiles(graph: str, dims: ModelDims, limits: Limits) -> list[Profile]:
+    if graph == "vision":
+        return vision_profiles(dims, limits)
+    if graph == "decoder":
+        return decoder_profiles(dims, limits)
+    raise ProfileError(f"no optimization profiles defined for graph {graph!r}")
+
+
+def check_consistency(profile: Profile) -> list[str]:
+    """Problems with total = past + sequence at min, opt and max (empty list = consistent)."""
+    d = profile.dims
+    if not {PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE} <= set(d):
+        return []
+    problems = []
+    for corner in ("min", "opt", "max"):
+        past, seq, total = (
+            getattr(d[k], corner) for k in (PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE)
+        )
+        if past + seq != total:
+            problems.append(
+                f"profile {profile.name!r} at {corner}: {PAST_SEQUENCE} {past} + {SEQUENCE} {seq} "
+                f"!= {TOTAL_SEQUENCE} {total}"
+            )
+    return problems
