@@ -317,5 +317,7 @@ from exporter.cli_trt import register  # noqa: E402  check, plan, build, trt-run
 
 register(main)
 
+main.add_command(__import__("exporter.bench", fromlist=["bench"]).bench)  # bench
+
 if __name__ == "__main__":
     sys.exit(main())

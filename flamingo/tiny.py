@@ -654,6 +654,77 @@ def _flamingo_state(
     return state
 
 
+def read_flamingo_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``checkpoint.pt`` (plain or DDP-wrapped) or ``.safetensors``.
+
+    Independent of flamingo.loaders on purpose: the oracle must not share our reading of files.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "model_state_dict" in state:
+        state = state["model_state_dict"]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_open_flamingo(
+    lm_dir: str | Path,
+    vision_hf_dir: str | Path,
+    checkpoint_path: str | Path,
+    cross_attn_every_n_layers: int,
+):
+    """``(Flamingo, tokenizer)``: the published OpenFlamingo model built from files, eval mode.
+
+    The oracle of the parity tests and the baseline of the benchmarks, assembled the way
+    ``open_flamingo/src/factory.py`` does, minus open_clip: the vision tower is transformers'
+    ``CLIPVisionModelWithProjection`` (``vision_hf_dir``) behind a ``.visual`` returning
+    open_clip <= 2.22's ``(pooled, patch tokens before ln_post)``; the LM is
+    ``AutoModelForCausalLM`` (no ``trust_remote_code``) extended with ``FlamingoLMMixin``, its
+    decoder-layer attribute found by the package's own ``_infer_decoder_layers_attr_name``; the
+    tokenizer gets ``<|endofchunk|>``, ``<image>`` (and ``<PAD>``) and pads on the left, as
+    OpenFlamingo's evaluation does; the checkpoint loads with ``strict=False`` and unexpected
+    keys are an error. Nothing of our reference model or loaders is used.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModelWithProjection
+
+    Flamingo, FlamingoLMMixin, extend_instance = import_open_flamingo()
+    from open_flamingo.src.factory import _infer_decoder_layers_attr_name
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir, local_files_only=True)
+    add_flamingo_tokens(tokenizer)
+    tokenizer.padding_side = "left"
+
+    lang_encoder = AutoModelForCausalLM.from_pretrained(lm_dir, local_files_only=True)
+    extend_instance(lang_encoder, FlamingoLMMixin)
+    lang_encoder.set_decoder_layers_attr_name(_infer_decoder_layers_attr_name(lang_encoder))
+    lang_encoder.resize_token_embeddings(len(tokenizer))
+
+    clip = CLIPVisionModelWithProjection.from_pretrained(vision_hf_dir, local_files_only=True)
+    vision = nn.Module()
+    vision.visual = _HFVisionTokens(clip)
+    model = Flamingo(
+        vision,
+        lang_encoder,
+        tokenizer.encode(EOC_TOKEN)[-1],
+        tokenizer.encode(MEDIA_TOKEN)[-1],
+        vis_dim=clip.config.hidden_size,
+        cross_attn_every_n_layers=cross_attn_every_n_layers,
+    )
+    result = model.load_state_dict(read_flamingo_checkpoint(checkpoint_path), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{checkpoint_path}: unexpected checkpoint keys {result.unexpected_keys}")
+    # Flamingo's own weights exist only in the checkpoint ("gated_cross_attn_layers." aliases
+    # of the loaded ".gated_cross_attn_layer." tensors are reported missing; they are not).
+    unloaded = [k for k in result.missing_keys if "perceiver." in k or "_attn_layer." in k]
+    if unloaded:
+        raise ValueError(f"{checkpoint_path}: checkpoint lacks Flamingo weights {unloaded}")
+    model.eval()
+    return model, tokenizer
+
+
 def build_tiny_flamingo(
     root: str | Path,
     family: str,

@@ -15,7 +15,8 @@
 - the checkpoint (plain ``.pt``, DDP ``{"model_state_dict": {"module.*"}}`` or ``.safetensors``)
   is loaded with ``strict=False``; unexpected keys are an error.
 
-Nothing here comes from our ``flamingo/`` package except the :class:`TinyPaths` record.
+The code lives in ``flamingo/tiny.py`` (``load_open_flamingo``) so the benchmarks build the
+same baseline; it uses nothing of our reference model or loaders, only the published package.
 
 Compatibility with transformers 4.57.6 (the package targets 4.28-4.33). Checked for LLaMA,
 GPT-NeoX, MPT (transformers' native ``MptForCausalLM``) and OPT, with forward, greedy and
@@ -41,61 +42,12 @@ GPT-NeoX, MPT (transformers' native ``MptForCausalLM``) and OPT, with forward, g
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
-import torch
-from torch import nn
+from flamingo.tiny import load_open_flamingo
+from flamingo.tiny import read_flamingo_checkpoint as load_checkpoint
 
-EOC_TOKEN = "<|endofchunk|>"
-MEDIA_TOKEN = "<image>"
-
-
-def import_open_flamingo():
-    """The published package's ``Flamingo``, mixin, ``extend_instance`` and layer-name lookup."""
-    sys.modules.setdefault("open_clip", types.ModuleType("open_clip"))
-    from open_flamingo.src.factory import _infer_decoder_layers_attr_name
-    from open_flamingo.src.flamingo import Flamingo
-    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
-    from open_flamingo.src.utils import extend_instance
-
-    return Flamingo, FlamingoLMMixin, extend_instance, _infer_decoder_layers_attr_name
-
-
-class HFCLIPVisual(nn.Module):
-    """open_clip ``visual`` with ``output_tokens=True`` (open_clip <= 2.22 semantics)."""
-
-    def __init__(self, clip_vision: nn.Module):
-        super().__init__()
-        self.clip = clip_vision
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.clip(pixel_values=pixels)
-        pooled = out.image_embeds  # ln_post(CLS) @ proj
-        patch_tokens = out.last_hidden_state[:, 1:]  # (B, grid*grid, width), before ln_post
-        return pooled, patch_tokens
-
-
-class _VisionEncoder(nn.Module):
-    """What Flamingo expects as ``vision_encoder``: it keeps ``vision_encoder.visual``."""
-
-    def __init__(self, visual: nn.Module):
-        super().__init__()
-        self.visual = visual
-
-
-def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``checkpoint.pt`` (plain or DDP-wrapped) or ``.safetensors``."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "model_state_dict" in state:
-        state = state["model_state_dict"]
-    return {k.removeprefix("module."): v for k, v in state.items()}
+__all__ = ["load_checkpoint", "load_oracle"]
 
 
 def load_oracle(paths):
@@ -103,36 +55,7 @@ def load_oracle(paths):
 
     The tokenizer pads on the left, as OpenFlamingo's evaluation does.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModelWithProjection
-
-    Flamingo, FlamingoLMMixin, extend_instance, infer_layers_attr = import_open_flamingo()
-
-    tokenizer = AutoTokenizer.from_pretrained(paths.lm_dir, local_files_only=True)
-    tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    tokenizer.padding_side = "left"
-
-    lang_encoder = AutoModelForCausalLM.from_pretrained(paths.lm_dir, local_files_only=True)
-    extend_instance(lang_encoder, FlamingoLMMixin)
-    lang_encoder.set_decoder_layers_attr_name(infer_layers_attr(lang_encoder))
-    lang_encoder.resize_token_embeddings(len(tokenizer))
-
     vision_hf_dir = paths.vision_hf_dir or Path(paths.root) / "vision_hf"
-    clip = CLIPVisionModelWithProjection.from_pretrained(vision_hf_dir, local_files_only=True)
-    model = Flamingo(
-        _VisionEncoder(HFCLIPVisual(clip)),
-        lang_encoder,
-        tokenizer.encode(EOC_TOKEN)[-1],
-        tokenizer.encode(MEDIA_TOKEN)[-1],
-        vis_dim=clip.config.hidden_size,
-        cross_attn_every_n_layers=paths.cross_attn_every_n_layers,
+    return load_open_flamingo(
+        paths.lm_dir, vision_hf_dir, paths.checkpoint_path, paths.cross_attn_every_n_layers
     )
-    result = model.load_state_dict(load_checkpoint(paths.checkpoint_path), strict=False)
-    assert not result.unexpected_keys, f"unexpected checkpoint keys: {result.unexpected_keys}"
-    # Flamingo's own weights exist only in the checkpoint ("gated_cross_attn_layers." aliases
-    # of the loaded ".gated_cross_attn_layer." tensors are reported missing; they are not).
-    unloaded = [k for k in result.missing_keys if "perceiver." in k or "_attn_layer." in k]
-    assert not unloaded, f"checkpoint lacks Flamingo weights: {unloaded}"
-    model.eval()
-    return model, tokenizer

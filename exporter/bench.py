@@ -1,0 +1,851 @@
+"""`flamingo-export bench`: latency, throughput and memory of an export on few-shot prompts.
+
+Why a bench of its own: the export's claim is speed on edge devices, and the numbers that matter
+are per phase (vision per image, prefill, decode per token), per prompt size (0-16 shots) and
+with/without the prefix cache, measured against the PyTorch code it replaces *in the same run*
+(same machine, same load, same threads), so the ratios survive a noisy shared machine.
+
+Method (what every number means):
+* prompts: OpenFlamingo's caption template, k demos `<image>Output:{caption}<|endofchunk|>`
+  (joined by "\\n") and the query `<image>Output:`; synthetic random RGB images (square,
+  `image_size` px, so the open_clip preprocessing resizes and crops them);
+* greedy, exactly `new_tokens` new tokens: the stop token is disabled for timing;
+* runtime "uncached": prefix and vision caches off, every image and token computed;
+  "cached": the caches are cleared, the demos warmed once (warm-up, not timed), then each timed
+  query has a new query image, so only the query's image and tokens are computed;
+* reference: our PyTorch model under the shared search (flamingo.generate); oracle: the
+  published open_flamingo 2.0.1 `Flamingo.generate` (HF generate, use_cache=True). Neither has a
+  prefix cache; both are timed from raw images (preprocessing + tokenization included, as in
+  the runtime);
+* phases: vision = tokenize + preprocess + image encoder (+ cache lookups; the cached case
+  still preprocesses and hashes every image to find its entries, and encodes only the query's,
+  so its per-image figure is per *encoded* image), prefill = up to the first token's logits,
+  decode = the other new_tokens - 1 steps; medians over `repeats` timed runs after `warmup`
+  runs per case; cases run round-robin per repeat so background load hits every backend
+  alike; torch threads = onnxruntime intra-op threads;
+* memory: the estimated peak RSS had the backend run alone (the process holds all backends
+  at once): RSS at bench start (+ the torch/transformers imports for the baselines) + the
+  backend's load (RSS growth while loading it) + what its earlier runs left held (allocator
+  arenas, the runtime's caches) + the run's working memory (Linux high-water mark, reset at
+  the run's start, minus RSS at its start); max over the timed runs;
+* a loaded machine distorts multi-threaded timings most (an OpenMP barrier waits for a thread
+  the scheduler parked): the report records the load average at start and end and flags
+  `oversubscribed` when load + threads exceed the CPUs;
+* ratios are runtime / baseline, the median of the per-repeat ratios (repeat r of both ran back
+  to back, so pairing cancels slow swings of the machine's load): below 1 is faster for times
+  and smaller for memory, above 1 is faster for tokens_per_s.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+DEFAULT_SHOTS = (0, 4, 8, 16)
+CAPTIONS = (
+    "a red circle on a white background",
+    "two blue squares",
+    "a cat sitting on a mat",
+    "a dog runs in the park with a ball",
+    "a small yellow star",
+    "a bird on a branch",
+    "a car parked near a tree",
+    "a boat on the water",
+)
+# metrics compared between backends (ratio = runtime / baseline)
+RATIO_METRICS = (
+    "vision_ms_per_image",
+    "prefill_ms",
+    "ttft_ms",
+    "decode_ms_per_token",
+    "total_ms",
+    "tokens_per_s",
+    "peak_rss_bytes",
+)
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BenchOptions:
+    """What to measure; defaults are the issue's prompt sizes."""
+
+    shots: tuple[int, ...] = DEFAULT_SHOTS
+    new_tokens: int = 16
+    repeats: int = 3
+    warmup: int = 1
+    threads: int | None = None  # None: the CPUs this process may use
+    image_size: int = 256  # synthetic image side before preprocessing
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.shots or any(k < 0 for k in self.shots):
+            raise ValueError(f"shots must be non-negative integers, got {list(self.shots)}")
+        if self.new_tokens < 2:
+            raise ValueError("new_tokens must be >= 2 (one prefill token + decode steps)")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError("repeats must be >= 1 and warmup >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
+        if self.image_size < 8:
+            raise ValueError("image_size must be >= 8")
+
+    def resolved_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
+
+
+@dataclass
+class ModelFiles:
+    """The files the export came from, for the PyTorch baselines.
+
+    `oracle_vision_dir`: the vision tower as an HF CLIP directory (the published package needs
+    one); default: `vision_path` if it is a directory, else `vision_hf/` beside the file.
+    """
+
+    lm_dir: Path
+    vision_path: Path
+    checkpoint_path: Path
+    cross_attn_every_n_layers: int | None = None
+    oracle_vision_dir: Path | None = None
+
+    def resolve_oracle_vision(self) -> Path:
+        candidates = [self.oracle_vision_dir] if self.oracle_vision_dir else []
+        vision = Path(self.vision_path)
+        candidates += [vision] if vision.is_dir() else [vision.parent / "vision_hf"]
+        for path in candidates:
+            if path is not None and (Path(path) / "config.json").is_file():
+                return Path(path)
+        raise ValueError(
+            f"the open_flamingo baseline needs the vision tower as an HF CLIP directory; "
+            f"none at {[str(c) for c in candidates]} (give --oracle-vision DIR)"
+        )
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+class RssMeter:
+    """Resident memory of this process from /proc (Linux); zeros elsewhere."""
+
+    def __init__(self) -> None:
+        self.resettable = True
+
+    @staticmethod
+    def _status(key: str) -> int:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def current(self) -> int:
+        return self._status("VmRSS")
+
+    def peak(self) -> int:
+        return self._status("VmHWM")
+
+    def reset_peak(self) -> None:
+        """Set the high-water mark to the current RSS (so a run's own peak can be read)."""
+        if not self.resettable:
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.resettable = False  # then peaks are the process's running maximum
+
+
+# ------------------------------------------------------------------------------------ backends
+
+
+@dataclass
+class Sample:
+    """One timed generation."""
+
+    vision_ms: float
+    prefill_ms: float
+    decode_ms: float
+    total_ms: float
+    new_tokens: int
+    prompt_tokens: int
+    images: int
+    images_encoded: int
+    cached_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    work_rss_bytes: int = 0  # high-water mark during the run minus RSS at its start
+    peak_rss_bytes: int = 0  # estimated peak had the backend run alone (module docstring)
+
+
+class RuntimeBackend:
+    """The export under onnxruntime (FlamingoPipeline), with its caches on or off per call."""
+
+    name = "runtime"
+
+    def __init__(self, export_dir: Path, threads: int, new_tokens: int) -> None:
+        from runtime.pipeline import FlamingoPipeline
+
+        self.pipe = FlamingoPipeline(export_dir, threads=threads)
+        self.config = self.pipe.default_config(max_new_tokens=new_tokens, eos_token_ids=())
+        self.media_token_id = self.pipe.engine.media_token_id
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.pipe.tokenizer.encode(prompt).ids
+
+    def run(self, prompt: str, images: Sequence[np.ndarray], cached: bool) -> Sample:
+        self.pipe.use_prefix_cache = cached
+        self.pipe.use_vision_cache = cached
+        out = self.pipe.generate(prompt, images, self.config)
+        t = out.timings_ms
+        cached_tokens = out.stats["cached_tokens"]
+        ids = self.encode(prompt)
+        reused_images = sum(1 for i in ids[:cached_tokens] if i == self.media_token_id)
+        return Sample(
+            vision_ms=t["vision"],
+            prefill_ms=t["prefill"],
+            decode_ms=t["decode"],
+            total_ms=t["total"],
+            new_tokens=len(out.token_ids),
+            prompt_tokens=out.stats["prompt_tokens"],
+            images=len(images),
+            images_encoded=len(images) - reused_images,
+            cached_tokens=cached_tokens,
+            token_ids=list(out.token_ids),
+        )
+
+
+class _TimedStep:
+    """StepModel wrapper recording when the first step (the prefill) returns."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.prefill_end: float | None = None
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        logits = self.inner.step(input_ids, attention_mask)
+        if self.prefill_end is None:
+            self.prefill_end = time.perf_counter()
+        return logits
+
+    def reorder_cache(self, index: np.ndarray) -> None:
+        self.inner.reorder_cache(index)
+
+
+class ReferenceBackend:
+    """Our PyTorch reference: flamingo.model under the shared numpy search (flamingo.generate)."""
+
+    name = "reference"
+
+    def __init__(self, model: Any, runtime: RuntimeBackend, new_tokens: int) -> None:
+        from runtime.generation import GenerationConfig
+
+        self.model = model
+        self.runtime = runtime  # tokenizer and preprocessing of the export (same ids, pixels)
+        self.config = GenerationConfig(
+            max_new_tokens=new_tokens, eos_token_ids=(), pad_token_id=model.cfg.pad_token_id
+        )
+
+    def run(self, prompt: str, images: Sequence[np.ndarray], cached: bool) -> Sample:
+        import torch
+
+        from flamingo.generate import TorchStepModel
+        from runtime.generation import generate as search
+        from runtime.images import preprocess
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            ids = np.array([self.runtime.encode(prompt)], dtype=np.int64)
+            pixels = preprocess(images, self.runtime.pipe.preprocess_config)
+            vision_x = torch.from_numpy(pixels)[None, :, None]
+            step = _TimedStep(TorchStepModel(self.model, vision_x, np.array([len(images)])))
+            vision_end = time.perf_counter()
+            result = search(step, ids, np.ones_like(ids), self.config)
+        end = time.perf_counter()
+        prefill_end = step.prefill_end or end
+        return Sample(
+            vision_ms=(vision_end - start) * 1e3,
+            prefill_ms=(prefill_end - vision_end) * 1e3,
+            decode_ms=(end - prefill_end) * 1e3,
+            total_ms=(end - start) * 1e3,
+            new_tokens=len(result.sequences[0]),
+            prompt_tokens=ids.shape[1],
+            images=len(images),
+            images_encoded=len(images),
+            token_ids=list(result.sequences[0]),
+        )
+
+
+class OracleBackend:
+    """The published open_flamingo `Flamingo.generate` (HF generate, greedy, use_cache=True)."""
+
+    name = "oracle"
+
+    def __init__(self, model: Any, pad_token_id: int, runtime: RuntimeBackend, n: int) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.runtime = runtime
+        self.new_tokens = n
+        self._marks: list[float] = []
+        lm = model.lang_encoder
+        lm.register_forward_pre_hook(lambda *_: self._marks.append(time.perf_counter()))
+        lm.register_forward_hook(lambda *_: self._marks.append(time.perf_counter()))
+
+    def run(self, prompt: str, images: Sequence[np.ndarray], cached: bool) -> Sample:
+        import torch
+
+        from runtime.images import preprocess
+
+        self._marks.clear()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            ids = torch.tensor([self.runtime.encode(prompt)], dtype=torch.int64)
+            pixels = preprocess(images, self.runtime.pipe.preprocess_config)
+            vision_x = torch.from_numpy(pixels)[None, :, None]
+            out = self.model.generate(
+                vision_x,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=self.new_tokens,
+                min_new_tokens=self.new_tokens,
+                eos_token_id=None,  # the stop token is disabled for timing
+                pad_token_id=self.pad_token_id,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+            )
+        end = time.perf_counter()
+        # marks: [LM forward start, end] per step; before the first: vision (+ HF setup)
+        vision_end = self._marks[0] if self._marks else end
+        prefill_end = self._marks[1] if len(self._marks) > 1 else end
+        new = out[0, ids.shape[1] :].tolist()
+        return Sample(
+            vision_ms=(vision_end - start) * 1e3,
+            prefill_ms=(prefill_end - vision_end) * 1e3,
+            decode_ms=(end - prefill_end) * 1e3,
+            total_ms=(end - start) * 1e3,
+            new_tokens=len(new),
+            prompt_tokens=ids.shape[1],
+            images=len(images),
+            images_encoded=len(images),
+            token_ids=new,
+        )
+
+
+@contextmanager
+def _quiet(hf: bool) -> Any:
+    """HF generate warns on every call about flags it ignores; keep the output readable.
+
+    transformers is touched only when a baseline needs it (the runtime-only bench never
+    imports it, so its memory numbers stay those of the torch-free runtime).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not hf:
+            yield
+            return
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def _per_run(samples: list[Sample]) -> dict[str, list[float]]:
+    """Derived metrics of each run (decode per token over the new_tokens - 1 decode steps)."""
+    return {
+        "vision_ms": [s.vision_ms for s in samples],
+        "vision_ms_per_image": [s.vision_ms / max(1, s.images_encoded) for s in samples],
+        "prefill_ms": [s.prefill_ms for s in samples],
+        "ttft_ms": [s.vision_ms + s.prefill_ms for s in samples],
+        "decode_ms": [s.decode_ms for s in samples],
+        "decode_ms_per_token": [s.decode_ms / max(1, s.new_tokens - 1) for s in samples],
+        "total_ms": [s.total_ms for s in samples],
+        "tokens_per_s": [s.new_tokens / s.total_ms * 1e3 for s in samples],
+        "peak_rss_bytes": [float(s.peak_rss_bytes) for s in samples],
+    }
+
+
+def _metrics(samples: list[Sample]) -> dict[str, Any]:
+    """Medians over the timed runs (memory: the maximum)."""
+    per_run = _per_run(samples)
+    out: dict[str, Any] = {
+        k: round(float(statistics.median(v)), 3)
+        for k, v in per_run.items()
+        if k != "peak_rss_bytes"
+    }
+    last = samples[-1]
+    out.update(
+        new_tokens=last.new_tokens,
+        prompt_tokens=last.prompt_tokens,
+        cached_tokens=last.cached_tokens,
+        images=last.images,
+        images_encoded=last.images_encoded,
+        work_rss_bytes=max(s.work_rss_bytes for s in samples),
+        peak_rss_bytes=max(s.peak_rss_bytes for s in samples),
+        total_ms_runs=[round(v, 2) for v in per_run["total_ms"]],
+    )
+    return out
+
+
+def _ratios(runtime: list[Sample], baseline: list[Sample]) -> dict[str, float | None]:
+    """runtime / baseline per metric: the median of the per-repeat ratios.
+
+    Repeat r of both ran back to back, so pairing them cancels the slow swings of a shared
+    machine's load that a ratio of medians would keep. Memory: ratio of the peaks.
+    """
+    ours, theirs = _per_run(runtime), _per_run(baseline)
+    out: dict[str, float | None] = {}
+    for k in RATIO_METRICS:
+        if k == "peak_rss_bytes":
+            a, b = max(ours[k]), max(theirs[k])
+            out[k] = round(a / b, 4) if b else None
+            continue
+        pairs = [x / y for x, y in zip(ours[k], theirs[k]) if y]
+        out[k] = round(float(statistics.median(pairs)), 4) if pairs else None
+    return out
+
+
+def _images(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _prompt(k: int) -> str:
+    from runtime.prompts import Demonstration, build_few_shot_prompt
+
+    demos = [Demonstration(image=i, text=CAPTIONS[i % len(CAPTIONS)]) for i in range(k)]
+    prompt, _ = build_few_shot_prompt(demos, task="caption", query_image="query")
+    return prompt
+
+
+def _model_info(backend: RuntimeBackend) -> dict[str, Any]:
+    manifest = backend.pipe.engine.manifest
+    graphs = {name: entry.file for name, entry in manifest.graphs.items()}
+    root = backend.pipe.engine.root
+    size = sum(
+        f.stat().st_size for f in root.iterdir() if f.name.startswith(tuple(graphs.values()))
+    )
+    return {
+        "dims": backend.pipe.engine.dims.to_dict(),
+        "precision": {name: entry.precision for name, entry in manifest.graphs.items()},
+        "graph_bytes": size,
+    }
+
+
+def run_bench(
+    export_dir: str | Path,
+    options: BenchOptions | None = None,
+    files: ModelFiles | None = None,
+    oracle: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Benchmark an export (and, given its source files, the PyTorch baselines); JSON-ready."""
+    options = options or BenchOptions()
+    options.validate()
+    if oracle and files is None:
+        raise ValueError("the open_flamingo baseline needs the model files (--lm, --vision, ...)")
+    say = progress or (lambda _message: None)
+    threads = options.resolved_threads()
+    meter = RssMeter()
+    load_start = os.getloadavg()
+    rss_start = meter.current()
+
+    def loaded(build: Callable[[], Any]) -> tuple[Any, int]:
+        before = meter.current()
+        obj = build()
+        gc.collect()
+        return obj, max(0, meter.current() - before)
+
+    say(f"loading the export ({threads} threads)")
+    runtime, runtime_rss = loaded(
+        lambda: RuntimeBackend(Path(export_dir), threads, options.new_tokens)
+    )
+    model_rss = {"runtime": runtime_rss}
+    baselines: dict[str, Any] = {}
+    versions = {"onnxruntime": _version("onnxruntime"), "numpy": np.__version__}
+    framework_rss = 0  # torch + transformers: the baselines need them, the runtime does not
+    if files is not None:
+        (torch, load_flamingo), framework_rss = loaded(_import_frameworks)
+        torch.set_num_threads(threads)
+        versions.update(torch=torch.__version__, transformers=_version("transformers"))
+        say("loading the PyTorch reference")
+        (model, _, _), model_rss["reference"] = loaded(
+            lambda: load_flamingo(
+                files.lm_dir,
+                files.vision_path,
+                files.checkpoint_path,
+                cross_attn_every_n_layers=files.cross_attn_every_n_layers,
+            )
+        )
+        baselines["reference"] = ReferenceBackend(model, runtime, options.new_tokens)
+        if oracle:
+            from flamingo.tiny import load_open_flamingo
+
+            say("loading the published open_flamingo model")
+            with _quiet(hf=True):
+                (of_model, of_tok), model_rss["oracle"] = loaded(
+                    lambda: load_open_flamingo(
+                        files.lm_dir,
+                        files.resolve_oracle_vision(),
+                        files.checkpoint_path,
+                        model.cfg.cross_attn.every_n_layers,
+                    )
+                )
+            baselines["oracle"] = OracleBackend(
+                of_model, of_tok.pad_token_id, runtime, options.new_tokens
+            )
+            versions["open_flamingo"] = _version("open-flamingo")
+
+    # case name -> (backend, cached flag)
+    cases: dict[str, tuple[Any, bool]] = {
+        "runtime_uncached": (runtime, False),
+        "runtime_cached": (runtime, True),
+    }
+    cases.update({name: (b, False) for name, b in baselines.items()})
+    rng = np.random.default_rng(options.seed)
+    # RSS a backend holds beyond its load: allocator arenas, caches (grown by its runs)
+    base = {"runtime": rss_start, **{name: rss_start + framework_rss for name in baselines}}
+    held = dict.fromkeys(base, 0)
+
+    def measured(name: str, prompt: str, images: list[np.ndarray]) -> Sample:
+        backend, cached = cases[name]
+        key = name.split("_")[0]
+        gc.collect()
+        before = meter.current()
+        meter.reset_peak()
+        sample = backend.run(prompt, images, cached)
+        work = max(0, meter.peak() - before)
+        sample.work_rss_bytes = work
+        sample.peak_rss_bytes = base[key] + model_rss[key] + held[key] + work
+        held[key] = max(0, held[key] + meter.current() - before)
+        return sample
+
+    results = []
+    with _quiet(hf=bool(baselines)):
+        for k in options.shots:
+            demos = _images(rng, k, options.image_size)
+            prompt = _prompt(k)
+            runtime.pipe.clear_caches()  # the cached case starts cold; its warm-up warms it
+            for w in range(max(1, options.warmup)):  # the cached case is warmed even if 0
+                query = _images(rng, 1, options.image_size)
+                for name, (_, cached) in cases.items():
+                    if w < options.warmup or cached:
+                        say(f"{k}-shot warm-up: {name}")
+                        measured(name, prompt, [*demos, *query])
+            samples: dict[str, list[Sample]] = {name: [] for name in cases}
+            for r in range(options.repeats):
+                query = _images(rng, 1, options.image_size)  # a new query image every repeat
+                for name in cases:
+                    say(f"{k}-shot repeat {r + 1}/{options.repeats}: {name}")
+                    samples[name].append(measured(name, prompt, [*demos, *query]))
+            results.append(_shot_result(k, samples))
+    summary = _summary(results)
+    return {
+        "export": str(export_dir),
+        "model": _model_info(runtime),
+        "settings": {
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
+            "threads": threads,
+            "search": "greedy, stop token disabled",
+            "template": "caption: <image>Output:{caption}<|endofchunk|> ... <image>Output:",
+            "backends": list(cases),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "load_avg_start": [round(v, 2) for v in load_start],
+            "load_avg_end": [round(v, 2) for v in os.getloadavg()],
+            "oversubscribed": load_start[0] + threads > (os.cpu_count() or 1),
+            "versions": versions,
+        },
+        "memory": {
+            "rss_start_bytes": rss_start,
+            "framework_rss_bytes": framework_rss,
+            "model_rss_bytes": model_rss,
+            "held_rss_bytes": held,
+            "process_peak_rss_bytes": _ru_maxrss(),
+            "per_run_peaks": meter.resettable,
+        },
+        "results": results,
+        "summary": summary,
+    }
+
+
+def _shot_result(k: int, samples: dict[str, list[Sample]]) -> dict[str, Any]:
+    cases = {name: _metrics(runs) for name, runs in samples.items()}
+    reference_ids = samples["runtime_uncached"][0].token_ids
+    same = {name: runs[0].token_ids == reference_ids for name, runs in samples.items()}
+    ratios = {
+        baseline: {
+            mode: _ratios(samples[f"runtime_{mode}"], samples[baseline])
+            for mode in ("uncached", "cached")
+        }
+        for baseline in cases
+        if not baseline.startswith("runtime")
+    }
+    first = samples["runtime_uncached"][0]
+    return {
+        "shots": k,
+        "images": first.images,
+        "prompt_tokens": first.prompt_tokens,
+        "cases": cases,
+        "ratios": ratios,
+        "same_tokens_as_runtime_uncached": same,
+    }
+
+
+def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets as numbers (reported, never asserted)."""
+    by_shots = {r["shots"]: r for r in results}
+    out: dict[str, Any] = {}
+    zero = by_shots.get(0)
+    if zero is not None:
+        base = zero["cases"]["runtime_uncached"]
+        out["cached_query_vs_0shot_total"] = {
+            str(k): round(r["cases"]["runtime_cached"]["total_ms"] / base["total_ms"], 4)
+            for k, r in by_shots.items()
+        }
+        out["cached_query_vs_0shot_ttft"] = {
+            str(k): round(r["cases"]["runtime_cached"]["ttft_ms"] / base["ttft_ms"], 4)
+            for k, r in by_shots.items()
+        }
+    for baseline in ("reference", "oracle"):
+        speedups = {
+            str(k): {
+                mode: _inverse(ratios["total_ms"]) for mode, ratios in r["ratios"][baseline].items()
+            }
+            for k, r in by_shots.items()
+            if baseline in r["ratios"]
+        }
+        if speedups:
+            out[f"speedup_vs_{baseline}_end_to_end"] = speedups
+    return out
+
+
+def _import_frameworks() -> tuple[Any, Callable[..., Any]]:
+    """torch, transformers' model classes and our loaders (their RSS is the baselines' cost)."""
+    import torch
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection  # noqa: F401
+
+    from flamingo.loaders import load_flamingo
+
+    return torch, load_flamingo
+
+
+def _inverse(ratio: float | None) -> float | None:
+    return round(1 / ratio, 4) if ratio else None
+
+
+def _ru_maxrss() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:  # pragma: no cover - not POSIX
+        return 0
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+# ------------------------------------------------------------------------------------ report
+
+CASE_LABELS = {
+    "runtime_uncached": "runtime",
+    "runtime_cached": "runtime, prefix cached",
+    "reference": "PyTorch reference",
+    "oracle": "open_flamingo generate",
+}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Markdown: one row per (shots, backend), then the runtime/baseline ratios."""
+    s = report["settings"]
+    lines = [
+        f"{s['new_tokens']} new tokens (greedy, stop token off), {s['threads']} threads, "
+        f"median of {s['repeats']} (warm-up excluded); load average "
+        f"{report['machine']['load_avg_start'][0]} at start, "
+        f"{report['machine']['load_avg_end'][0]} at end"
+        + (
+            " (oversubscribed: load + threads > CPUs)"
+            if report["machine"]["oversubscribed"]
+            else ""
+        ),
+        "",
+        "| shots | backend | prompt tok (cached) | vision ms/img | prefill ms | decode ms/tok "
+        "| TTFT ms | total ms | tok/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        for name, m in r["cases"].items():
+            cached = f" ({m['cached_tokens']})" if m["cached_tokens"] else ""
+            lines.append(
+                f"| {r['shots']} | {CASE_LABELS.get(name, name)} | {m['prompt_tokens']}{cached} "
+                f"| {m['vision_ms_per_image']:.1f} | {m['prefill_ms']:.1f} "
+                f"| {m['decode_ms_per_token']:.1f} | {m['ttft_ms']:.1f} | {m['total_ms']:.1f} "
+                f"| {m['tokens_per_s']:.2f} | {_mb(m['peak_rss_bytes'])} |"
+            )
+    lines += [
+        "",
+        "Prefix-cached rows: demos warmed once, each query a new image; vision ms/img is per "
+        "encoded image (the query's), though every image is still preprocessed and hashed. "
+        "Peak RSS: estimated for the backend alone (see exporter/bench.py).",
+    ]
+    has_baselines = any(r["ratios"] for r in report["results"])
+    if has_baselines:
+        lines += [
+            "",
+            "Runtime / baseline, median of per-repeat ratios (times and RSS: < 1 is better; "
+            "tok/s: > 1 is better):",
+            "",
+            "| shots | runtime | vs | vision/img | prefill | decode/tok | TTFT | total "
+            "| tok/s | peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in report["results"]:
+            for baseline, modes in r["ratios"].items():
+                for mode, ratio in modes.items():
+                    cells = " | ".join(
+                        "-" if ratio[k] is None else f"{ratio[k]:.2f}" for k in RATIO_METRICS
+                    )
+                    lines.append(f"| {r['shots']} | {mode} | {CASE_LABELS[baseline]} | {cells} |")
+    summary = report["summary"]
+    if "cached_query_vs_0shot_total" in summary:
+        parts = ", ".join(
+            f"{k}-shot {v:.2f}x" for k, v in summary["cached_query_vs_0shot_total"].items()
+        )
+        lines += ["", f"Prefix-cached query total / 0-shot total: {parts}"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def _parse_shots(_ctx: Any, _param: Any, value: str) -> tuple[int, ...]:
+    try:
+        shots = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not shots or any(k < 0 for k in shots):
+        raise click.BadParameter(f"expected non-negative integers, got {value!r}")
+    return shots
+
+
+@click.command("bench")
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--shots",
+    default="0,4,8,16",
+    show_default=True,
+    callback=_parse_shots,
+    help="Demonstrations per prompt, comma-separated.",
+)
+@click.option("--new-tokens", type=int, default=16, show_default=True, help="Greedy, no stop.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs (median).")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs per case.")
+@click.option(
+    "--threads", type=int, default=None, help="onnxruntime = torch threads (default: all CPUs)."
+)
+@click.option(
+    "--reference",
+    is_flag=True,
+    help="Compare with our PyTorch reference (implied by --lm/--vision/--checkpoint).",
+)
+@click.option(
+    "--oracle", is_flag=True, help="Also compare with the published open_flamingo generate."
+)
+@click.option("--lm", "lm_dir", type=click.Path(exists=True, path_type=Path), default=None)
+@click.option("--vision", "vision_path", type=click.Path(exists=True, path_type=Path))
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True, path_type=Path))
+@click.option("--cross-attn-every-n-layers", type=int, default=None)
+@click.option(
+    "--oracle-vision",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="HF CLIP vision directory for --oracle (default: --vision or vision_hf/ beside it).",
+)
+@click.option("--json", "as_json", is_flag=True, help="The full report as JSON.")
+def bench(
+    export_dir: Path,
+    shots: tuple[int, ...],
+    new_tokens: int,
+    repeats: int,
+    warmup: int,
+    threads: int | None,
+    reference: bool,
+    oracle: bool,
+    lm_dir: Path | None,
+    vision_path: Path | None,
+    checkpoint_path: Path | None,
+    cross_attn_every_n_layers: int | None,
+    oracle_vision: Path | None,
+    as_json: bool,
+) -> None:
+    """Latency, tokens/s and memory of EXPORT_DIR on 0-16-shot caption prompts, with and without
+    the prefix cache; with the model files, side by side with the PyTorch reference."""
+    given = [p is not None for p in (lm_dir, vision_path, checkpoint_path)]
+    files = None
+    if reference or oracle or any(given):
+        if not all(given):
+            raise click.UsageError("--reference/--oracle need --lm, --vision and --checkpoint")
+        files = ModelFiles(
+            lm_dir,  # type: ignore[arg-type]
+            vision_path,  # type: ignore[arg-type]
+            checkpoint_path,  # type: ignore[arg-type]
+            cross_attn_every_n_layers,
+            oracle_vision,
+        )
+    options = BenchOptions(
+        shots=shots, new_tokens=new_tokens, repeats=repeats, warmup=warmup, threads=threads
+    )
+
+    def progress(message: str) -> None:
+        click.echo(f"[bench] {message}", err=True)
+
+    try:
+        report = run_bench(export_dir, options, files, oracle, progress)
+    except ValueError as e:  # bad options, manifest/loader errors (LoadError is a ValueError)
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_table(report))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(bench())

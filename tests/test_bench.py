@@ -1,0 +1,106 @@
+"""`flamingo-export bench` on the tiny export: the report's structure and its ratios.
+
+Timing values are never asserted (shared CI machines); only that every number is there, finite
+and consistent, and that all backends decoded the same fixed number of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+import pytest
+from click.testing import CliRunner
+
+from exporter.bench import RATIO_METRICS, BenchOptions, ModelFiles, format_table, run_bench
+from exporter.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+CASES = ("runtime_uncached", "runtime_cached", "reference", "oracle")
+TIME_METRICS = ("vision_ms_per_image", "prefill_ms", "decode_ms_per_token", "total_ms")
+
+
+@pytest.fixture(scope="module")
+def report(tiny_paths: Callable, tiny_export: Callable) -> dict:
+    paths = tiny_paths("llama")
+    files = ModelFiles(paths.lm_dir, paths.vision_path, paths.checkpoint_path)
+    options = BenchOptions(shots=(0, 4), new_tokens=4, repeats=1, warmup=1, threads=1)
+    return run_bench(tiny_export("llama"), options, files, oracle=True)
+
+
+def test_report_structure(report: dict) -> None:
+    json.dumps(report)  # JSON-ready
+    assert [r["shots"] for r in report["results"]] == [0, 4]
+    assert report["settings"]["threads"] == 1
+    assert set(report["memory"]["model_rss_bytes"]) == {"runtime", "reference", "oracle"}
+    for r in report["results"]:
+        assert r["images"] == r["shots"] + 1
+        assert set(r["cases"]) == set(CASES)
+        for name, m in r["cases"].items():
+            assert m["new_tokens"] == 4, name  # the stop token is off: a fixed count
+            assert m["prompt_tokens"] == r["prompt_tokens"]
+            assert len(m["total_ms_runs"]) == 1
+            for key in (*TIME_METRICS, "tokens_per_s", "ttft_ms"):
+                assert math.isfinite(m[key]) and m[key] > 0, (name, key)
+            assert m["peak_rss_bytes"] > 0
+        # all backends decoded the same greedy tokens as the runtime
+        assert all(r["same_tokens_as_runtime_uncached"].values())
+    four = report["results"][1]["cases"]
+    assert four["runtime_cached"]["cached_tokens"] > 0  # the demos came from the prefix cache
+    assert four["runtime_cached"]["images_encoded"] == 1
+    assert four["runtime_uncached"]["cached_tokens"] == 0
+    assert four["runtime_uncached"]["images_encoded"] == 5
+
+
+def test_ratios_are_runtime_over_baseline(report: dict) -> None:
+    for r in report["results"]:
+        assert set(r["ratios"]) == {"reference", "oracle"}
+        for baseline, modes in r["ratios"].items():
+            assert set(modes) == {"uncached", "cached"}
+            for mode, ratios in modes.items():
+                assert set(ratios) == set(RATIO_METRICS)
+                runtime, base = r["cases"][f"runtime_{mode}"], r["cases"][baseline]
+                for key in RATIO_METRICS:  # one repeat: the median of paired ratios is the ratio
+                    want = runtime[key] / base[key]  # of values rounded to 1 µs
+                    assert ratios[key] == pytest.approx(want, rel=0.02, abs=1e-3)
+    summary = report["summary"]
+    assert set(summary["cached_query_vs_0shot_total"]) == {"0", "4"}
+    assert set(summary["speedup_vs_oracle_end_to_end"]["4"]) == {"uncached", "cached"}
+    table = format_table(report)
+    assert "open_flamingo generate" in table and "| 4 | cached |" in table
+
+
+def test_cli_bench_runtime_only(tiny_export: Callable) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(tiny_export("llama")),
+            "--shots",
+            "0,1",
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [r["shots"] for r in out["results"]] == [0, 1]
+    assert all(r["ratios"] == {} for r in out["results"])
+    assert set(out["results"][1]["cases"]) == {"runtime_uncached", "runtime_cached"}
+
+
+def test_cli_bench_option_errors(tiny_export: Callable) -> None:
+    export = str(tiny_export("llama"))
+    bad = CliRunner().invoke(main, ["bench", export, "--shots", "0,x"])
+    assert bad.exit_code != 0 and "comma-separated integers" in bad.output
+    missing = CliRunner().invoke(main, ["bench", export, "--reference"])
+    assert missing.exit_code != 0 and "--lm, --vision and --checkpoint" in missing.output
