@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from exporter.cli_quant import export_precision_options
+
 MODEL_OPTIONS = [
     click.option("--lm", "lm_dir", required=True, type=click.Path(path_type=Path),
                  help="HF language model directory (config.json, weights, tokenizer)."),
@@ -137,6 +139,7 @@ def inspect(as_json: bool, **kw: Any) -> None:
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+@export_precision_options  # --precision fp16|int8|int4 and the quantize options
 def export(
     output: Path,
     opset: int,
@@ -147,15 +150,17 @@ def export(
     **kw: Any,
 ) -> None:
     """Write OUT/vision.onnx, OUT/decoder.onnx, the tokenizer and manifest.json."""
-    from exporter.export import ExportError, ExportOptions, export_model
+    from exporter.cli_quant import export_and_quantize, make_options
+    from exporter.export import ExportError, ExportOptions
 
     options = ExportOptions(
         opset=opset, max_images=max_images, max_seq_len=max_seq_len, force=force
     )
     try:
         options.validate()  # before the (slow) model load
+        make_options(kw, force)  # bad quantization options fail before the model load
         model, tok, _ = load_model(**kw)
-        manifest = export_model(model, tok, output, options)
+        manifest = export_and_quantize(model, tok, output, options, kw)
     except ExportError as e:
         raise click.ClickException(str(e)) from e
     summary = {
@@ -317,6 +322,9 @@ from exporter.cli_trt import register  # noqa: E402  check, plan, build, trt-run
 
 register(main)
 
+from exporter.cli_quant import register as register_quant  # noqa: E402  quantize, parity, sensitivity
+
+register_quant(main)
 main.add_command(__import__("exporter.bench", fromlist=["bench"]).bench)  # bench
 
 if __name__ == "__main__":

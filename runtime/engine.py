@@ -97,7 +97,8 @@ class OnnxFlamingo:
             for name in cross_attn_names(j):
                 per_image = features[name]  # (N, H, L, Dh)
                 _, h, _, dh = per_image.shape
-                buf = np.zeros((len(rows), h, most * latents, dh), dtype=per_image.dtype)
+                # the decoder's dtype: the vision graph may run at another precision
+                buf = np.zeros((len(rows), h, most * latents, dh), dtype=self.float_dtype)
                 for b, images in enumerate(rows):
                     for slot, i in enumerate(images):
                         buf[b, :, slot * latents : (slot + 1) * latents] = per_image[i]

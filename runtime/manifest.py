@@ -78,9 +78,12 @@ class Manifest:
     tokenizer_files: list[str]
     tools: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    # quantized exports: per-graph method/settings/backends, calibration, source export
+    quantization: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"quantization": self.quantization} if self.quantization else {}
         return {
             "schema_version": self.schema_version,
             "model": self.model,
@@ -91,6 +94,7 @@ class Manifest:
             "tokenizer_files": self.tokenizer_files,
             "tools": self.tools,
             "files": self.files,
+            **extra,
         }
 
     @classmethod
@@ -115,6 +119,7 @@ class Manifest:
                 tokenizer_files=d["tokenizer_files"],
                 tools=d.get("tools", {}),
                 files=d["files"],
+                quantization=d.get("quantization", {}),
             )
         except (KeyError, TypeError) as e:
             raise ManifestError(f"{where}: invalid manifest ({type(e).__name__}: {e})") from e

@@ -1,0 +1,109 @@
+"""`flamingo-export parity`: numbers as JSON and Markdown, exit status from the thresholds, the
+PyTorch model as reference, and usage errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from exporter.cli import main
+from exporter.parity import ErrorStats, ParityError, gate, parse_thresholds
+from exporter.quantize import QuantizeOptions, quantize_export
+
+QUICK = ["--episodes", "3", "--decode-steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def fp16_export(tiny_export: Callable, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("parity-fp16") / "out"
+    quantize_export(tiny_export("mpt"), out, QuantizeOptions("fp16", "fp16"))
+    return out
+
+
+def _json(output: str) -> dict:
+    return json.loads(output[output.index("{") :])
+
+
+def test_parity_json_report_and_gate(
+    tiny_export: Callable, fp16_export: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    ref = str(tiny_export("mpt"))
+    report = tmp_path / "report.md"
+    result = runner.invoke(
+        main, ["parity", ref, str(fp16_export), *QUICK, "--json", "--report", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    data = _json(result.stdout)
+    assert data["precisions"] == {"vision": "fp16", "decoder": "fp16"}
+    m = data["metrics"]
+    assert set(m["vision"]) >= {"image_latents", "cross_attn.1.key"}
+    assert m["decoder"]["top1"] >= 0.995 and m["decoder"]["cosine"] > 0.9999
+    assert 0.0 <= m["pipeline"]["greedy_exact_match"] <= 1.0
+    assert data["sizes"]["decoder"]["ratio"] < 0.6 and data["failures"] == []
+    text = report.read_text()
+    assert "| decoder | logits |" in text and "Result: PASS" in text
+    assert "matplotlib" in text or (tmp_path / "report.png").is_file()
+
+    # an unreachable bar: exit status 1, the missed threshold named
+    result = runner.invoke(
+        main, ["parity", ref, str(fp16_export), *QUICK, "--thresholds", "fp16.decoder_cosine=1.5"]
+    )
+    assert result.exit_code == 1
+    assert "decoder_cosine" in result.output and "FAIL" in result.output
+
+
+def test_parity_against_pytorch_reference(tiny_export: Callable, tiny_paths: Callable) -> None:
+    paths = tiny_paths("mpt")
+    result = CliRunner().invoke(
+        main,
+        ["parity", str(tiny_export("mpt")), "--lm", str(paths.lm_dir),
+         "--vision", str(paths.vision_path), "--checkpoint", str(paths.checkpoint_path),
+         *QUICK, "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    m = _json(result.stdout)["metrics"]
+    assert m["decoder"]["max_abs"] < 1e-4 and m["decoder"]["top1"] == 1.0
+    assert m["pipeline"]["greedy_exact_match"] == 1.0
+    assert all(v["max_abs"] < 1e-4 for v in m["vision"].values())
+
+
+def test_parity_usage_errors(tiny_export: Callable, fp16_export: Path) -> None:
+    runner = CliRunner()
+    ref = str(tiny_export("mpt"))
+    result = runner.invoke(main, ["parity", ref])
+    assert result.exit_code == 2 and "give REFERENCE and OUT" in result.output
+    result = runner.invoke(main, ["parity", ref, str(fp16_export), "--lm", ref])
+    assert result.exit_code == 2 and "only OUT" in result.output
+    result = runner.invoke(main, ["parity", ref, "--lm", ref])
+    assert result.exit_code == 2 and "needs --lm, --vision and --checkpoint" in result.output
+    result = runner.invoke(main, ["parity", ref, str(fp16_export), "--thresholds", "top5=1"])
+    assert result.exit_code == 1 and "bad threshold" in result.output
+    result = runner.invoke(main, ["parity", ref, str(fp16_export), "--data", "nowhere"])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_thresholds_and_nan_never_pass() -> None:
+    assert parse_thresholds("top1=0.9,int8.greedy=0.5")["int8"] == {"top1": 0.9, "greedy": 0.5}
+    assert parse_thresholds("top1=0.9")["fp16"] == {"top1": 0.9}
+    with pytest.raises(ParityError, match="not a number"):
+        parse_thresholds("top1=high")
+    with pytest.raises(ParityError, match="bad threshold"):
+        parse_thresholds("int9.top1=1")
+    stats = ErrorStats()
+    stats.add([1.0, 2.0], [float("nan"), 2.0])
+    assert math.isnan(stats.cosine)
+    metrics = {
+        "vision": {"image_latents": {"cosine": float("nan")}},
+        "decoder": {"cosine": 1.0, "top1": 1.0},
+        "pipeline": {"cosine": 1.0, "greedy_exact_match": 1.0},
+    }
+    assert gate(metrics, {"vision_cosine": 0.9, "top1": 0.9}) == ["vision_cosine nan < 0.9"]
+    zeros = ErrorStats()
+    zeros.add([1.0, 2.0], [0.0, 0.0])  # an all-zero output is no match
+    assert zeros.cosine == 0.0
