@@ -380,3 +380,14 @@ def test_graphs_over_the_protobuf_limit_use_external_data(
         image = np.zeros((32, 32, 3), dtype=np.uint8)
         pipe = FlamingoPipeline(out)
         assert pipe.generate("<image>Output:", [image], pipe.default_config(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+def test_quantized_exports_pass_the_tensorrt_10_check(quantized: Callable, precision: str) -> None:
+    """`flamingo-export check` on every precision: what TensorRT 10 (JetPack 6.1+) must parse."""
+    from exporter.trt_rules import check_export
+
+    report = check_export(quantized("mpt", precision), "10")
+    assert report.ok, report.to_dict()
+    if precision == "int4":  # blocked DequantizeLinear exists only from TensorRT 10
+        assert not check_export(quantized("mpt", precision), "8.6").ok
