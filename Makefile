@@ -25,23 +25,20 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# Until the trained demo model ships (issue 6), the main job runs on a tiny random-weight
-# OpenFlamingo-style model written in the real formats: load -> inspect -> export -> run.
+# The main job on the embedded demo model (models/demo, trained by `python -m flamingo.train_demo`):
+# load -> inspect -> export -> run a held-out 4-shot episode with the torch-free runtime.
 DEMO := out/demo
+MODEL := models/demo
+MODEL_FILES := --lm $(MODEL)/lm --vision $(MODEL)/open_clip_model.safetensors \
+	--checkpoint $(MODEL)/checkpoint.safetensors
 demo: $(STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(BIN)/python -m flamingo.tiny $(DEMO)/src --family llama
-	$(BIN)/flamingo-export inspect --lm $(DEMO)/src/lm \
-		--vision $(DEMO)/src/open_clip_model.safetensors --checkpoint $(DEMO)/src/checkpoint.pt
-	$(BIN)/flamingo-export export --lm $(DEMO)/src/lm \
-		--vision $(DEMO)/src/open_clip_model.safetensors --checkpoint $(DEMO)/src/checkpoint.pt \
-		--output $(DEMO)/export
-	$(BIN)/python -c "from PIL import Image; \
-		Image.new('RGB', (64, 48), 'red').save('$(DEMO)/red.png'); \
-		Image.new('RGB', (48, 64), 'blue').save('$(DEMO)/blue.png')"
-	$(BIN)/flamingo-export run $(DEMO)/export --json --max-new-tokens 8 \
-		--prompt '<image>Output:A red square.<|endofchunk|><image>Output:' \
-		--image $(DEMO)/red.png --image $(DEMO)/blue.png
+	$(BIN)/flamingo-export inspect $(MODEL_FILES)
+	$(BIN)/flamingo-export export $(MODEL_FILES) --output $(DEMO)/export
+	$(BIN)/python -m flamingo.demo_task $(DEMO)/episode --shots 4
+	$(BIN)/flamingo-export run $(DEMO)/export --json --max-new-tokens 4 \
+		--demos $(DEMO)/episode/demos.jsonl --image $(DEMO)/episode/query.png
+	$(BIN)/flamingo-export parity $(DEMO)/export $(MODEL_FILES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

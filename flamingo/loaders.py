@@ -28,6 +28,7 @@ from .config import (
     CrossAttentionConfig,
     FlamingoConfig,
     LMConfig,
+    ResamplerConfig,
     VisionConfig,
 )
 from .model import Flamingo
@@ -417,6 +418,35 @@ def infer_cross_attn_every_n(indices: list[int], num_layers: int, path: Path) ->
     )
 
 
+_PERCEIVER_LAYER = re.compile(r"^perceiver\.layers\.(\d+)\.")
+
+
+def resampler_config_from_checkpoint(sd: dict[str, torch.Tensor], path: Path) -> ResamplerConfig:
+    """Depth, latents and ff_mult from the tensors (released models: 6, 64, 4; smaller models
+    such as the trained demo reduce them). Heads stay OpenFlamingo's 8; dim_head = inner / 8."""
+    if "perceiver.latents" not in sd or "perceiver.layers.0.0.to_q.weight" not in sd:
+        raise LoadError(
+            f"{path}: missing resampler tensors (perceiver.latents, perceiver.layers.0.*)"
+        )
+    depth = 1 + max(int(m[1]) for k in sd if (m := _PERCEIVER_LAYER.match(k)))
+    num_latents, dim = sd["perceiver.latents"].shape
+    heads = ResamplerConfig.heads
+    inner = sd["perceiver.layers.0.0.to_q.weight"].shape[0]
+    ff = sd.get("perceiver.layers.0.1.1.weight")
+    if inner % heads or ff is None or ff.shape[0] % dim:
+        raise LoadError(
+            f"{path}: resampler tensors do not fit {heads} heads and an integer ff_mult "
+            f"(to_q {inner} x {dim})"
+        )
+    return ResamplerConfig(
+        depth=depth,
+        heads=heads,
+        dim_head=inner // heads,
+        num_latents=num_latents,
+        ff_mult=ff.shape[0] // dim,
+    )
+
+
 def map_checkpoint_key(key: str, family: str) -> str | None:
     """OpenFlamingo checkpoint name -> our Flamingo name (None = not a Flamingo tensor)."""
     if key.startswith("perceiver."):
@@ -506,6 +536,7 @@ def load_flamingo(
     cfg = FlamingoConfig(
         vision=vision_cfg,
         lm=lm_cfg,
+        resampler=resampler_config_from_checkpoint(ckpt, ckpt_path),
         cross_attn=CrossAttentionConfig(every_n_layers=every_n),
         media_token_id=tok.encode(MEDIA_TOKEN)[-1],
         eoc_token_id=tok.encode(EOC_TOKEN)[-1],

@@ -1,0 +1,280 @@
+"""Synthetic few-shot task of the demo model: which attribute is asked is only known in context.
+
+Every image is a procedural Pillow drawing of 1-4 identical shapes with five attributes::
+
+    colour    red green blue yellow purple
+    shape     circle square triangle cross
+    count     one two three four
+    position  left middle right          (the vertical strip the shapes sit in)
+    size      small large
+
+An episode picks one attribute at random and shows k demonstrations
+``<image>Output:{answer}<|endofchunk|>`` (OpenFlamingo's caption template, demos joined by
+``"\\n"`` as in its evaluate.py) then the query ``<image>Output:``. The prompt never names the
+attribute, so the same image is answered ``red``, ``circle``, ``three``, ``left`` or ``small``
+depending on what the demonstrations answered: with 0 shots the best possible score is about
+1/5 (a model that sees the image perfectly but must guess the attribute). Answer words are
+distinct across attributes, so one demonstration identifies the attribute.
+
+Held out for evaluation: four (colour, shape) pairs never drawn in training (neither for the
+vision tower, nor the language model's captions, nor the Flamingo episodes), and images drawn
+from their own seeded stream. Evaluation queries always show a held-out pair.
+
+Everything is a pure function of a seed (``random.Random`` seeded with strings, which is
+independent of ``PYTHONHASHSEED``), so images and episodes are identical across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image, ImageDraw
+
+from runtime.prompts import Demonstration, build_few_shot_prompt
+
+IMAGE_SIZE = 64
+_SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges, so small shapes stay legible
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (35, 160, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 200, 25),
+    "purple": (140, 50, 175),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+COUNTS = ("one", "two", "three", "four")
+POSITIONS = ("left", "middle", "right")
+SIZES = ("small", "large")
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "count": COUNTS,
+    "position": POSITIONS,
+    "size": SIZES,
+}
+ANSWERS: tuple[str, ...] = tuple(v for values in ATTRIBUTES.values() for v in values)
+# One pair per shape, four different colours: every colour and shape is still seen in training.
+HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
+    {("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square")}
+)
+EVAL_SEED = 1234  # the seed of the documented accuracy table
+_RADIUS = {"small": 4.5, "large": 7.0}  # half-extent in output pixels
+
+Split = Literal["train", "heldout", "any"]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image: its attributes plus the drawing details (jitter) that make it unique."""
+
+    colour: str
+    shape: str
+    count: str
+    position: str
+    size: str
+    rgb: tuple[int, int, int]
+    background: tuple[int, int, int]
+    radius: float
+    centres: tuple[tuple[float, float], ...]
+
+    def answer(self, attribute: str) -> str:
+        if attribute not in ATTRIBUTES:
+            raise ValueError(f"unknown attribute {attribute!r}; expected one of {list(ATTRIBUTES)}")
+        return getattr(self, attribute)
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.colour, self.shape
+
+    def caption(self) -> str:
+        """All five attributes in words: the text side of CLIP training."""
+        noun = self.shape + ("es" if self.shape == "cross" else "s") * (self.count != "one")
+        where = "in the middle" if self.position == "middle" else f"on the {self.position}"
+        return f"{self.count} {self.size} {self.colour} {noun} {where}"
+
+    def render(self) -> Image.Image:
+        """The 64x64 RGB image (what `runtime.images.preprocess` receives, resized 1:1)."""
+        s = _SUPERSAMPLE
+        im = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), self.background)
+        draw = ImageDraw.Draw(im)
+        r = self.radius * s
+        for cx, cy in self.centres:
+            cx, cy = cx * s, cy * s
+            if self.shape == "circle":
+                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=self.rgb)
+            elif self.shape == "square":
+                h = 0.85 * r  # about the circle's area
+                draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=self.rgb)
+            elif self.shape == "triangle":
+                pts = [(cx, cy - r), (cx - 0.95 * r, cy + 0.8 * r), (cx + 0.95 * r, cy + 0.8 * r)]
+                draw.polygon(pts, fill=self.rgb)
+            else:  # cross
+                t = 0.35 * r
+                draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=self.rgb)
+                draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=self.rgb)
+        return im.reduce(s)
+
+
+def _pairs(split: Split) -> list[tuple[str, str]]:
+    every = [(c, s) for c in COLOURS for s in SHAPES]
+    if split == "train":
+        return [p for p in every if p not in HELD_OUT_PAIRS]
+    if split == "heldout":
+        return sorted(HELD_OUT_PAIRS)
+    if split == "any":
+        return every
+    raise ValueError(f"split must be 'train', 'heldout' or 'any', not {split!r}")
+
+
+def sample_scene(rng: random.Random, split: Split = "train", **fixed: str) -> Scene:
+    """A random scene; `split` restricts the (colour, shape) pair (train never sees held-out);
+    `fixed` attributes (e.g. ``shape="circle"``) are taken as given, the rest drawn."""
+    unknown = set(fixed) - set(ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"unknown attributes {sorted(unknown)}; expected {list(ATTRIBUTES)}")
+    pairs = [
+        p
+        for p in _pairs(split)
+        if fixed.get("colour", p[0]) == p[0] and fixed.get("shape", p[1]) == p[1]
+    ]
+    if not pairs:
+        raise ValueError(f"no {split} scene has {fixed}")
+    colour, shape = rng.choice(pairs)
+    count = fixed.get("count") or rng.choice(COUNTS)
+    position = fixed.get("position") or rng.choice(POSITIONS)
+    size = fixed.get("size") or rng.choice(SIZES)
+    n = COUNTS.index(count) + 1
+    radius = _RADIUS[size] + rng.uniform(-0.4, 0.4)
+    strip = IMAGE_SIZE / len(POSITIONS)
+    x_mid = (POSITIONS.index(position) + 0.5) * strip
+    x_room = max(0.0, strip / 2 - radius - 1)
+    slot = IMAGE_SIZE / n  # one vertical slot per shape: never overlapping
+    y_room = max(0.0, slot / 2 - radius - 1)
+    centres = tuple(
+        (x_mid + rng.uniform(-x_room, x_room), (j + 0.5) * slot + rng.uniform(-y_room, y_room))
+        for j in range(n)
+    )
+    base = rng.randint(205, 255)
+    background = tuple(min(255, max(0, base + rng.randint(-15, 15))) for _ in range(3))
+    rgb = tuple(min(255, max(0, c + rng.randint(-30, 30))) for c in COLOURS[colour])
+    return Scene(colour, shape, count, position, size, rgb, background, radius, centres)
+
+
+def sample_variant(
+    rng: random.Random, scene: Scene, split: Split = "train", attribute: str | None = None
+) -> Scene:
+    """A scene that differs from `scene` in exactly one attribute (random unless given),
+    redrawn: the hard negative of contrastive training (colour alone tells most pairs apart)."""
+    while True:
+        changed = attribute or rng.choice(tuple(ATTRIBUTES))
+        value = rng.choice([v for v in ATTRIBUTES[changed] if v != scene.answer(changed)])
+        fixed = {a: scene.answer(a) for a in ATTRIBUTES} | {changed: value}
+        if (fixed["colour"], fixed["shape"]) in _pairs(split):
+            return sample_scene(rng, split, **fixed)
+
+
+@dataclass(frozen=True)
+class Episode:
+    """k demonstrations and a query that all ask the same (unstated) attribute."""
+
+    attribute: str
+    demos: tuple[Scene, ...]
+    query: Scene
+
+    @property
+    def answer(self) -> str:
+        return self.query.answer(self.attribute)
+
+    def truncated(self, shots: int) -> Episode:
+        """The same query with only the first `shots` demonstrations (nested shot settings)."""
+        if not 0 <= shots <= len(self.demos):
+            raise ValueError(f"shots must be in 0..{len(self.demos)}, got {shots}")
+        return Episode(self.attribute, self.demos[:shots], self.query)
+
+    def prompt(self) -> str:
+        """OpenFlamingo caption few-shot prompt, ending at the query's `Output:`."""
+        # the image slots only need to be non-None: images are passed separately (`images`)
+        demos = [
+            Demonstration(image=j, text=s.answer(self.attribute)) for j, s in enumerate(self.demos)
+        ]
+        return build_few_shot_prompt(demos, task="caption")[0]
+
+    def images(self) -> list[Image.Image]:
+        """Demonstration images then the query image, in prompt order."""
+        return [s.render() for s in (*self.demos, self.query)]
+
+
+def sample_episode(
+    rng: random.Random,
+    shots: int,
+    *,
+    demo_split: Split = "train",
+    query_split: Split = "train",
+    attribute: str | None = None,
+) -> Episode:
+    """An episode with a random attribute (uniform over the five) unless one is given."""
+    attribute = attribute or rng.choice(tuple(ATTRIBUTES))
+    demos = tuple(sample_scene(rng, demo_split) for _ in range(shots))
+    return Episode(attribute, demos, sample_scene(rng, query_split))
+
+
+def eval_episodes(n: int, seed: int, shots: int = 8) -> list[Episode]:
+    """The held-out evaluation set: its own seed stream, demos from any pair, held-out queries.
+
+    Episode i is the same for every `shots` (drawn with 8 demonstrations, then truncated), so
+    a shot/accuracy table compares the same queries.
+    """
+    out = []
+    for i in range(n):
+        rng = random.Random(f"flamingo-demo/eval/{seed}/{i}")
+        full = sample_episode(rng, 8, demo_split="any", query_split="heldout")
+        out.append(full.truncated(shots))
+    return out
+
+
+def write_episode(episode: Episode, folder: str | Path) -> Path:
+    """Write an episode as files the `flamingo-export run` command reads: the demonstrations as
+    `demos.jsonl` (`{image, caption}` lines) beside their PNGs, `query.png`, and
+    `episode.json` (attribute, expected answer, the full prompt and its images in order)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    lines = []
+    for i, scene in enumerate(episode.demos):
+        names.append(f"demo_{i}.png")
+        scene.render().save(folder / names[-1])
+        lines.append(json.dumps({"image": names[-1], "caption": scene.answer(episode.attribute)}))
+    episode.query.render().save(folder / "query.png")
+    names.append("query.png")
+    (folder / "demos.jsonl").write_text("".join(line + "\n" for line in lines))
+    meta = {
+        "attribute": episode.attribute,
+        "answer": episode.answer,
+        "prompt": episode.prompt(),
+        "images": names,
+    }
+    (folder / "episode.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m flamingo.demo_task OUT``: write held-out evaluation episode INDEX as files."""
+    parser = argparse.ArgumentParser(prog="python -m flamingo.demo_task", description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="evaluation seed")
+    parser.add_argument("--index", type=int, default=0, help="episode number in that stream")
+    args = parser.parse_args(argv)
+    episode = eval_episodes(args.index + 1, args.seed, args.shots)[args.index]
+    write_episode(episode, args.out)
+    print(f"{args.out}: {args.shots}-shot '{episode.attribute}' episode, answer {episode.answer!r}")
+
+
+if __name__ == "__main__":
+    main()
