@@ -268,10 +268,19 @@ def export_model(
     options = options or ExportOptions()
     options.validate()
     say = progress or (lambda _message: None)
-    out = Path(out)
-    tmp = prepare_output(out, options.force)
+    return write_atomically(
+        Path(out), options.force, lambda tmp: _export_into(model, tokenizer, tmp, options, say), say
+    )
+
+
+def write_atomically(
+    out: Path, force: bool, build: Callable[[Path], Manifest], say: Progress
+) -> Manifest:
+    """Run build(tmp) in a fresh folder beside OUT, then rename it into place; on any error or
+    interruption remove the folder, so no partial OUT is ever left (export and quantize)."""
+    tmp = prepare_output(out, force)
     try:
-        manifest = _export_into(model, tokenizer, tmp, options, say)
+        manifest = build(tmp)
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.export import ONNX_PROTO_LIMIT, ExportError, prepare_output, publish, tool_versions
+from exporter.export import ONNX_PROTO_LIMIT, ExportError, tool_versions, write_atomically
 from exporter.graph_rules import check_graph
 from runtime.manifest import GraphEntry, Manifest, load_manifest, safe_join
 from runtime.spec import GraphSpec
@@ -631,15 +631,9 @@ def quantize_export(
     options.validate()
     src, out = Path(src), Path(out)
     source = _check_source(src, out)
-    tmp = prepare_output(out, options.force)
-    try:
-        manifest = _quantize_into(src, source, tmp, options, say)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    say(f"wrote {out}")
-    return manifest
+    return write_atomically(
+        out, options.force, lambda tmp: _quantize_into(src, source, tmp, options, say), say
+    )
 
 
 def _quantize_into(
