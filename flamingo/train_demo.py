@@ -800,7 +800,21 @@ def run(
     out: Path, cfg: DemoConfig, log: Callable[[str], None] = print, from_stage: str = "lm"
 ) -> dict[str, Any]:
     """Train every stage into `out` (stages before `from_stage` are read from `out`); returns
-    and writes to demo.json what happened."""
+    and writes to demo.json what happened.
+
+    Deterministic algorithms are on while it runs: the scatter-adds of the backward pass
+    (embedding rows, the pool-to-episode K/V gather) otherwise differ in the last bits from
+    run to run. Same machine and thread count -> the same files, bit for bit.
+    """
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _run(out, cfg, log, from_stage)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _run(out: Path, cfg: DemoConfig, log: Callable[[str], None], from_stage: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     lm_dir, vision_path, _ = model_paths(out)
     todo = STAGES[STAGES.index(from_stage) :]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from flamingo import train_demo as td
@@ -108,6 +109,19 @@ def test_prompt_is_openflamingo_caption_format_and_eval_shots_are_nested() -> No
         demo = e.demos[0].answer(e.attribute)
         assert e.prompt().startswith(f"<image>Output:{demo}<|endofchunk|>\n<image>Output:")
         assert e.prompt().endswith("<|endofchunk|>\n<image>Output:")
+
+
+def test_written_episode_is_what_the_runtime_prompts(tmp_path: Path) -> None:
+    from flamingo.demo_task import write_episode
+    from runtime.prompts import build_few_shot_prompt, load_demos_jsonl
+
+    ep = eval_episodes(1, seed=0, shots=3)[0]
+    folder = write_episode(ep, tmp_path / "ep")
+    demos = load_demos_jsonl(folder / "demos.jsonl")
+    prompt, images = build_few_shot_prompt(demos, task="caption", query_image=folder / "query.png")
+    assert prompt == ep.prompt() == json.loads((folder / "episode.json").read_text())["prompt"]
+    rendered = [np.asarray(im) for im in ep.images()]
+    assert all(np.array_equal(np.asarray(Image.open(p)), r) for p, r in zip(images, rendered))
 
 
 class _FakeTok:
@@ -269,6 +283,17 @@ def test_shipped_model_reaches_documented_accuracy_at_4_shots(shipped) -> None:
 def test_shipped_model_needs_the_demonstrations(shipped) -> None:
     model, tok = shipped
     assert td.evaluate(model, tok, shots=0, n=100, seed=td.DemoConfig.eval_seed) <= 0.3
+
+
+def test_eval_only_command_prints_the_table(capsys: pytest.CaptureFixture) -> None:
+    threads = torch.get_num_threads()
+    try:
+        assert td.main(["--eval-only", "--model", str(MODEL_DIR), "--n", "10", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() sets the training default of 2
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["by_shots"]) == ["0", "1", "2", "4", "8"]
+    assert set(result["by_shots_and_attribute"]["4"]) <= {"all", *ATTRIBUTES}
 
 
 @torch.no_grad()
