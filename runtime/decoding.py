@@ -7,7 +7,11 @@ backends can differ only in how they compute logits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+from .spec import ModelDims, cross_attn_names
 
 
 class MediaCounter:
@@ -41,3 +45,27 @@ def position_ids(attention_mask: np.ndarray, num_new: int) -> np.ndarray:
     pos = np.cumsum(attention_mask, axis=-1, dtype=np.int64) - 1
     pos[attention_mask == 0] = 1
     return pos[:, -num_new:]
+
+
+def rows_cross_kv(
+    features: dict[str, np.ndarray],
+    rows: Sequence[Sequence[int]],
+    dims: ModelDims,
+    dtype: np.dtype,
+) -> dict[str, np.ndarray]:
+    """Per-row cross-attention K/V for the decoder: row b attends over images rows[b] (indices
+    into the vision batch), concatenated in order and zero-padded to the longest row, in the
+    decoder's dtype (the vision graph may run at another precision)."""
+    most = max(1, max(len(r) for r in rows))
+    latents = dims.num_latents
+    out = {}
+    for j in dims.xattn_layers:
+        for name in cross_attn_names(j):
+            per_image = features[name]  # (N, H, L, Dh)
+            _, h, _, dh = per_image.shape
+            buf = np.zeros((len(rows), h, most * latents, dh), dtype=dtype)
+            for b, images in enumerate(rows):
+                for slot, i in enumerate(images):
+                    buf[b, :, slot * latents : (slot + 1) * latents] = per_image[i]
+            out[name] = buf
+    return out

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .decoding import MediaCounter, position_ids
+from .decoding import MediaCounter, position_ids, rows_cross_kv
 from .manifest import Manifest, ManifestError, load_manifest, safe_join
-from .spec import GraphSpec, ModelDims, cross_attn_names, past_names
+from .spec import GraphSpec, ModelDims, past_names
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -88,22 +88,8 @@ class OnnxFlamingo:
     def rows_cross_kv(
         self, features: dict[str, np.ndarray], rows: Sequence[Sequence[int]]
     ) -> dict[str, np.ndarray]:
-        """Per-row cross-attention K/V: row b attends over images rows[b] (indices into the
-        vision batch), concatenated in order and zero-padded to the longest row."""
-        most = max(1, max(len(r) for r in rows))
-        latents = self.dims.num_latents
-        out = {}
-        for j in self.dims.xattn_layers:
-            for name in cross_attn_names(j):
-                per_image = features[name]  # (N, H, L, Dh)
-                _, h, _, dh = per_image.shape
-                # the decoder's dtype: the vision graph may run at another precision
-                buf = np.zeros((len(rows), h, most * latents, dh), dtype=self.float_dtype)
-                for b, images in enumerate(rows):
-                    for slot, i in enumerate(images):
-                        buf[b, :, slot * latents : (slot + 1) * latents] = per_image[i]
-                out[name] = buf
-        return out
+        """Per-row cross-attention K/V (see runtime.decoding.rows_cross_kv)."""
+        return rows_cross_kv(features, rows, self.dims, self.float_dtype)
 
     def step_model(
         self,

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .decoding import MediaCounter, position_ids
+from .decoding import MediaCounter, position_ids, rows_cross_kv
 from .manifest import Manifest, load_manifest, safe_join, sha256_file
 from .spec import ModelDims, cross_attn_names, past_names, present_names
 
@@ -641,10 +641,7 @@ class TrtFlamingo:
     def rows_cross_kv(
         self, features: dict[str, np.ndarray], rows: Sequence[Sequence[int]]
     ) -> dict[str, np.ndarray]:
-        from .engine import OnnxFlamingo
-
-        # Same arrangement as the onnxruntime engine (it only reads self.dims).
-        return OnnxFlamingo.rows_cross_kv(self, features, rows)  # type: ignore[arg-type]
+        return rows_cross_kv(features, rows, self.dims, self.float_dtype)
 
     def step_model(
         self,
