@@ -10,7 +10,12 @@ prompts look like what the runtime will see: OpenFlamingo few-shot prompts (demo
   decode are skipped and counted; if none decodes it is an error.
 * ``random``: synthetic images (random shapes on random backgrounds) with random captions and
   questions, for smoke tests and models without data at hand.
-* ``demo``: episodes of the demo model's task (``flamingo.demo_task``), used when importable.
+* ``demo``: episodes of the demo model's task (``flamingo.demo_task``, training split), used
+  when importable; ``demo-eval``: its held-out evaluation set (held-out colour-shape pairs as
+  queries, exactly ``max_shots`` shots, episode i the same as in the README's accuracy table
+  when ``seed`` is ``demo_task.EVAL_SEED``). Calibrate on ``demo``, measure on ``demo-eval``.
+
+Every episode carries its query's label (caption, VQA answer, demo answer) for task accuracy.
 
 Everything is a pure function of ``seed`` (``random.Random`` seeded with strings).
 """
@@ -32,7 +37,7 @@ from runtime.prompts import Demonstration, build_few_shot_prompt, load_demos_jso
 
 Progress = Callable[[str], None]
 
-SOURCES = ("random", "demo")  # besides a DATA path
+SOURCES = ("random", "demo", "demo-eval")  # besides a DATA path
 _COLOURS = {
     "red": (215, 35, 35),
     "green": (35, 160, 60),
@@ -74,6 +79,7 @@ class Episode:
     images: tuple[Any, ...]
     task: str
     shots: int
+    answer: str | None = None  # the query's label (caption or VQA answer), for task accuracy
 
 
 @dataclass
@@ -209,25 +215,42 @@ def build_episodes(items: Sequence[Item], n: int, max_shots: int, seed: int) -> 
         prompt, images = build_few_shot_prompt(
             demos, query.question, query.task, query_image=query.image
         )
-        episodes.append(Episode(prompt, tuple(images), query.task, shots))
+        label = query.caption if query.task == "caption" else query.answer
+        episodes.append(Episode(prompt, tuple(images), query.task, shots, label))
     return episodes
+
+
+def _demo_task() -> Any:
+    try:
+        return importlib.import_module("flamingo.demo_task")
+    except ImportError as e:
+        raise CalibrationError(
+            f"the demo sources need flamingo.demo_task, which cannot be imported ({e}); "
+            "use a DATA path or 'random'"
+        ) from e
 
 
 def demo_episodes(n: int, max_shots: int, seed: int) -> list[Episode]:
     """Episodes of the demo model's own task (flamingo.demo_task), 1..max_shots shots."""
-    try:
-        task = importlib.import_module("flamingo.demo_task")
-    except ImportError as e:
-        raise CalibrationError(
-            f"--calibration demo needs flamingo.demo_task, which cannot be imported ({e}); "
-            "use a DATA path or 'random'"
-        ) from e
+    task = _demo_task()
     episodes = []
     for i in range(n):
         rng = random.Random(f"flamingo-calibration/demo/{seed}/{i}")
         ep = task.sample_episode(rng, rng.randint(min(1, max_shots), max_shots))
-        episodes.append(Episode(ep.prompt(), tuple(ep.images()), "caption", len(ep.demos)))
+        episodes.append(_from_demo(ep))
     return episodes
+
+
+def demo_eval_episodes(n: int, shots: int, seed: int) -> list[Episode]:
+    """The demo task's held-out evaluation episodes (`demo_task.eval_episodes`), `shots` each."""
+    task = _demo_task()
+    if not 0 <= shots <= 8:
+        raise CalibrationError(f"demo-eval episodes have 0..8 shots, got max_shots={shots}")
+    return [_from_demo(ep) for ep in task.eval_episodes(n, seed, shots)]
+
+
+def _from_demo(ep: Any) -> Episode:
+    return Episode(ep.prompt(), tuple(ep.images()), "caption", len(ep.demos), ep.answer)
 
 
 def calibration_set(
@@ -238,7 +261,7 @@ def calibration_set(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> CalibrationSet:
-    """The calibration episodes for `source`: a DATA path, 'random' or 'demo'."""
+    """The calibration episodes for `source`: a DATA path, 'random', 'demo' or 'demo-eval'."""
     if episodes < 1:
         raise CalibrationError(f"the calibration set is empty: {episodes} episodes asked")
     if max_shots < 0:
@@ -249,6 +272,8 @@ def calibration_set(
         return CalibrationSet("random", eps, seed, items=len(items))
     if str(source) == "demo":
         return CalibrationSet("demo", demo_episodes(episodes, max_shots, seed), seed)
+    if str(source) == "demo-eval":
+        return CalibrationSet("demo-eval", demo_eval_episodes(episodes, max_shots, seed), seed)
     items, skipped, reasons = load_items(Path(source), progress)
     eps = build_episodes(items, episodes, max_shots, seed)
     return CalibrationSet(str(source), eps, seed, len(items), skipped, reasons)

@@ -31,7 +31,12 @@ QUANT_OPTIONS = [
     click.option("--decode-steps", type=int, default=8, show_default=True,
                  help="Greedy decode steps calibrated after each prefill (real KV states)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Calibration seed."),
-    click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32",
+    click.option("--int8-mode", type=click.Choice(["w8a8", "weight-only"]), default="w8a8",
+                 show_default=True,
+                 help="w8a8: calibrated int8 activations and weights (TensorRT int8 GEMMs); "
+                      "weight-only: int8 weights, float activations, no calibration (fast "
+                      "memory-bound decode on onnxruntime CPU; TensorRT 10)."),
+    click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128",
                  show_default=True, help="int4 block size (weights per scale)."),
     click.option("--int4-format", type=click.Choice(["qdq", "matmulnbits"]), default="qdq",
                  show_default=True,
@@ -98,6 +103,7 @@ def make_options(kw: dict[str, Any], force: bool) -> Any:
         seed=kw["seed"],
         block_size=int(kw["block_size"]),
         int4_format=kw["int4_format"],
+        int8_mode=kw["int8_mode"],
         fp16_keep=() if keep == ("none",) else keep,
         keep_nodes=tuple(kw["keep_nodes"]),
         quantize_embeddings=not kw["no_quantize_embeddings"],
@@ -236,7 +242,8 @@ def _parity_model_options(f: Any) -> Any:
     "--data",
     default="random",
     show_default=True,
-    help="Evaluation prompts: a JSONL/folder (as --calibration), 'demo' or 'random'.",
+    help="Evaluation prompts: a JSONL/folder (as --calibration), 'demo-eval' (the demo "
+    "task's held-out set, --max-shots shots each; task accuracy), 'demo' or 'random'.",
 )
 @click.option("--episodes", type=int, default=8, show_default=True)
 @click.option("--max-shots", type=int, default=2, show_default=True)
@@ -258,7 +265,8 @@ def _parity_model_options(f: Any) -> Any:
     "--thresholds",
     default=None,
     help="Overrides, e.g. 'top1=0.99,int8.greedy=0.5' (metrics: vision_cosine, "
-    "decoder_cosine, pipeline_cosine, top1, greedy).",
+    "decoder_cosine, pipeline_cosine, top1, greedy, task_delta = candidate minus reference "
+    "task accuracy).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print every number as JSON.")
 @click.option(
@@ -355,6 +363,13 @@ def _print_summary(result: dict[str, Any]) -> None:
         click.echo(
             f"  {graph:<8} {'logits':<24} cosine {s['cosine']:.6f}  max abs {s['max_abs']:.3g}"
             f"  mean abs {s['mean_abs']:.3g}  top-1 {s['top1']:.4f}{extra}"
+        )
+    task = m.get("task")
+    if task:
+        click.echo(
+            f"  task     accuracy ({task['episodes']} labelled episodes)  reference "
+            f"{task['reference']:.1%}  candidate {task['candidate']:.1%}  "
+            f"({100 * task['delta']:+.1f} points; lost {task['lost']}, gained {task['gained']})"
         )
     for name, s in result["sizes"].items():
         ratio = f"  ({s['ratio']:.3f} of reference)" if "ratio" in s else ""

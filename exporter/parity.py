@@ -11,6 +11,10 @@ graph, on few-shot episodes (calibration.data, own seed):
   logits cosine, max/mean abs error, top-1 agreement of next-token predictions;
 * pipeline: the same with the candidate's own vision K/V (what a user gets), plus the greedy
   exact-match rate of free-running generations;
+* task accuracy where the episodes carry labels (the demo task, a JSONL of captions or Q/A):
+  exact match of each side's free-running greedy answer (text before ``<|endofchunk|>``,
+  whitespace-stripped) with the label; the gate bounds the candidate's accuracy minus the
+  reference's (``task_delta``);
 * file sizes per graph and their ratio to the reference.
 
 Thresholds per precision (``DEFAULT_THRESHOLDS``, overridable) gate the result.
@@ -33,18 +37,19 @@ from runtime.images import PreprocessConfig, preprocess
 from runtime.spec import cross_attn_names
 
 Progress = Callable[[str], None]
-METRICS = ("vision_cosine", "decoder_cosine", "pipeline_cosine", "top1", "greedy")
+METRICS = ("vision_cosine", "decoder_cosine", "pipeline_cosine", "top1", "greedy", "task_delta")
 # Lower bounds per candidate precision (vision_cosine by the vision graph's precision, the
 # others by the decoder's). fp16: the issue's bar; int8/int4: what a usable model keeps.
+# task_delta: candidate task accuracy minus the reference's (only where episodes carry labels).
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {"vision_cosine": 0.99999, "decoder_cosine": 0.99999, "pipeline_cosine": 0.99999,
-             "top1": 0.999, "greedy": 1.0},
+             "top1": 0.999, "greedy": 1.0, "task_delta": 0.0},
     "fp16": {"vision_cosine": 0.999, "decoder_cosine": 0.999, "pipeline_cosine": 0.999,
-             "top1": 0.995, "greedy": 0.75},
+             "top1": 0.995, "greedy": 0.75, "task_delta": -0.005},
     "int8": {"vision_cosine": 0.98, "decoder_cosine": 0.98, "pipeline_cosine": 0.97,
-             "top1": 0.85, "greedy": 0.0},
+             "top1": 0.85, "greedy": 0.0, "task_delta": -0.01},
     "int4": {"vision_cosine": 0.95, "decoder_cosine": 0.95, "pipeline_cosine": 0.93,
-             "top1": 0.75, "greedy": 0.0},
+             "top1": 0.75, "greedy": 0.0, "task_delta": -0.03},
 }  # fmt: skip
 
 
@@ -312,6 +317,12 @@ def _greedy(backend: Any, features: dict, n: int, ids: np.ndarray, config: Gener
     return result.sequences[0]
 
 
+def answer_text(tokenizer: Any, tokens: Sequence[int], stop_ids: Sequence[int]) -> str:
+    """The answer a user reads: tokens before the first stop token, decoded, stripped."""
+    cut = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+    return tokenizer.decode(list(tokens[:cut]), skip_special_tokens=True).strip()
+
+
 def measure(
     reference: Any,
     candidate: Any,
@@ -328,6 +339,7 @@ def measure(
     decoder, pipeline = ErrorStats(), ErrorStats()
     dec_tokens, pipe_tokens, step_tokens = TokenStats(), TokenStats(), TokenStats()
     greedy_same = 0
+    labelled, ref_hits, cand_hits, lost = 0, 0, 0, 0
     eoc = (
         candidate.manifest.special_tokens["eoc_token_id"]
         if hasattr(candidate, "manifest")
@@ -367,6 +379,14 @@ def measure(
         ref_seq = _greedy(reference, ref_vis, n, ids, config)
         cand_seq = _greedy(candidate, cand_vis, n, ids, config)
         greedy_same += int(ref_seq == cand_seq)
+        label = getattr(episode, "answer", None)
+        if label is not None:
+            labelled += 1
+            stops = config.eos_token_ids
+            ref_ok = answer_text(tokenizer, ref_seq, stops) == label.strip()
+            cand_ok = answer_text(tokenizer, cand_seq, stops) == label.strip()
+            ref_hits, cand_hits = ref_hits + ref_ok, cand_hits + cand_ok
+            lost += ref_ok and not cand_ok
         say(f"parity: episode {e + 1}/{len(episodes)}")
     return {
         "vision": {name: s.to_dict() for name, s in vision.items()},
@@ -379,8 +399,27 @@ def measure(
             "greedy_exact_match": greedy_same / len(episodes),
             "greedy_tokens": config.max_new_tokens,
         },
+        "task": _task_accuracy(labelled, ref_hits, cand_hits, lost),
         "episodes": len(episodes),
         "decode_steps": decode_steps,
+    }
+
+
+def _task_accuracy(
+    labelled: int, ref_hits: int, cand_hits: int, lost: int
+) -> dict[str, Any] | None:
+    """Exact-match accuracy of both sides' greedy answers; None without labelled episodes.
+    `lost`/`gained`: episodes only the reference / only the candidate answered right (the
+    delta nets them out; they show how many answers moved)."""
+    if not labelled:
+        return None
+    return {
+        "episodes": labelled,
+        "reference": ref_hits / labelled,
+        "candidate": cand_hits / labelled,
+        "delta": (cand_hits - ref_hits) / labelled,  # from counts: -2/200 is exactly -0.01
+        "lost": lost,
+        "gained": cand_hits - ref_hits + lost,
     }
 
 
@@ -404,24 +443,27 @@ def thresholds_for(
     v, d = precisions["vision"], precisions["decoder"]
     out = {"vision_cosine": bound(v, "vision_cosine")}
     out.update({m: bound(d, m) for m in ("decoder_cosine", "top1")})
-    for m in ("pipeline_cosine", "greedy"):
+    for m in ("pipeline_cosine", "greedy", "task_delta"):
         out[m] = min(bound(v, m), bound(d, m))
     return out
 
 
 def gate(metrics: dict[str, Any], thresholds: dict[str, float]) -> list[str]:
-    """Every threshold missed, as a sentence (empty: parity holds)."""
+    """Every threshold missed, as a sentence (empty: parity holds). `task_delta` is only
+    gated where the episodes carry labels."""
+    task = metrics.get("task")
     values = {
         "vision_cosine": _nanmin([v["cosine"] for v in metrics["vision"].values()]),
         "decoder_cosine": metrics["decoder"]["cosine"],
         "pipeline_cosine": metrics["pipeline"]["cosine"],
         "top1": metrics["decoder"]["top1"],
         "greedy": metrics["pipeline"]["greedy_exact_match"],
+        "task_delta": task["delta"] if task else None,
     }
     return [
         f"{m} {values[m]:.6g} < {bound:.6g}"
         for m, bound in thresholds.items()
-        if not values[m] >= bound  # NaN fails
+        if values[m] is not None and not values[m] >= bound  # NaN fails
     ]
 
 
@@ -471,6 +513,15 @@ def markdown_report(result: dict[str, Any]) -> str:
             f"| {graph} | logits | {s['cosine']:.6f} | {s['max_abs']:.3g} | {s['mean_abs']:.3g}"
             f" | {s['top1']:.4f} ({s['positions']} pos.) | {greedy} |"
         )
+    task = m.get("task")
+    if task:
+        lines += [
+            "",
+            f"Task accuracy (greedy exact match, {task['episodes']} labelled episodes): "
+            f"reference {task['reference']:.1%}, candidate {task['candidate']:.1%} "
+            f"({100 * task['delta']:+.1f} points; {task['lost']} answers lost, "
+            f"{task['gained']} gained).",
+        ]
     if result["sizes"]:
         lines += ["", "| graph | bytes | reference | ratio |", "|---|---|---|---|"]
         for name, s in result["sizes"].items():
@@ -510,9 +561,11 @@ def plot(result: dict[str, Any], path: Path) -> str | None:
     ax.barh(names, [1 - c for c in cos])
     ax.set_xscale("log")
     ax.set_xlabel("1 - cosine (lower is better)")
-    ax.set_title(
-        f"top-1 {m['decoder']['top1']:.4f}, greedy {m['pipeline']['greedy_exact_match']:.3f}"
-    )
+    title = f"top-1 {m['decoder']['top1']:.4f}, greedy {m['pipeline']['greedy_exact_match']:.3f}"
+    if m.get("task"):
+        t = m["task"]
+        title += f", task {t['candidate']:.1%} (reference {t['reference']:.1%})"
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -11,11 +11,20 @@ as is and TensorRT builds strongly typed:
   hidden-state outliers every family's all-fp16 graph loses every token, keeping the norm
   statistics restores exact top-1; Softmax and logits in fp32 (optional) change nothing more.
   The manifest's spec records every I/O dtype; the runtime feeds what it says.
-* int8: explicit Q/DQ (onnxruntime quantize_static, QDQ format), symmetric (zero point 0),
-  per-channel weights, per-tensor activations calibrated on few-shot episodes run through the
-  fp32 export (minmax, percentile or entropy). Only weight GEMMs (MatMul/Gemm/Conv with a
-  constant weight) are quantized; attention's activation x activation MatMuls and Softmax stay
-  float. Embedding tables (also the tied LM head) are int8 weight-only, per row.
+* int8 (``int8_mode="w8a8"``, default): explicit Q/DQ (onnxruntime quantize_static, QDQ
+  format), symmetric (zero point 0), per-channel weights, per-tensor activations calibrated on
+  few-shot episodes run through the fp32 export (minmax, percentile or entropy). Only weight
+  GEMMs (MatMul/Gemm/Conv with a constant weight) are quantized; attention's activation x
+  activation MatMuls and Softmax stay float. Embedding tables (also the tied LM head) are int8
+  weight-only, per row. This is the form TensorRT builds into int8 tensor-core GEMMs.
+* int8 ``int8_mode="weight-only"``: per-channel symmetric int8 weights behind a
+  DequantizeLinear (axis 1) into each weight MatMul, activations float, no calibration. At
+  batch 1 a decode step reads every weight once, so it is memory-bound and the 4x smaller
+  weights are what makes it faster; onnxruntime's CPU EP fuses DQ -> MatMul into MatMulNBits
+  (int8 compute) at session load, while it leaves W8A8 MatMuls whose output is not quantized
+  as DequantizeLinear + float MatMul, dequantizing every weight on every step (measured on
+  this repository's 144M bench model, 1 thread: fp32 26 ms/token, w8a8 138, weight-only 10).
+  TensorRT 10 builds it as weight-only GEMMs.
 * int4: weight-only, blockwise (block 32/64/128), symmetric: blocked DequantizeLinear (opset
   21, INT4 initializer) before each weight MatMul, parsed by TensorRT 10+; or onnxruntime's
   MatMulNBits contrib op (``int4_format="matmulnbits"``), which TensorRT cannot parse: the
@@ -54,6 +63,7 @@ Progress = Callable[[str], None]
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 INT4_FORMATS = ("qdq", "matmulnbits")
+INT8_MODES = ("w8a8", "weight-only")
 BLOCK_SIZES = (32, 64, 128)
 FP16_KEEP_CHOICES = ("norm", "softmax", "logits")
 # What stays fp32 in fp16 graphs by default: norm statistics only (measured, see above).
@@ -81,8 +91,9 @@ class QuantizeOptions:
     max_shots: int = 2
     decode_steps: int = 8
     seed: int = 0
-    block_size: int = 32
+    block_size: int = 128  # the field's default group (AWQ/GPTQ, MatMulNBits, ModelOpt)
     int4_format: str = "qdq"
+    int8_mode: str = "w8a8"
     fp16_keep: tuple[str, ...] = DEFAULT_FP16_KEEP
     keep_nodes: tuple[str, ...] = ()  # node-name globs kept at the source precision
     quantize_embeddings: bool = True
@@ -109,6 +120,8 @@ class QuantizeOptions:
             )
         if self.int4_format not in INT4_FORMATS:
             raise QuantizeError(f"int4 format {self.int4_format!r} is not one of {INT4_FORMATS}")
+        if self.int8_mode not in INT8_MODES:
+            raise QuantizeError(f"int8 mode {self.int8_mode!r} is not one of {INT8_MODES}")
         bad = [k for k in self.fp16_keep if k not in FP16_KEEP_CHOICES]
         if bad:
             raise QuantizeError(f"fp16 keep {bad} not among {list(FP16_KEEP_CHOICES)}")
@@ -389,12 +402,37 @@ def to_fp16(
     return converted, info
 
 
-def _int8_per_row(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per row (axis 0): scale = max|row| / 127, zero rows get scale 1."""
-    amax = np.abs(weights).max(axis=1)
+def _int8_per_channel(weights: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8, one scale per index of `axis` (the channel axis): scale = max|w| / 127
+    over the other axis, all-zero channels get scale 1."""
+    amax = np.abs(weights).max(axis=1 - axis)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(weights / scale[:, None]), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(weights / np.expand_dims(scale, 1 - axis)), -127, 127).astype(np.int8)
     return q, scale
+
+
+def _dequantize_initializer(
+    model: onnx.ModelProto, tensor: TensorProto, axis: int
+) -> onnx.NodeProto:
+    """Replace a 2-D float initializer by its int8 per-channel form and return the
+    DequantizeLinear node that recomputes it under the same name (for the caller to insert)."""
+    name = tensor.name
+    q, scale = _int8_per_channel(numpy_helper.to_array(tensor), axis)
+    model.graph.initializer.remove(tensor)
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(q, f"{name}_int8"),
+            numpy_helper.from_array(scale, f"{name}_scale"),
+            numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero_point"),
+        ]
+    )
+    return helper.make_node(
+        "DequantizeLinear",
+        [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
+        [name],
+        name=f"{name}_DequantizeLinear",
+        axis=axis,
+    )
 
 
 def embedding_nodes(model: onnx.ModelProto) -> list[str]:
@@ -420,30 +458,40 @@ def quantize_embeddings(model: onnx.ModelProto, skip: set[str]) -> list[str]:
     for node in model.graph.node:
         if node.name in gathers and node.input[0] not in tables:
             tables.append(node.input[0])
-    new_nodes = []
-    for name in tables:
-        tensor = inits[name]
-        q, scale = _int8_per_row(numpy_helper.to_array(tensor))
-        model.graph.initializer.remove(tensor)
-        model.graph.initializer.extend(
-            [
-                numpy_helper.from_array(q, f"{name}_int8"),
-                numpy_helper.from_array(scale, f"{name}_scale"),
-                numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero_point"),
-            ]
-        )
-        new_nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
-                [name],
-                name=f"{name}_DequantizeLinear",
-                axis=0,
-            )
-        )
+    new_nodes = [_dequantize_initializer(model, inits[name], axis=0) for name in tables]
     for i, node in enumerate(new_nodes):
         model.graph.node.insert(i, node)
     return tables
+
+
+def to_int8_weight_only(
+    model: onnx.ModelProto, options: QuantizeOptions, keep_nodes: list[str]
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """int8 weights (per output channel, symmetric) behind DequantizeLinear; float activations.
+
+    Only MatMul weights [K, N] (axis 1 = output channel); Conv and Gemm stay float (the
+    vision stem and nothing else here). A weight shared by several MatMuls is quantized once.
+    """
+    inits = _initializers(model)
+    kept = set(keep_nodes)
+    op_of = {n.name: n.op_type for n in model.graph.node}
+    targets = [n for n in weight_nodes(model) if n not in kept and op_of[n] == "MatMul"]
+    weights = []
+    for node in model.graph.node:
+        if node.name in targets and node.input[1] not in weights:
+            weights.append(node.input[1])
+    new_nodes = [_dequantize_initializer(model, inits[name], axis=1) for name in weights]
+    for i, node in enumerate(new_nodes):
+        model.graph.node.insert(i, node)
+    embeddings = quantize_embeddings(model, kept) if options.quantize_embeddings else []
+    info = {
+        "mode": "weight-only",
+        "weight_nodes": len(targets),
+        "activations": "float (not quantized)",
+        "weights": "per-channel, symmetric",
+        "embeddings_int8": embeddings,
+    }
+    return model, info
 
 
 def to_int8(
@@ -499,6 +547,7 @@ def to_int8(
         quantize_embeddings(quantized, set(keep_nodes)) if options.quantize_embeddings else []
     )
     info = {
+        "mode": "w8a8",
         "method": options.method,
         "weight_nodes": len(targets),
         "activations": "per-tensor, symmetric",
@@ -574,7 +623,9 @@ def _check_source(src: Path, out: Path) -> Manifest:
 
 
 def _needs_readers(options: QuantizeOptions) -> bool:
-    """int8 graphs need calibration unless their ranges are cached."""
+    """W8A8 int8 graphs need calibration unless their ranges are cached."""
+    if options.int8_mode != "w8a8":
+        return False
     for graph in ("vision", "decoder"):
         if options.precision(graph) != "int8":
             continue
@@ -656,6 +707,8 @@ def _quantize_into(
             with quiet_onnxruntime_tools():
                 if precision == "fp16":
                     model, more = to_fp16(model, options.fp16_keep, keep, work)
+                elif precision == "int8" and options.int8_mode == "weight-only":
+                    model, more = to_int8_weight_only(model, options, keep)
                 elif precision == "int8":
                     model, more = to_int8(model, name, readers.get(name), options, keep, work)
                 elif precision == "int4":

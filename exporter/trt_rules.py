@@ -120,6 +120,7 @@ class ParserRules:
     dtypes: frozenset[int]  # element types the parser imports at all
     int64_native: bool  # False: INT64 is cast to INT32 (values clamped to +-INT_MAX)
     quantized: frozenset[int]  # DequantizeLinear input / QuantizeLinear output types
+    weight_only_gemm: bool  # DQ(int8/int4 weight) -> GEMM with float activations (10.0 "WoQ")
     local_functions: bool
     einsum_ellipsis: bool  # Einsum equations with "..." are parsed
     # op -> {input index: restriction} for inputs that must be build-time constants
@@ -153,6 +154,7 @@ RULES: dict[str, ParserRules] = {
         ),
         int64_native=False,
         quantized=frozenset({_T.INT8}),
+        weight_only_gemm=False,
         local_functions=False,
         einsum_ellipsis=False,
         constant_inputs={
@@ -177,6 +179,7 @@ RULES: dict[str, ParserRules] = {
         ),
         int64_native=False,
         quantized=frozenset({_T.INT8}),
+        weight_only_gemm=False,
         local_functions=False,
         einsum_ellipsis=False,
         constant_inputs={**_CONST_COMMON, **_CONST_SLICE},
@@ -212,6 +215,7 @@ RULES: dict[str, ParserRules] = {
         ),
         int64_native=True,
         quantized=frozenset({_T.INT8, _T.FLOAT8E4M3FN, _T.INT4}),
+        weight_only_gemm=True,
         local_functions=True,
         einsum_ellipsis=True,
         constant_inputs={
@@ -618,7 +622,35 @@ def check_quantization(index: GraphIndex, rules: ParserRules) -> list[Finding]:
                         where,
                     )
                 )
+        elif (
+            op == "DequantizeLinear"
+            and not rules.weight_only_gemm
+            and index.is_constant(node.input[0])
+            and _feeds_float_gemm(node, index)
+        ):
+            out.append(
+                Finding(
+                    "quantization",
+                    WARNING,
+                    "weight-only DequantizeLinear",
+                    f"int8 weight into a GEMM whose activation is not quantized: TensorRT "
+                    f"{rules.version} documents int8 GEMMs with Q/DQ on both inputs; weight-only "
+                    "GEMMs arrive in 10.0 (it may fold the weight to float: no speed-up)",
+                    where,
+                )
+            )
     return out
+
+
+def _feeds_float_gemm(dq: onnx.NodeProto, index: GraphIndex) -> bool:
+    """A DequantizeLinear output used as a MatMul/Gemm input whose other input is float."""
+    for user, i in index.consumers.get(dq.output[0], []):
+        if user.op_type not in ("MatMul", "Gemm") or i > 1:
+            continue
+        other = index.producer.get(user.input[1 - i])
+        if other is None or other.op_type != "DequantizeLinear":
+            return True
+    return False
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, int]:

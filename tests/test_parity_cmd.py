@@ -8,11 +8,21 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from exporter.cli import main
-from exporter.parity import ErrorStats, ParityError, gate, parse_thresholds
+from exporter.parity import (
+    ErrorStats,
+    OnnxBackend,
+    ParityError,
+    answer_text,
+    gate,
+    measure,
+    parse_thresholds,
+    thresholds_for,
+)
 from exporter.quantize import QuantizeOptions, quantize_export
 
 QUICK = ["--episodes", "3", "--decode-steps", "4"]
@@ -107,3 +117,67 @@ def test_thresholds_and_nan_never_pass() -> None:
     zeros = ErrorStats()
     zeros.add([1.0, 2.0], [0.0, 0.0])  # an all-zero output is no match
     assert zeros.cosine == 0.0
+
+
+def test_task_delta_is_gated_only_with_labels_and_from_counts() -> None:
+    metrics = {
+        "vision": {"image_latents": {"cosine": 1.0}},
+        "decoder": {"cosine": 1.0, "top1": 1.0},
+        "pipeline": {"cosine": 1.0, "greedy_exact_match": 1.0},
+        "task": None,
+    }
+    bounds = thresholds_for({"vision": "int8", "decoder": "int8"}, {})
+    assert bounds["task_delta"] == -0.01 and gate(metrics, bounds) == []  # no labels: no gate
+    # 2 of 200 answers lost is exactly the int8 bar (counts, not a float difference)
+    metrics["task"] = {"episodes": 200, "reference": 0.94, "candidate": 0.93, "delta": -2 / 200}
+    assert gate(metrics, bounds) == []
+    metrics["task"]["delta"] = -3 / 200
+    assert gate(metrics, bounds) == ["task_delta -0.015 < -0.01"]
+    int4 = thresholds_for({"vision": "fp16", "decoder": "int4"}, {})
+    assert int4["task_delta"] == -0.03  # the pipeline takes the lower bound of both graphs
+    assert parse_thresholds("int8.task_delta=-0.02")["int8"] == {"task_delta": -0.02}
+
+
+def test_answer_text_stops_at_the_first_stop_token(tiny_export: Callable) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_export("mpt") / "tokenizer" / "tokenizer.json"))
+    ids = tok.encode(" red circle").ids
+    stop = tok.token_to_id("<|endofchunk|>")
+    assert answer_text(tok, [*ids, stop, *ids], [stop]) == "red circle"
+    assert answer_text(tok, ids, [stop]) == "red circle"  # ran out of tokens: all of it
+
+
+def test_task_accuracy_compares_each_sides_greedy_answer_with_the_label(
+    tiny_export: Callable,
+) -> None:
+    """Labels that are each episode's own greedy answer score 1.0 on both sides, a wrong label
+    0.0: the accuracy reads the labels, not the agreement between the two sides."""
+    from dataclasses import replace
+
+    from tokenizers import Tokenizer
+
+    from calibration.data import calibration_set
+    from exporter.parity import _greedy
+    from runtime.generation import GenerationConfig
+    from runtime.images import preprocess
+
+    export = tiny_export("mpt")
+    backend = OnnxBackend(export)
+    tok = Tokenizer.from_file(str(export / "tokenizer" / "tokenizer.json"))
+    stop = backend.manifest.special_tokens["eoc_token_id"]
+    episodes = calibration_set("random", episodes=3, max_shots=1, seed=5).episodes
+    assert all(e.answer for e in episodes)  # random captions / answers are labels too
+    own = []
+    for e in episodes:
+        features = backend.encode(preprocess(list(e.images), backend.preprocess))
+        ids = np.array([tok.encode(e.prompt).ids], dtype=np.int64)
+        config = GenerationConfig(max_new_tokens=4, eos_token_ids=(stop,))
+        seq = _greedy(backend, features, len(e.images), ids, config)
+        own.append(replace(e, answer=answer_text(tok, seq, [stop])))
+    task = measure(backend, backend, own, tok, decode_steps=4)["task"]
+    assert task == {
+        "episodes": 3, "reference": 1.0, "candidate": 1.0, "delta": 0.0, "lost": 0, "gained": 0
+    }  # fmt: skip
+    wrong = [replace(e, answer="certainly not this") for e in episodes]
+    assert measure(backend, backend, wrong, tok, decode_steps=4)["task"]["candidate"] == 0.0

@@ -26,7 +26,9 @@ from runtime.pipeline import FlamingoPipeline
 
 FAMILIES = ("llama", "mpt")
 PRECISIONS = ("fp16", "int8", "int4")
-QUICK = {"episodes": 4, "max_shots": 2, "decode_steps": 3}  # calibration kept small for CI
+# calibration kept small for CI; int4 blocks of 32 (default 128) so the tiny models' K of 64+
+# still hold several blocks per column
+QUICK = {"episodes": 4, "max_shots": 2, "decode_steps": 3, "block_size": 32}
 # Parity bars on the tiny random-weight models (flat logits: median top-1/top-2 margin ~0.2,
 # so int8/int4 noise flips more tokens than on a trained model); sizes on a bigger model:
 # benchmarks/quantize_bench.py sizes.
@@ -391,3 +393,46 @@ def test_quantized_exports_pass_the_tensorrt_10_check(quantized: Callable, preci
     assert report.ok, report.to_dict()
     if precision == "int4":  # blocked DequantizeLinear exists only from TensorRT 10
         assert not check_export(quantized("mpt", precision), "8.6").ok
+
+
+def test_int8_weight_only_is_per_channel_dq_that_onnxruntime_runs_as_matmulnbits(
+    quantized: Callable, tiny_export: Callable, tmp_path: Path
+) -> None:
+    """Weight-only int8: no activation Q/DQ, no calibration, per-channel int8 weights; the CPU
+    EP turns each DQ -> MatMul into MatMulNBits (the fast decode path) and parity holds."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from exporter.trt_rules import check_export
+
+    out = quantized("llama", "int8", int8_mode="weight-only", calibration="/nowhere/at/all")
+    manifest = load_manifest(out)
+    assert manifest.quantization["decoder"]["mode"] == "weight-only"
+    assert "calibration" not in manifest.quantization  # nothing was calibrated
+    model = _graph(out, "decoder")
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" not in ops and check_graph(model) == []
+    _assert_int8_symmetric_per_channel(model)
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    weight_matmuls = sum(
+        n.op_type == "MatMul" and producer.get(n.input[1]) == "DequantizeLinear"
+        for n in model.graph.node
+    )
+    assert weight_matmuls > 0
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert optimized.count("MatMulNBits") == weight_matmuls
+    # a TensorRT 10 graph; 8.x gets a warning (weight-only GEMMs arrive in 10.0), not an error
+    assert check_export(out, "10").ok
+    old = check_export(out, "8.6")
+    assert old.ok and "weight-only DequantizeLinear" in json.dumps(old.to_dict())
+    src = tiny_export("llama")
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
+    episodes = calibration_set("random", episodes=4, seed=1234).episodes
+    result = run_parity(
+        OnnxBackend(src), OnnxBackend(out), episodes, tokenizer, decode_steps=8,
+        overrides={"int8": TINY_BARS["int8"]},
+    )  # fmt: skip
+    assert result["failures"] == [], result["failures"]
