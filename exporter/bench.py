@@ -22,7 +22,12 @@ Method (what every number means):
   so its per-image figure is per *encoded* image), prefill = up to the first token's logits,
   decode = the other new_tokens - 1 steps; medians over `repeats` timed runs after `warmup`
   runs per case; cases run round-robin per repeat so background load hits every backend
-  alike; torch threads = onnxruntime intra-op threads;
+  alike; torch threads = onnxruntime intra-op threads; each run starts after a `settle_ms`
+  pause, since a backend's idle worker threads keep spinning for a while after its run and
+  would otherwise steal the cores of the next backend (measured: torch vision after an
+  onnxruntime run 345 ms, after a 0.5 s pause 304 ms, alone 299 ms);
+* other exports (`--baseline-export`, e.g. the fp32 export beside an int8 one) run as
+  baselines like the PyTorch ones: uncached, same prompts, ratios runtime / that export;
 * memory: the estimated peak RSS had the backend run alone (the process holds all backends
   at once): RSS at bench start (+ the torch/transformers imports for the baselines) + the
   backend's load (RSS growth while loading it) + what its earlier runs left held (allocator
@@ -90,6 +95,7 @@ class BenchOptions:
     threads: int | None = None  # None: the CPUs this process may use
     image_size: int = 256  # synthetic image side before preprocessing
     seed: int = 0
+    settle_ms: float = 250.0  # pause before each run (see the module docstring)
 
     def validate(self) -> None:
         if not self.shots or any(k < 0 for k in self.shots):
@@ -102,6 +108,8 @@ class BenchOptions:
             raise ValueError("threads must be >= 1")
         if self.image_size < 8:
             raise ValueError("image_size must be >= 8")
+        if self.settle_ms < 0:
+            raise ValueError("settle_ms must be >= 0")
 
     def resolved_threads(self) -> int:
         if self.threads:
@@ -461,8 +469,10 @@ def run_bench(
     files: ModelFiles | None = None,
     oracle: bool = False,
     progress: Progress | None = None,
+    baseline_exports: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
-    """Benchmark an export (and, given its source files, the PyTorch baselines); JSON-ready."""
+    """Benchmark an export (and, given its source files, the PyTorch baselines; given other
+    exports, those too); JSON-ready."""
     options = options or BenchOptions()
     options.validate()
     if oracle and files is None:
@@ -485,6 +495,12 @@ def run_bench(
     )
     model_rss = {"runtime": runtime_rss}
     baselines: dict[str, Any] = {}
+    for path in baseline_exports:
+        name = _export_case_name(Path(path), baselines)
+        say(f"loading baseline export {path}")
+        baselines[name], model_rss[name] = loaded(
+            lambda p=path: RuntimeBackend(Path(p), threads, options.new_tokens)
+        )
     versions = {"onnxruntime": _version("onnxruntime"), "numpy": np.__version__}
     framework_rss = 0  # torch + transformers: the baselines need them, the runtime does not
     if files is not None:
@@ -519,21 +535,24 @@ def run_bench(
             )
             versions["open_flamingo"] = _version("open-flamingo")
 
-    # case name -> (backend, cached flag)
-    cases: dict[str, tuple[Any, bool]] = {
-        "runtime_uncached": (runtime, False),
-        "runtime_cached": (runtime, True),
+    # case name -> (backend, cached flag, memory key)
+    cases: dict[str, tuple[Any, bool, str]] = {
+        "runtime_uncached": (runtime, False, "runtime"),
+        "runtime_cached": (runtime, True, "runtime"),
     }
-    cases.update({name: (b, False) for name, b in baselines.items()})
+    cases.update({name: (b, False, name) for name, b in baselines.items()})
     rng = np.random.default_rng(options.seed)
     # RSS a backend holds beyond its load: allocator arenas, caches (grown by its runs)
-    base = {"runtime": rss_start, **{name: rss_start + framework_rss for name in baselines}}
+    base = {"runtime": rss_start}
+    for name, backend in baselines.items():
+        torch_based = not isinstance(backend, RuntimeBackend)
+        base[name] = rss_start + (framework_rss if torch_based else 0)
     held = dict.fromkeys(base, 0)
 
     def measured(name: str, prompt: str, images: list[np.ndarray]) -> Sample:
-        backend, cached = cases[name]
-        key = name.split("_")[0]
+        backend, cached, key = cases[name]
         gc.collect()
+        time.sleep(options.settle_ms / 1e3)
         before = meter.current()
         meter.reset_peak()
         sample = backend.run(prompt, images, cached)
@@ -551,7 +570,7 @@ def run_bench(
             runtime.pipe.clear_caches()  # the cached case starts cold; its warm-up warms it
             for w in range(max(1, options.warmup)):  # the cached case is warmed even if 0
                 query = _images(rng, 1, options.image_size)
-                for name, (_, cached) in cases.items():
+                for name, (_, cached, _key) in cases.items():
                     if w < options.warmup or cached:
                         say(f"{k}-shot warm-up: {name}")
                         measured(name, prompt, [*demos, *query])
@@ -633,17 +652,28 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             str(k): round(r["cases"]["runtime_cached"]["ttft_ms"] / base["ttft_ms"], 4)
             for k, r in by_shots.items()
         }
-    for baseline in ("reference", "oracle"):
-        speedups = {
-            str(k): {
-                mode: _inverse(ratios["total_ms"]) for mode, ratios in r["ratios"][baseline].items()
+    baselines = dict.fromkeys(b for r in results for b in r["ratios"])
+    for baseline in baselines:
+        for metric, label in (("total_ms", "end_to_end"), ("decode_ms_per_token", "decode")):
+            speedups = {
+                str(k): {
+                    mode: _inverse(ratios[metric]) for mode, ratios in r["ratios"][baseline].items()
+                }
+                for k, r in by_shots.items()
+                if baseline in r["ratios"]
             }
-            for k, r in by_shots.items()
-            if baseline in r["ratios"]
-        }
-        if speedups:
-            out[f"speedup_vs_{baseline}_end_to_end"] = speedups
+            if speedups:
+                out[f"speedup_vs_{baseline}_{label}"] = speedups
     return out
+
+
+def _export_case_name(path: Path, taken: dict[str, Any]) -> str:
+    """`export:<folder name>`, numbered if two baseline folders share a name."""
+    name = f"export:{path.name}"
+    n = 2
+    while name in taken:
+        name, n = f"export:{path.name}#{n}", n + 1
+    return name
 
 
 def _import_frameworks() -> tuple[Any, Callable[..., Any]]:
@@ -743,7 +773,8 @@ def format_table(report: dict[str, Any]) -> str:
                     cells = " | ".join(
                         "-" if ratio[k] is None else f"{ratio[k]:.2f}" for k in RATIO_METRICS
                     )
-                    lines.append(f"| {r['shots']} | {mode} | {CASE_LABELS[baseline]} | {cells} |")
+                    label = CASE_LABELS.get(baseline, baseline)
+                    lines.append(f"| {r['shots']} | {mode} | {label} | {cells} |")
     summary = report["summary"]
     if "cached_query_vs_0shot_total" in summary:
         parts = ", ".join(
@@ -799,6 +830,20 @@ def _parse_shots(_ctx: Any, _param: Any, value: str) -> tuple[int, ...]:
     default=None,
     help="HF CLIP vision directory for --oracle (default: --vision or vision_hf/ beside it).",
 )
+@click.option(
+    "--baseline-export",
+    "baseline_exports",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Another export to compare with (repeatable), e.g. the fp32 export of an int8 one.",
+)
+@click.option(
+    "--settle-ms",
+    type=float,
+    default=250.0,
+    show_default=True,
+    help="Pause before each run, so the previous backend's spinning threads are idle.",
+)
 @click.option("--json", "as_json", is_flag=True, help="The full report as JSON.")
 def bench(
     export_dir: Path,
@@ -814,6 +859,8 @@ def bench(
     checkpoint_path: Path | None,
     cross_attn_every_n_layers: int | None,
     oracle_vision: Path | None,
+    baseline_exports: tuple[Path, ...],
+    settle_ms: float,
     as_json: bool,
 ) -> None:
     """Latency, tokens/s and memory of EXPORT_DIR on 0-16-shot caption prompts, with and without
@@ -831,14 +878,19 @@ def bench(
             oracle_vision,
         )
     options = BenchOptions(
-        shots=shots, new_tokens=new_tokens, repeats=repeats, warmup=warmup, threads=threads
+        shots=shots,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        settle_ms=settle_ms,
     )
 
     def progress(message: str) -> None:
         click.echo(f"[bench] {message}", err=True)
 
     try:
-        report = run_bench(export_dir, options, files, oracle, progress)
+        report = run_bench(export_dir, options, files, oracle, progress, baseline_exports)
     except ValueError as e:  # bad options, manifest/loader errors (LoadError is a ValueError)
         raise click.ClickException(str(e)) from e
     if as_json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -26,7 +27,7 @@ TIME_METRICS = ("vision_ms_per_image", "prefill_ms", "decode_ms_per_token", "tot
 def report(tiny_paths: Callable, tiny_export: Callable) -> dict:
     paths = tiny_paths("llama")
     files = ModelFiles(paths.lm_dir, paths.vision_path, paths.checkpoint_path)
-    options = BenchOptions(shots=(0, 4), new_tokens=4, repeats=1, warmup=1, threads=1)
+    options = BenchOptions(shots=(0, 4), new_tokens=4, repeats=1, warmup=1, threads=1, settle_ms=0)
     return run_bench(tiny_export("llama"), options, files, oracle=True)
 
 
@@ -88,6 +89,8 @@ def test_cli_bench_runtime_only(tiny_export: Callable) -> None:
             "0",
             "--threads",
             "1",
+            "--settle-ms",
+            "0",
             "--json",
         ],
     )
@@ -104,3 +107,37 @@ def test_cli_bench_option_errors(tiny_export: Callable) -> None:
     assert bad.exit_code != 0 and "comma-separated integers" in bad.output
     missing = CliRunner().invoke(main, ["bench", export, "--reference"])
     assert missing.exit_code != 0 and "--lm, --vision and --checkpoint" in missing.output
+    negative = CliRunner().invoke(main, ["bench", export, "--settle-ms", "-1"])
+    assert negative.exit_code != 0 and "settle_ms" in negative.output
+
+
+def test_bench_against_other_exports(tiny_export: Callable, tmp_path: Path) -> None:
+    """An int8 export benched with its fp32 export as baseline (twice: names stay apart)."""
+    from exporter.quantize import QuantizeOptions, quantize_export
+
+    fp32 = tiny_export("llama")
+    int8 = tmp_path / "int8"
+    quantize_export(fp32, int8, QuantizeOptions("int8", "int8", int8_mode="weight-only"))
+    result = CliRunner().invoke(
+        main,
+        ["bench", str(int8), "--baseline-export", str(fp32), "--baseline-export", str(fp32),
+         "--shots", "1", "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
+         "--threads", "1", "--settle-ms", "0", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    names = [f"export:{fp32.name}", f"export:{fp32.name}#2"]
+    assert out["model"]["precision"] == {"vision": "int8", "decoder": "int8"}
+    r = out["results"][0]
+    assert set(r["cases"]) == {"runtime_uncached", "runtime_cached", *names}
+    assert set(r["ratios"]) == set(names)
+    ratio = r["ratios"][names[0]]["uncached"]["decode_ms_per_token"]
+    want = (
+        r["cases"]["runtime_uncached"]["decode_ms_per_token"]
+        / r["cases"][names[0]]["decode_ms_per_token"]
+    )
+    assert ratio == pytest.approx(want, rel=0.02, abs=1e-3)
+    speedup = out["summary"][f"speedup_vs_{names[0]}_decode"]["1"]["uncached"]
+    assert speedup == pytest.approx(1 / ratio, rel=1e-3)
+    # exports load no torch: their memory baseline has no framework share
+    assert set(out["memory"]["model_rss_bytes"]) == {"runtime", *names}
