@@ -26,19 +26,27 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The main job on the embedded demo model (models/demo, trained by `python -m flamingo.train_demo`):
-# load -> inspect -> export -> run a held-out 4-shot episode with the torch-free runtime.
+# load -> inspect -> export fp32 -> run a held-out 4-shot episode with the torch-free runtime ->
+# parity of the export against PyTorch -> int8 (calibrated on the demo task's training split) ->
+# the same episode on int8 -> parity of int8 against fp32, gated on held-out task accuracy.
 DEMO := out/demo
 MODEL := models/demo
 MODEL_FILES := --lm $(MODEL)/lm --vision $(MODEL)/open_clip_model.safetensors \
 	--checkpoint $(MODEL)/checkpoint.safetensors
+EPISODE := --demos $(DEMO)/episode/demos.jsonl --image $(DEMO)/episode/query.png
+HELD_OUT := --data demo-eval --episodes 200 --max-shots 4 --decode-steps 4
 demo: $(STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/flamingo-export inspect $(MODEL_FILES)
 	$(BIN)/flamingo-export export $(MODEL_FILES) --output $(DEMO)/export
 	$(BIN)/python -m flamingo.demo_task $(DEMO)/episode --shots 4
-	$(BIN)/flamingo-export run $(DEMO)/export --json --max-new-tokens 4 \
-		--demos $(DEMO)/episode/demos.jsonl --image $(DEMO)/episode/query.png
-	$(BIN)/flamingo-export parity $(DEMO)/export $(MODEL_FILES)
+	$(BIN)/flamingo-export run $(DEMO)/export --json --max-new-tokens 4 $(EPISODE)
+	$(BIN)/flamingo-export parity $(DEMO)/export $(MODEL_FILES) $(HELD_OUT)
+	$(BIN)/flamingo-export quantize $(DEMO)/export --precision int8 --calibration demo \
+		-o $(DEMO)/int8
+	$(BIN)/flamingo-export run $(DEMO)/int8 --json --max-new-tokens 4 $(EPISODE)
+	$(BIN)/flamingo-export parity $(DEMO)/export $(DEMO)/int8 $(HELD_OUT) \
+		--report $(DEMO)/parity-int8.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

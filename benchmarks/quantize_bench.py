@@ -1,7 +1,16 @@
-"""Quantization benchmark: file sizes on a model big enough to measure, and the fp16 keep-list.
+"""Quantization benchmark: task accuracy on the demo model, speed and sizes on bigger models,
+and the fp16 keep-list.
 
-Two measurements the tests cannot make on the tiny models:
+Measurements the tests cannot make (or make only in part) on the tiny models:
 
+* ``demo``: the shipped demo model (models/demo) exported fp32 and quantized to fp16, int8
+  (W8A8, calibrated on the demo task's training split), int8 weight-only and int4 (block 128,
+  and 32); every variant's parity against the PyTorch model on the held-out 4-shot episodes of
+  the README's accuracy table: task accuracy, top-1, cosine, greedy match, size. The README's
+  demo parity table.
+* ``speed``: the 144M model of benchmarks/runtime_bench.py exported fp32 and quantized; each
+  variant benched (`flamingo-export bench`'s run_bench) with the fp32 export as baseline in the
+  same run: decode ms/token, prefill, vision, end to end, and their ratios to fp32.
 * ``sizes``: a random OpenFlamingo-style model with hidden 512 (the tiny models are dominated
   by small tensors: norms, biases, latents, which are never quantized), exported fp32 and
   quantized to fp16 / int8 / int4 (block 32, 64, 128): bytes per graph and ratio to fp32.
@@ -11,6 +20,8 @@ Two measurements the tests cannot make on the tiny models:
   (norms make the fp32 model use them like any hidden state), then measures fp16 parity for
   each keep-list against that fp32 export.
 
+    python benchmarks/quantize_bench.py demo [--episodes 200] [--json]
+    python benchmarks/quantize_bench.py speed [--threads 1] [--json]
     python benchmarks/quantize_bench.py sizes [--hidden 512] [--json]
     python benchmarks/quantize_bench.py fp16-keep [--outlier 400] [--json]
 """
@@ -100,6 +111,129 @@ def _scale_embeddings(export: Path, factor: float) -> None:
     manifest.write(export)
 
 
+DEMO_VARIANTS = {
+    "fp16": QuantizeOptions("fp16", "fp16"),
+    "int8 (W8A8)": QuantizeOptions("int8", "int8", calibration="demo"),
+    "int8 weight-only": QuantizeOptions("int8", "int8", int8_mode="weight-only"),
+    "int4 (block 128)": QuantizeOptions("int4", "int4", block_size=128),
+    "int4 (block 32)": QuantizeOptions("int4", "int4", block_size=32),
+}
+
+
+def demo(episodes: int, shots: int, decode_steps: int) -> list[dict[str, Any]]:
+    """Parity of every precision of the demo model against its PyTorch model (task accuracy)."""
+    from tokenizers import Tokenizer
+
+    from exporter.export import export_model
+    from exporter.parity import TorchBackend
+    from flamingo.loaders import load_flamingo
+
+    model_dir = ROOT / "models" / "demo"
+    model, tok, _ = load_flamingo(
+        model_dir / "lm",
+        model_dir / "open_clip_model.safetensors",
+        model_dir / "checkpoint.safetensors",
+    )
+    reference = TorchBackend(model, "pytorch:models/demo")
+    data = calibration_set("demo-eval", episodes=episodes, max_shots=shots, seed=1234).episodes
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "fp32"
+        export_model(model, tok, fp32, progress=None)
+        tokenizer = Tokenizer.from_file(str(fp32 / "tokenizer" / "tokenizer.json"))
+        fp32_bytes = sum(_bytes(fp32).values())
+        variants: dict[str, Path] = {"fp32": fp32}
+        for name, options in DEMO_VARIANTS.items():
+            variants[name] = Path(tmp) / f"v{len(variants)}"
+            quantize_export(fp32, variants[name], options)
+        for name, path in variants.items():
+            print(f"[quantize_bench] demo parity: {name}", file=sys.stderr, flush=True)
+            r = run_parity(reference, OnnxBackend(path), data, tokenizer, decode_steps=decode_steps)
+            m, task = r["metrics"], r["metrics"]["task"]
+            rows.append(
+                {
+                    "variant": name,
+                    "precisions": r["precisions"],
+                    "task_accuracy": task["candidate"],
+                    "reference_accuracy": task["reference"],
+                    "delta_points": round(100 * task["delta"], 2),
+                    "lost": task["lost"],
+                    "gained": task["gained"],
+                    "top1": m["decoder"]["top1"],
+                    "pipeline_top1": m["pipeline"]["top1"],
+                    "decoder_cosine": m["decoder"]["cosine"],
+                    "pipeline_cosine": m["pipeline"]["cosine"],
+                    "greedy_exact": m["pipeline"]["greedy_exact_match"],
+                    "size_ratio": sum(_bytes(path).values()) / fp32_bytes,
+                    "episodes": task["episodes"],
+                    "failures": r["failures"],
+                }
+            )
+    return rows
+
+
+SPEED_VARIANTS = {
+    "fp16": QuantizeOptions("fp16", "fp16"),
+    "int8 (W8A8)": QuantizeOptions("int8", "int8", episodes=4, decode_steps=2),
+    "int8 weight-only": QuantizeOptions("int8", "int8", int8_mode="weight-only"),
+    "int4 (block 128)": QuantizeOptions("int4", "int4"),
+}
+
+
+def speed(threads: int, repeats: int, shots: tuple[int, ...]) -> dict[str, Any]:
+    """Each quantized variant of the runtime bench's 144M model benched against its fp32."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from runtime_bench import FULL
+
+    from exporter.bench import BenchOptions, run_bench
+    from exporter.export import export_model
+    from flamingo.loaders import load_flamingo
+    from flamingo.tiny import build_tiny_flamingo
+
+    def say(message: str) -> None:
+        print(f"[quantize_bench] {message}", file=sys.stderr, flush=True)
+
+    options = BenchOptions(shots=shots, new_tokens=16, repeats=repeats, threads=threads)
+    out: dict[str, Any] = {"threads": threads, "shots": list(shots), "variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        say("building and exporting the 144M model (fp32)")
+        paths = build_tiny_flamingo(
+            root / "src", "llama", cross_attn_every_n_layers=2,
+            lm_overrides={"max_position_embeddings": 2048}, **FULL,
+        )  # fmt: skip
+        model, tok, _ = load_flamingo(paths.lm_dir, paths.vision_path, paths.checkpoint_path)
+        fp32 = root / "fp32"
+        export_model(model, tok, fp32, progress=None)
+        del model
+        for name, q in SPEED_VARIANTS.items():
+            say(f"quantizing: {name}")
+            path = root / name.replace(" ", "_").replace("(", "").replace(")", "")
+            quantize_export(fp32, path, q)
+            say(f"benching {name} against fp32")
+            report = run_bench(path, options, baseline_exports=[fp32], progress=say)
+            rows = {}
+            for r in report["results"]:
+                case = r["cases"]["runtime_uncached"]
+                base = r["cases"][f"export:{fp32.name}"]
+                ratio = r["ratios"][f"export:{fp32.name}"]["uncached"]
+                rows[str(r["shots"])] = {
+                    k: {"variant": case[k], "fp32": base[k], "ratio": ratio[k]}
+                    for k in ("vision_ms_per_image", "prefill_ms", "decode_ms_per_token",
+                              "total_ms")
+                }  # fmt: skip
+            out["variants"][name] = {
+                "bytes_ratio": sum(_bytes(path).values()) / sum(_bytes(fp32).values()),
+                "results": rows,
+                "load_avg": [
+                    report["machine"]["load_avg_start"],
+                    report["machine"]["load_avg_end"],
+                ],
+            }
+            shutil.rmtree(path)
+    return out
+
+
 def fp16_keep(
     outlier: float, families: list[str], executor: str, n_episodes: int, decode_steps: int
 ) -> list[dict[str, Any]]:
@@ -140,7 +274,7 @@ def fp16_keep(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["sizes", "fp16-keep"])
+    parser.add_argument("what", choices=["demo", "speed", "sizes", "fp16-keep"])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--family", default="llama")
     parser.add_argument("--outlier", type=float, default=400.0)
@@ -151,18 +285,55 @@ def main() -> None:
         help="fp16-keep: reference (numpy, ops in declared dtypes: shows fp16 overflow), "
         "onnxruntime or onnxruntime-unoptimized (CPU runs fp16 ops it lacks kernels for in fp32)",
     )
-    parser.add_argument("--episodes", type=int, default=4)
+    parser.add_argument("--episodes", type=int, default=None, help="demo 200, fp16-keep 4")
+    parser.add_argument("--shots", type=int, default=4, help="demo: shots per episode")
     parser.add_argument("--decode-steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="speed")
+    parser.add_argument("--repeats", type=int, default=3, help="speed")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.what == "sizes":
-        result: Any = sizes(args.hidden, args.family)
+    if args.what == "demo":
+        result: Any = demo(args.episodes or 200, args.shots, args.decode_steps)
+    elif args.what == "speed":
+        result = speed(args.threads, args.repeats, (0, 4))
+    elif args.what == "sizes":
+        result = sizes(args.hidden, args.family)
     else:
         result = fp16_keep(
-            args.outlier, args.families.split(","), args.executor, args.episodes, args.decode_steps
+            args.outlier,
+            args.families.split(","),
+            args.executor,
+            args.episodes or 4,
+            args.decode_steps,
         )
     if args.json:
         print(json.dumps(result, indent=2))
+    elif args.what == "demo":
+        print(
+            "| variant | task accuracy | vs PyTorch (points) | lost / gained | top-1 "
+            "| decoder cosine | greedy exact | size / fp32 |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for r in result:
+            print(
+                f"| {r['variant']} | {r['task_accuracy']:.1%} | {r['delta_points']:+.1f} "
+                f"| {r['lost']} / {r['gained']} | {r['top1']:.4f} | {r['decoder_cosine']:.6f} "
+                f"| {r['greedy_exact']:.3f} | {r['size_ratio']:.3f} |"
+            )
+    elif args.what == "speed":
+        print(
+            "| variant | shots | decode ms/tok (fp32) | prefill ms (fp32) | vision ms/img (fp32)"
+            " | total ms (fp32) | size / fp32 |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for name, v in result["variants"].items():
+            for k, row in v["results"].items():
+                cells = " | ".join(
+                    f"{row[m]['variant']:.1f} ({row[m]['fp32']:.1f}, x{row[m]['ratio']:.2f})"
+                    for m in ("decode_ms_per_token", "prefill_ms", "vision_ms_per_image",
+                              "total_ms")
+                )  # fmt: skip
+                print(f"| {name} | {k} | {cells} | {v['bytes_ratio']:.3f} |")
     elif args.what == "sizes":
         for name, row in result["bytes"].items():
             print(
