@@ -40,11 +40,11 @@ demo: $(STAMP)
 	$(BIN)/flamingo-export inspect $(MODEL_FILES)
 	$(BIN)/flamingo-export export $(MODEL_FILES) --output $(DEMO)/export
 	$(BIN)/python -m flamingo.demo_task $(DEMO)/episode --shots 4
-	$(BIN)/flamingo-export run $(DEMO)/export --json --max-new-tokens 4 $(EPISODE)
+	$(BIN)/flamingo-export run $(DEMO)/export --max-new-tokens 4 $(EPISODE)
 	$(BIN)/flamingo-export parity $(DEMO)/export $(MODEL_FILES) $(HELD_OUT)
 	$(BIN)/flamingo-export quantize $(DEMO)/export --precision int8 --calibration demo \
 		-o $(DEMO)/int8
-	$(BIN)/flamingo-export run $(DEMO)/int8 --json --max-new-tokens 4 $(EPISODE)
+	$(BIN)/flamingo-export run $(DEMO)/int8 --max-new-tokens 4 $(EPISODE)
 	$(BIN)/flamingo-export parity $(DEMO)/export $(DEMO)/int8 $(HELD_OUT) \
 		--report $(DEMO)/parity-int8.md
 

@@ -81,6 +81,15 @@ RATIO_METRICS = (
     "tokens_per_s",
     "peak_rss_bytes",
 )
+RATIO_LABELS = {  # column headers of the ratio table, in RATIO_METRICS order
+    "vision_ms_per_image": "vision/img",
+    "prefill_ms": "prefill",
+    "ttft_ms": "TTFT",
+    "decode_ms_per_token": "decode/tok",
+    "total_ms": "total",
+    "tokens_per_s": "tok/s",
+    "peak_rss_bytes": "peak RSS",
+}
 Progress = Callable[[str], None]
 
 
@@ -763,9 +772,8 @@ def format_table(report: dict[str, Any]) -> str:
             "Runtime / baseline, median of per-repeat ratios (times and RSS: < 1 is better; "
             "tok/s: > 1 is better):",
             "",
-            "| shots | runtime | vs | vision/img | prefill | decode/tok | TTFT | total "
-            "| tok/s | peak RSS |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| shots | runtime | vs | " + " | ".join(RATIO_LABELS[k] for k in RATIO_METRICS) + " |",
+            "|---|---|---|" + "---|" * len(RATIO_METRICS),
         ]
         for r in report["results"]:
             for baseline, modes in r["ratios"].items():

@@ -287,6 +287,8 @@ def run(
             out = pipe.generate(prompt, [str(p) for p in images], config, callback)
         else:
             examples = load_demos_jsonl(demos) if demos is not None else []
+            if not as_json:  # what the answer is conditioned on (stderr: stdout = the answer)
+                _echo_few_shot(examples, images[0], question)
             out = pipe.few_shot(
                 examples, str(images[0]), task or "caption", question, config, callback
             )
@@ -295,9 +297,27 @@ def run(
     if streamer is not None:
         click.echo(streamer.flush(), err=as_json)
     if as_json:
-        click.echo(json.dumps(out.to_dict(), indent=2))
+        result = out.to_dict()
+        if prompt is None:
+            result["demonstrations"] = [_demo_dict(d) for d in examples]
+            result["query_image"] = str(images[0])
+        click.echo(json.dumps(result, indent=2))
     elif streamer is None:
         click.echo(out.text)
+
+
+def _demo_dict(demo: Any) -> dict[str, str]:
+    fields = {"text": demo.text, "question": demo.question, "answer": demo.answer}
+    return {"image": str(demo.image), **{k: v for k, v in fields.items() if v is not None}}
+
+
+def _echo_few_shot(examples: list[Any], query: Path, question: str | None) -> None:
+    click.echo(f"{len(examples)} demonstration(s):", err=True)
+    for d in examples:
+        said = d.text if d.text is not None else f"Q: {d.question} A: {d.answer}"
+        click.echo(f"  {d.image} -> {said}", err=True)
+    click.echo(f"query: {query}" + (f"  Q: {question}" if question else ""), err=True)
+    click.echo("answer:", err=True)
 
 
 @main.command()

@@ -387,7 +387,8 @@ def measure(
             cand_ok = answer_text(tokenizer, cand_seq, stops) == label.strip()
             ref_hits, cand_hits = ref_hits + ref_ok, cand_hits + cand_ok
             lost += ref_ok and not cand_ok
-        say(f"parity: episode {e + 1}/{len(episodes)}")
+        if (e + 1) % max(1, len(episodes) // 10) == 0 or e + 1 == len(episodes):
+            say(f"parity: episode {e + 1}/{len(episodes)}")
     return {
         "vision": {name: s.to_dict() for name, s in vision.items()},
         "decoder": {**decoder.to_dict(), "top1": dec_tokens.rate, "positions": dec_tokens.total},

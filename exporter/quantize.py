@@ -452,16 +452,21 @@ def quantize_embeddings(model: onnx.ModelProto, skip: set[str]) -> list[str]:
     Weight-only (the Gather output is float): symmetric, zero point 0, axis 0, which for a
     tied LM head is one scale per vocabulary entry, i.e. per output channel.
     """
+    return _dequantize_inputs(model, set(embedding_nodes(model)) - skip, 0, axis=0)
+
+
+def _dequantize_inputs(model: onnx.ModelProto, nodes: set[str], index: int, axis: int) -> list[str]:
+    """Input `index` (an initializer) of every node in `nodes` -> int8 per channel along `axis`
+    behind a DequantizeLinear placed first in the graph; shared initializers once. Returns
+    the initializer names."""
     inits = _initializers(model)
-    gathers = set(embedding_nodes(model)) - skip
-    tables = []
+    names: list[str] = []
     for node in model.graph.node:
-        if node.name in gathers and node.input[0] not in tables:
-            tables.append(node.input[0])
-    new_nodes = [_dequantize_initializer(model, inits[name], axis=0) for name in tables]
-    for i, node in enumerate(new_nodes):
-        model.graph.node.insert(i, node)
-    return tables
+        if node.name in nodes and node.input[index] not in names:
+            names.append(node.input[index])
+    for i, name in enumerate(names):
+        model.graph.node.insert(i, _dequantize_initializer(model, inits[name], axis))
+    return names
 
 
 def to_int8_weight_only(
@@ -472,17 +477,10 @@ def to_int8_weight_only(
     Only MatMul weights [K, N] (axis 1 = output channel); Conv and Gemm stay float (the
     vision stem and nothing else here). A weight shared by several MatMuls is quantized once.
     """
-    inits = _initializers(model)
     kept = set(keep_nodes)
     op_of = {n.name: n.op_type for n in model.graph.node}
     targets = [n for n in weight_nodes(model) if n not in kept and op_of[n] == "MatMul"]
-    weights = []
-    for node in model.graph.node:
-        if node.name in targets and node.input[1] not in weights:
-            weights.append(node.input[1])
-    new_nodes = [_dequantize_initializer(model, inits[name], axis=1) for name in weights]
-    for i, node in enumerate(new_nodes):
-        model.graph.node.insert(i, node)
+    _dequantize_inputs(model, set(targets), 1, axis=1)
     embeddings = quantize_embeddings(model, kept) if options.quantize_embeddings else []
     info = {
         "mode": "weight-only",

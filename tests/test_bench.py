@@ -71,6 +71,13 @@ def test_ratios_are_runtime_over_baseline(report: dict) -> None:
     assert set(summary["speedup_vs_oracle_end_to_end"]["4"]) == {"uncached", "cached"}
     table = format_table(report)
     assert "open_flamingo generate" in table and "| 4 | cached |" in table
+    # each ratio sits under its own header (the header is built from RATIO_METRICS)
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("| shots | runtime | vs"))
+    row = next(line for line in lines if line.startswith("| 4 | uncached | open_flamingo"))
+    cells = dict(zip(header.split("|")[4:-1], row.split("|")[4:-1]))
+    decode = report["results"][1]["ratios"]["oracle"]["uncached"]["decode_ms_per_token"]
+    assert cells[" decode/tok "].strip() == f"{decode:.2f}"
 
 
 def test_cli_bench_runtime_only(tiny_export: Callable) -> None:

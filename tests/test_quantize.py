@@ -281,9 +281,19 @@ def test_calibration_data_from_jsonl_and_its_errors(tmp_path: Path) -> None:
 
 
 def test_calibration_from_demo_task() -> None:
-    pytest.importorskip("flamingo.demo_task", reason="the demo task is not in this tree yet")
+    from flamingo import demo_task
+
     demo = calibration_set("demo", episodes=2, max_shots=2, seed=0)
     assert all(e.prompt.count("<image>") == len(e.images) for e in demo.episodes)
+    assert all(e.answer in demo_task.ANSWERS for e in demo.episodes)
+    # demo-eval: the README's held-out episodes, labelled, exactly max_shots demonstrations
+    held_out = calibration_set("demo-eval", episodes=3, max_shots=4, seed=demo_task.EVAL_SEED)
+    expected = demo_task.eval_episodes(3, demo_task.EVAL_SEED, 4)
+    assert [e.answer for e in held_out.episodes] == [e.answer for e in expected]
+    assert [e.prompt for e in held_out.episodes] == [e.prompt() for e in expected]
+    assert all(e.shots == 4 and len(e.images) == 5 for e in held_out.episodes)
+    with pytest.raises(CalibrationError, match=r"0\.\.8 shots"):
+        calibration_set("demo-eval", episodes=1, max_shots=9)
 
 
 def test_quantize_errors(quantized: Callable, tiny_export: Callable, tmp_path: Path) -> None:

@@ -176,6 +176,14 @@ for extra in ([], ["--task", "vqa", "--question", "which?"]):
     assert {{"text", "token_ids", "logprobs", "timings_ms", "stats"}} <= set(out), out
     assert len(out["token_ids"]) == len(out["logprobs"]) >= 1
     assert out["stats"]["images"] == 3
+    assert out["query_image"] == {images[1]!r}
+    assert [d["image"] for d in out["demonstrations"]] == [{images[0]!r}] * 2
+    assert out["demonstrations"][0]["text"] == "red"
+# text mode: the answer alone on stdout, what it was conditioned on on stderr
+result = CliRunner().invoke(main, [a for a in base if a != "--json"])
+assert result.exit_code == 0 and result.stdout.strip() and "->" not in result.stdout
+assert "2 demonstration(s):" in result.stderr and "red" in result.stderr
+assert "query: " + {images[1]!r} in result.stderr
 mods = [m for m in sys.modules if sys.modules[m] is not None]
 assert not [m for m in mods if m.split(".")[0] in ("torch", "transformers")]
 print("ok")
