@@ -8,6 +8,11 @@ on the same episodes. The groups that cost the most are the keep-list candidates
 `quantize --keep-node` to leave them fp32.
 
 int8 ranges are calibrated once and reused from a calibration cache for every group.
+
+`auto_mix` turns the ranking into the cheapest mix that meets an accuracy budget: keep the k
+most sensitive groups at the source precision, everything else quantized, and find the
+smallest k whose parity passes the budget (parity's gate, e.g. ``top1 >= 0.99`` or
+``task_delta >= -0.01``) by bisection over k; every evaluated k is reported.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from exporter.parity import OnnxBackend, measure
+from exporter.parity import OnnxBackend, gate, measure
 from exporter.quantize import (
     QuantizeError,
     QuantizeOptions,
@@ -77,10 +82,7 @@ def run_sensitivity(
     if precision not in ("fp16", "int8", "int4"):
         raise QuantizeError(f"sensitivity needs fp16, int8 or int4, not {precision!r}")
     src = Path(src)
-    manifest = load_manifest(src)
-    model = load_graph(safe_join(src, manifest.graphs[graph].file))
-    name_nodes(model)
-    groups = weight_groups(model)
+    groups = weight_groups(_graph(src, graph))
     every = [n for nodes in groups.values() for n in nodes]
     reference = OnnxBackend(src)
     tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
@@ -92,15 +94,7 @@ def run_sensitivity(
         for i, (group, nodes) in enumerate(groups.items()):
             mine = set(nodes)
             keep = tuple(glob.escape(n) for n in every if n not in mine)
-            options = replace(
-                base,
-                vision=precision if graph == "vision" else "fp32",
-                decoder=precision if graph == "decoder" else "fp32",
-                keep_nodes=keep,
-                calibration_cache=cache,
-                force=True,
-                extra={},
-            )
+            options = _options(base, graph, precision, keep, cache)
             out = work / "candidate"
             quantize_export(src, out, options)
             m = measure(reference, OnnxBackend(out), eval_set, tokenizer, decode_steps)
@@ -122,3 +116,104 @@ def run_sensitivity(
 def keep_list(result: dict[str, Any], top: int) -> list[str]:
     """`--keep-node` globs for the `top` most sensitive groups."""
     return [f"{glob.escape(r['group'])}/*" for r in result["groups"][:top]]
+
+
+def _graph(src: Path, graph: str) -> Any:
+    model = load_graph(safe_join(src, load_manifest(src).graphs[graph].file))
+    name_nodes(model)
+    return model
+
+
+def _options(
+    base: QuantizeOptions, graph: str, precision: str, keep: tuple[str, ...], cache: str
+) -> QuantizeOptions:
+    """`graph` at `precision` with `keep` left at fp32, the other graph fp32."""
+    return replace(
+        base,
+        vision=precision if graph == "vision" else "fp32",
+        decoder=precision if graph == "decoder" else "fp32",
+        keep_nodes=keep,
+        calibration_cache=cache,
+        force=True,
+        extra={},
+    )
+
+
+def auto_mix(
+    src: str | Path,
+    graph: str,
+    precision: str,
+    base: QuantizeOptions,
+    budget: dict[str, float],
+    *,
+    ranking: dict[str, Any] | None = None,
+    output: str | Path | None = None,
+    force: bool = False,
+    data: str = "random",
+    episodes: int = 4,
+    decode_steps: int = 4,
+    seed: int = 1234,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The fewest most-sensitive groups to keep at fp32 so that `graph` at `precision` meets
+    `budget` (metric -> lower bound, as parity's thresholds); writes that export to `output`.
+
+    Bisection assumes keeping more groups never hurts (true of the measured metrics up to
+    noise); k = all groups is the fp32 graph, so an unmet budget there is an error.
+    """
+    from tokenizers import Tokenizer
+
+    say = progress or (lambda _m: None)
+    if not budget:
+        raise QuantizeError("an accuracy budget needs at least one metric bound")
+    src = Path(src)
+    ranking = ranking or run_sensitivity(
+        src, graph, precision, base, data=data, episodes=episodes,
+        decode_steps=decode_steps, seed=seed, progress=progress,
+    )  # fmt: skip
+    order = [r["group"] for r in ranking["groups"]]
+    reference = OnnxBackend(src)
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
+    eval_set = calibration_set(data, episodes=episodes, seed=seed).episodes
+    tried: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="flamingo-auto-mix-") as tmp:
+        work = Path(tmp)
+        cache = base.calibration_cache or str(work / "ranges")
+
+        def evaluate(k: int) -> bool:
+            keep = (*base.keep_nodes, *keep_list(ranking, k))
+            out = work / f"k{k}"
+            quantize_export(src, out, _options(base, graph, precision, keep, cache))
+            m = measure(reference, OnnxBackend(out), eval_set, tokenizer, decode_steps)
+            failures = gate(m, budget)
+            size = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".onnx", ".data"))
+            tried[k] = {"keep_groups": k, "failures": failures, "bytes": size}
+            say(f"auto mix: keep {k}/{len(order)} groups: " + ("; ".join(failures) or "meets"))
+            return not failures
+
+        lo, hi = 0, len(order)  # invariant: hi meets the budget (checked), lo - 1 does not
+        if not evaluate(hi):
+            raise QuantizeError(
+                f"{graph} cannot meet the budget even with every group kept at fp32: "
+                + "; ".join(tried[hi]["failures"])
+            )
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if evaluate(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        keep = [*base.keep_nodes, *keep_list(ranking, hi)]
+        if output is not None:
+            final = replace(_options(base, graph, precision, tuple(keep), cache), force=force)
+            quantize_export(src, output, final)
+    return {
+        "graph": graph,
+        "precision": precision,
+        "budget": budget,
+        "keep_groups": order[:hi],
+        "keep_nodes": keep,
+        "evaluated": [tried[k] for k in sorted(tried)],
+        "ranking": ranking["groups"],
+        "output": str(output) if output is not None else None,
+    }

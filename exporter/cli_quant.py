@@ -395,6 +395,21 @@ def _print_summary(result: dict[str, Any]) -> None:
     show_default=True,
     help="How many of the most sensitive groups to suggest keeping.",
 )
+@click.option(
+    "--budget",
+    default=None,
+    help="Automatic mix: the accuracy budget as parity thresholds, e.g. 'top1=0.99' or "
+    "'task_delta=-0.01' (with labelled --data); keeps the fewest most-sensitive groups at fp32 "
+    "that meet it.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --budget: write the chosen mixed-precision export here.",
+)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True)
 @quant_options
 def sensitivity(
@@ -405,26 +420,40 @@ def sensitivity(
     episodes: int,
     eval_decode_steps: int,
     top: int,
+    budget: str | None,
+    output: Path | None,
+    force: bool,
     as_json: bool,
     **kw: Any,
 ) -> None:
-    """Rank EXPORT_DIR's layers by how much quantizing each alone costs; suggest a keep-list."""
+    """Rank EXPORT_DIR's layers by how much quantizing each alone costs; suggest a keep-list,
+    or with --budget pick the cheapest mix that meets it (and write it with -o)."""
     import json
 
     from calibration.data import CalibrationError
-    from calibration.sensitivity import keep_list, run_sensitivity
+    from calibration.sensitivity import auto_mix, keep_list, run_sensitivity
     from exporter.export import ExportError
     from runtime.manifest import ManifestError
 
+    if output is not None and budget is None:
+        raise click.UsageError("-o/--output needs --budget (the mix it writes is chosen by it)")
+    bounds = _thresholds(budget).get(precision, {}) if budget else {}
+    if budget and not bounds:
+        raise click.UsageError(f"--budget {budget!r} sets no bound for {precision}")
     base = make_options({**kw, "precision": precision}, force=True)
+    evaluation = {"data": data, "episodes": episodes, "decode_steps": eval_decode_steps}
     try:
         result = run_sensitivity(
-            export_dir, graph, precision, base, data=data, episodes=episodes,
-            decode_steps=eval_decode_steps, progress=_progress,
-        )  # fmt: skip
+            export_dir, graph, precision, base, **evaluation, progress=_progress
+        )
+        if bounds:
+            result["auto"] = auto_mix(
+                export_dir, graph, precision, base, bounds, ranking=result, output=output,
+                force=force, **evaluation, progress=_progress,
+            )  # fmt: skip
     except (ExportError, CalibrationError, ManifestError) as e:
         raise click.ClickException(str(e)) from e
-    result["keep_nodes"] = keep_list(result, top)
+    result["keep_nodes"] = result["auto"]["keep_nodes"] if bounds else keep_list(result, top)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -434,6 +463,16 @@ def sensitivity(
             f"  {r['group']:<44} {r['nodes']:>3} nodes  cosine {r['cosine']:.6f}  "
             f"top-1 {r['top1']:.4f}"
         )
+    if bounds:
+        auto = result["auto"]
+        click.echo(f"budget {budget}: keep {len(auto['keep_groups'])} of {len(result['groups'])}")
+        for row in auto["evaluated"]:
+            verdict = "; ".join(row["failures"]) or "meets the budget"
+            click.echo(
+                f"  keep {row['keep_groups']:>3}: {row['bytes'] / 2**20:8.2f} MiB  {verdict}"
+            )
+        if output is not None:
+            click.echo(f"wrote {output}")
     flags = " ".join(f"--keep-node '{k}'" for k in result["keep_nodes"])
     click.echo(f"keep-list: {flags}")
 

@@ -375,6 +375,44 @@ def test_sensitivity_ranks_groups_and_suggests_keep_list(tiny_export: Callable) 
     assert data["keep_nodes"] == [f"{g}/*" for g in groups[:2]]
 
 
+def test_sensitivity_budget_picks_the_fewest_kept_groups_that_meet_it(
+    tiny_export: Callable, tmp_path: Path
+) -> None:
+    """--budget: bisection over 'keep the k most sensitive groups'; the written export meets
+    the budget on re-measurement, every smaller k evaluated misses it."""
+    from tokenizers import Tokenizer
+
+    src = tiny_export("llama")
+    out = tmp_path / "mixed"
+    budget = 0.9995  # int4 everywhere on the tiny model: ~0.96-0.98
+    args = ["sensitivity", str(src), "--precision", "int4", "--block-size", "32",
+            "--episodes", "2", "--eval-decode-steps", "2"]  # fmt: skip
+    result = CliRunner().invoke(
+        main, [*args, "--budget", f"decoder_cosine={budget}", "-o", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    auto, order = data["auto"], [r["group"] for r in data["groups"]]
+    k = len(auto["keep_groups"])
+    assert auto["keep_groups"] == order[:k] and 0 < k < len(order)
+    assert data["keep_nodes"] == [f"{g}/*" for g in order[:k]]
+    evaluated = {row["keep_groups"]: row for row in auto["evaluated"]}
+    assert evaluated[k]["failures"] == [] and evaluated[len(order)]["failures"] == []
+    assert all(row["failures"] for j, row in evaluated.items() if j < k)
+    assert k - 1 in evaluated  # the bisection proved k minimal
+    manifest = load_manifest(out)
+    assert manifest.quantization["decoder"]["keep_nodes"]  # the kept groups stay fp32
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
+    episodes = calibration_set("random", episodes=2, seed=1234).episodes
+    again = run_parity(OnnxBackend(src), OnnxBackend(out), episodes, tokenizer, decode_steps=2)
+    assert again["metrics"]["decoder"]["cosine"] >= budget
+    # a budget no mix can meet, and -o without a budget
+    bad = CliRunner().invoke(main, [*args, "--budget", "decoder_cosine=1.5"])
+    assert bad.exit_code == 1 and "cannot meet the budget" in bad.output
+    usage = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x")])
+    assert usage.exit_code == 2 and "needs --budget" in usage.output
+
+
 def test_graphs_over_the_protobuf_limit_use_external_data(
     tiny_export: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
