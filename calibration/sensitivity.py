@@ -175,6 +175,8 @@ def auto_mix(
     reference = OnnxBackend(src)
     tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
     eval_set = calibration_set(data, episodes=episodes, seed=seed).episodes
+    if "task_delta" in budget and not any(e.answer is not None for e in eval_set):
+        raise QuantizeError(f"a task_delta budget needs labelled episodes; --data {data} has none")
     tried: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="flamingo-auto-mix-") as tmp:
         work = Path(tmp)
