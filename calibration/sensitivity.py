@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,32 +61,58 @@ def weight_groups(model: Any) -> dict[str, list[str]]:
     return groups
 
 
+@dataclass
+class Evaluation:
+    """What every candidate is measured on: the source export as reference, and the same
+    episodes (labelled ones allow a `task_delta` budget). Loaded once, shared by the ranking and
+    the budget search."""
+
+    src: Path
+    data: str = "random"
+    episodes: int = 4
+    decode_steps: int = 4
+    seed: int = 1234
+    reference: Any = field(init=False, repr=False)
+    tokenizer: Any = field(init=False, repr=False)
+    episode_set: list[Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from tokenizers import Tokenizer
+
+        self.src = Path(self.src)
+        self.reference = OnnxBackend(self.src)
+        self.tokenizer = Tokenizer.from_file(str(self.src / "tokenizer" / "tokenizer.json"))
+        self.episode_set = calibration_set(
+            self.data, episodes=self.episodes, seed=self.seed
+        ).episodes
+
+    @property
+    def labelled(self) -> bool:
+        return any(e.answer is not None for e in self.episode_set)
+
+    def measure(self, candidate: Path) -> dict[str, Any]:
+        return measure(
+            self.reference, OnnxBackend(candidate), self.episode_set, self.tokenizer,
+            self.decode_steps,
+        )  # fmt: skip
+
+
 def run_sensitivity(
-    src: str | Path,
+    evaluation: Evaluation,
     graph: str,
     precision: str,
     base: QuantizeOptions,
-    *,
-    data: str = "random",
-    episodes: int = 4,
-    decode_steps: int = 4,
-    seed: int = 1234,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """One row per weight group: parity of `graph` with only that group at `precision`."""
-    from tokenizers import Tokenizer
-
     say = progress or (lambda _m: None)
     if graph not in ("vision", "decoder"):
         raise QuantizeError(f"graph must be 'vision' or 'decoder', not {graph!r}")
     if precision not in ("fp16", "int8", "int4"):
         raise QuantizeError(f"sensitivity needs fp16, int8 or int4, not {precision!r}")
-    src = Path(src)
+    src = evaluation.src
     groups = weight_groups(_graph(src, graph))
     every = [n for nodes in groups.values() for n in nodes]
-    reference = OnnxBackend(src)
-    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
-    eval_set = calibration_set(data, episodes=episodes, seed=seed).episodes
     rows = []
     with tempfile.TemporaryDirectory(prefix="flamingo-sensitivity-") as tmp:
         work = Path(tmp)
@@ -97,7 +123,7 @@ def run_sensitivity(
             options = _options(base, graph, precision, keep, cache)
             out = work / "candidate"
             quantize_export(src, out, options)
-            m = measure(reference, OnnxBackend(out), eval_set, tokenizer, decode_steps)
+            m = evaluation.measure(out)
             if graph == "vision":
                 cosine = min(v["cosine"] for v in m["vision"].values())
                 top1 = m["pipeline"]["top1"]
@@ -110,7 +136,12 @@ def run_sensitivity(
             shutil.rmtree(out)
             say(f"sensitivity: {i + 1}/{len(groups)} {group}: cosine {cosine:.6f} top-1 {top1:.4f}")
     rows.sort(key=lambda r: (r["cosine"], r["top1"]))
-    return {"graph": graph, "precision": precision, "episodes": episodes, "groups": rows}
+    return {
+        "graph": graph,
+        "precision": precision,
+        "episodes": evaluation.episodes,
+        "groups": rows,
+    }
 
 
 def keep_list(result: dict[str, Any], top: int) -> list[str]:
@@ -140,43 +171,32 @@ def _options(
 
 
 def auto_mix(
-    src: str | Path,
+    evaluation: Evaluation,
     graph: str,
     precision: str,
     base: QuantizeOptions,
     budget: dict[str, float],
+    ranking: dict[str, Any],
     *,
-    ranking: dict[str, Any] | None = None,
     output: str | Path | None = None,
     force: bool = False,
-    data: str = "random",
-    episodes: int = 4,
-    decode_steps: int = 4,
-    seed: int = 1234,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """The fewest most-sensitive groups to keep at fp32 so that `graph` at `precision` meets
-    `budget` (metric -> lower bound, as parity's thresholds); writes that export to `output`.
+    """The fewest most-sensitive groups of `ranking` (run_sensitivity's result) to keep at fp32
+    so that `graph` at `precision` meets `budget` (metric -> lower bound, as parity's
+    thresholds); writes that export to `output`.
 
     Bisection assumes keeping more groups never hurts (true of the measured metrics up to
     noise); k = all groups is the fp32 graph, so an unmet budget there is an error.
     """
-    from tokenizers import Tokenizer
-
     say = progress or (lambda _m: None)
     if not budget:
         raise QuantizeError("an accuracy budget needs at least one metric bound")
-    src = Path(src)
-    ranking = ranking or run_sensitivity(
-        src, graph, precision, base, data=data, episodes=episodes,
-        decode_steps=decode_steps, seed=seed, progress=progress,
-    )  # fmt: skip
+    if "task_delta" in budget and not evaluation.labelled:
+        raise QuantizeError(
+            f"a task_delta budget needs labelled episodes; --data {evaluation.data} has none"
+        )
     order = [r["group"] for r in ranking["groups"]]
-    reference = OnnxBackend(src)
-    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
-    eval_set = calibration_set(data, episodes=episodes, seed=seed).episodes
-    if "task_delta" in budget and not any(e.answer is not None for e in eval_set):
-        raise QuantizeError(f"a task_delta budget needs labelled episodes; --data {data} has none")
     tried: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="flamingo-auto-mix-") as tmp:
         work = Path(tmp)
@@ -185,9 +205,8 @@ def auto_mix(
         def evaluate(k: int) -> bool:
             keep = (*base.keep_nodes, *keep_list(ranking, k))
             out = work / f"k{k}"
-            quantize_export(src, out, _options(base, graph, precision, keep, cache))
-            m = measure(reference, OnnxBackend(out), eval_set, tokenizer, decode_steps)
-            failures = gate(m, budget)
+            quantize_export(evaluation.src, out, _options(base, graph, precision, keep, cache))
+            failures = gate(evaluation.measure(out), budget)
             size = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".onnx", ".data"))
             tried[k] = {"keep_groups": k, "failures": failures, "bytes": size}
             say(f"auto mix: keep {k}/{len(order)} groups: " + ("; ".join(failures) or "meets"))
@@ -208,7 +227,7 @@ def auto_mix(
         keep = [*base.keep_nodes, *keep_list(ranking, hi)]
         if output is not None:
             final = replace(_options(base, graph, precision, tuple(keep), cache), force=force)
-            quantize_export(src, output, final)
+            quantize_export(evaluation.src, output, final)
     return {
         "graph": graph,
         "precision": precision,
@@ -216,6 +235,5 @@ def auto_mix(
         "keep_groups": order[:hi],
         "keep_nodes": keep,
         "evaluated": [tried[k] for k in sorted(tried)],
-        "ranking": ranking["groups"],
         "output": str(output) if output is not None else None,
     }

@@ -431,7 +431,7 @@ def sensitivity(
     import json
 
     from calibration.data import CalibrationError
-    from calibration.sensitivity import auto_mix, keep_list, run_sensitivity
+    from calibration.sensitivity import Evaluation, auto_mix, keep_list, run_sensitivity
     from exporter.export import ExportError
     from runtime.manifest import ManifestError
 
@@ -441,15 +441,13 @@ def sensitivity(
     if budget and not bounds:
         raise click.UsageError(f"--budget {budget!r} sets no bound for {precision}")
     base = make_options({**kw, "precision": precision}, force=True)
-    evaluation = {"data": data, "episodes": episodes, "decode_steps": eval_decode_steps}
     try:
-        result = run_sensitivity(
-            export_dir, graph, precision, base, **evaluation, progress=_progress
-        )
+        evaluation = Evaluation(export_dir, data, episodes, eval_decode_steps)
+        result = run_sensitivity(evaluation, graph, precision, base, progress=_progress)
         if bounds:
             result["auto"] = auto_mix(
-                export_dir, graph, precision, base, bounds, ranking=result, output=output,
-                force=force, **evaluation, progress=_progress,
+                evaluation, graph, precision, base, bounds, result, output=output,
+                force=force, progress=_progress,
             )  # fmt: skip
     except (ExportError, CalibrationError, ManifestError) as e:
         raise click.ClickException(str(e)) from e
