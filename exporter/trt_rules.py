@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,50 +138,42 @@ _REDUCE_OPS = _names(
     "ReduceSum ReduceSumSquare"
 )
 
-RULES: dict[str, ParserRules] = {
-    "8.5": ParserRules(
-        version="8.5",
-        release="TensorRT 8.5 (JetPack 5.1.x ships 8.5.2)",
-        jetpack="5.1.x",
-        source="onnx/onnx-tensorrt docs/operators.md @ 8.5-GA (fdeeaca)",
-        opset_min=7,
-        opset_max=17,
-        opset_tolerated=17,
-        opset_note="TensorRT 8.5 supports operators up to opset 17",
-        ops=_OPS_85,
-        dtypes=frozenset(
-            {_T.DOUBLE, _T.FLOAT, _T.FLOAT16, _T.INT8, _T.BOOL, _T.INT32, _T.INT64, _T.UINT8}
-        ),
-        int64_native=False,
-        quantized=frozenset({_T.INT8}),
-        weight_only_gemm=False,
-        local_functions=False,
-        einsum_ellipsis=False,
-        constant_inputs={
-            **_CONST_COMMON,
-            **_CONST_SLICE,
-            "TopK": {1: "`K` input must be an initializer"},
-            "InstanceNormalization": {1: "`scale` must be an initializer", 2: "`B` too"},
-        },
+_RULES_85 = ParserRules(
+    version="8.5",
+    release="TensorRT 8.5 (JetPack 5.1.x ships 8.5.2)",
+    jetpack="5.1.x",
+    source="onnx/onnx-tensorrt docs/operators.md @ 8.5-GA (fdeeaca)",
+    opset_min=7,
+    opset_max=17,
+    opset_tolerated=17,
+    opset_note="TensorRT 8.5 supports operators up to opset 17",
+    ops=_OPS_85,
+    dtypes=frozenset(
+        {_T.DOUBLE, _T.FLOAT, _T.FLOAT16, _T.INT8, _T.BOOL, _T.INT32, _T.INT64, _T.UINT8}
     ),
-    "8.6": ParserRules(
+    int64_native=False,
+    quantized=frozenset({_T.INT8}),
+    weight_only_gemm=False,
+    local_functions=False,
+    einsum_ellipsis=False,
+    constant_inputs={
+        **_CONST_COMMON,
+        **_CONST_SLICE,
+        "TopK": {1: "`K` input must be an initializer"},
+        "InstanceNormalization": {1: "`scale` must be an initializer", 2: "`B` too"},
+    },
+)
+RULES: dict[str, ParserRules] = {
+    "8.5": _RULES_85,
+    # 8.6 = 8.5 plus three importers; TopK's K and InstanceNormalization's inputs may be tensors
+    "8.6": replace(
+        _RULES_85,
         version="8.6",
         release="TensorRT 8.6 (JetPack 6.0 ships 8.6.2)",
         jetpack="6.0",
         source="onnx/onnx-tensorrt docs/operators.md @ 8.6-GA (ee0b139)",
-        opset_min=7,
-        opset_max=17,
-        opset_tolerated=17,
         opset_note="TensorRT 8.6 supports operators up to opset 17",
         ops=_OPS_85 | _ADDED_86,
-        dtypes=frozenset(
-            {_T.DOUBLE, _T.FLOAT, _T.FLOAT16, _T.INT8, _T.BOOL, _T.INT32, _T.INT64, _T.UINT8}
-        ),
-        int64_native=False,
-        quantized=frozenset({_T.INT8}),
-        weight_only_gemm=False,
-        local_functions=False,
-        einsum_ellipsis=False,
         constant_inputs={**_CONST_COMMON, **_CONST_SLICE},
     ),
     "10": ParserRules(
