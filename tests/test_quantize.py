@@ -392,7 +392,8 @@ def test_sensitivity_budget_picks_the_fewest_kept_groups_that_meet_it(
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    auto, order = data["auto"], [r["group"] for r in data["groups"]]
+    auto, order = data["auto"], data["auto"]["order"]
+    assert order == [r["group"] for r in data["groups"]]  # a cosine budget: the ranking's order
     k = len(auto["keep_groups"])
     assert auto["keep_groups"] == order[:k] and 0 < k < len(order)
     assert data["keep_nodes"] == [f"{g}/*" for g in order[:k]]
