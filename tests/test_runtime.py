@@ -191,3 +191,20 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_vision_workers_do_not_spin_into_the_decoder(tiny_export) -> None:
+    """The vision pool's idle workers would spin while the decoder prefill runs right after
+    it (runtime.engine.NO_SPIN_GRAPHS); the decoder keeps ORT's default spinning."""
+
+    def spinning(session) -> str:
+        try:
+            return session.get_session_options().get_session_config_entry(
+                "session.intra_op.allow_spinning"
+            )
+        except RuntimeError:  # not set: onnxruntime's default (spin)
+            return "default"
+
+    pipe = FlamingoPipeline(tiny_export("llama"), threads=2)
+    assert spinning(pipe.engine.sessions["vision"]) == "0"
+    assert spinning(pipe.engine.sessions["decoder"]) == "default"
