@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +274,11 @@ def run(
         )
     names = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers] or ["CPUExecutionProvider"]
     try:
-        pipe = FlamingoPipeline(export_dir, providers=names, threads=threads)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            pipe = FlamingoPipeline(export_dir, providers=names, threads=threads)
+        for w in caught:  # e.g. an export made for TensorRT that is slow on this EP
+            click.echo(f"[flamingo-export] note: {w.message}", err=True)
         config = pipe.default_config(**search)
         config.validate()
         streamer = TextStream(pipe.tokenizer, config.eos_token_ids) if stream else None

@@ -117,6 +117,12 @@ def make_options(kw: dict[str, Any], force: bool) -> Any:
     return options
 
 
+def _slow_on_cpu(manifest: Any) -> list[str]:
+    from runtime.engine import slow_on_cpu
+
+    return slow_on_cpu(manifest)
+
+
 def _progress(message: str) -> None:
     click.echo(f"[flamingo-export] {message}", err=True)
 
@@ -200,6 +206,7 @@ def quantize(export_dir: Path, output: Path, force: bool, as_json: bool, **kw: A
             for name, g in manifest.graphs.items()
         },
         "quantization": manifest.quantization,
+        "notes": _slow_on_cpu(manifest),
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -209,6 +216,8 @@ def quantize(export_dir: Path, output: Path, force: bool, as_json: bool, **kw: A
             f"{name:<8} {g['precision']:<5} opset {g['opset']:<3} {g['bytes'] / 2**20:>9.2f} MiB"
             f"  {'+'.join(g['backends'])}"
         )  # fmt: skip
+    for note in summary["notes"]:
+        _progress(f"note: {note}")
 
 
 PARITY_MODEL_OPTIONS = [

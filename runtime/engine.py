@@ -30,6 +30,24 @@ DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 NO_SPIN_GRAPHS = frozenset({"vision"})
 
 
+# An int8 W8A8 decoder (Q/DQ on activations) is the form TensorRT builds into int8 GEMMs;
+# onnxruntime's CPU EP fuses only the MatMuls whose output is re-quantized and runs the rest as
+# DequantizeLinear + float MatMul, dequantizing every weight at every step (measured on the
+# 144M bench model: decode 5.6-5.8x slower than fp32; weight-only int8 0.4x).
+W8A8_ON_CPU = (
+    "the decoder is int8 W8A8 (quantize --int8-mode w8a8), made for TensorRT: onnxruntime's "
+    "CPU EP runs it slower than fp32 (decode ~5.7x on the bench model); on CPU quantize with "
+    "--int8-mode weight-only or --precision int4"
+)
+
+
+def slow_on_cpu(manifest: Manifest) -> list[str]:
+    """Why this export's graphs run badly on onnxruntime's CPU EP (empty: nothing known)."""
+    decoder = manifest.quantization.get("decoder")
+    is_w8a8 = isinstance(decoder, dict) and decoder.get("mode") == "w8a8"
+    return [W8A8_ON_CPU] if is_w8a8 and manifest.graphs["decoder"].precision == "int8" else []
+
+
 def make_session(
     path: Path, providers: Sequence[str], threads: int | None, spin: bool = True
 ) -> ort.InferenceSession:

@@ -17,6 +17,7 @@ float rounding (the split prefill sums in a different order): same tokens, log-p
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .cache import ImageKV, PrefixCache, PrefixState, VisionCache, pixel_digest
-from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
+from .engine import DEFAULT_PROVIDERS, OnnxFlamingo, slow_on_cpu
 from .generation import GenerationConfig, generate
 from .images import ImageInput, PreprocessConfig, preprocess
 from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match
@@ -132,6 +133,13 @@ class FlamingoPipeline:
         """`engine` replaces the onnxruntime engine (e.g. runtime.trt_engine.TrtFlamingo): anything
         with OnnxFlamingo's attributes and methods; its `limits` (if any) narrow the export's."""
         self.engine = engine if engine is not None else OnnxFlamingo(export_dir, providers, threads)
+        sessions = getattr(self.engine, "sessions", {})
+        if (
+            "decoder" in sessions
+            and sessions["decoder"].get_providers()[0] == "CPUExecutionProvider"
+        ):
+            for note in slow_on_cpu(self.engine.manifest):
+                warnings.warn(f"{export_dir}: {note}", RuntimeWarning, stacklevel=2)
         self.tokenizer = Tokenizer.from_file(str(self.engine.root / "tokenizer" / "tokenizer.json"))
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         limits = getattr(self.engine, "limits", None) or self.engine.manifest.limits

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
+from PIL import Image
 
 from calibration.collect import EpisodeRunner
 from calibration.data import CalibrationError, Episode, calibration_set
@@ -111,6 +112,7 @@ def _assert_int4_blocked(model: onnx.ModelProto, block: int) -> None:
     assert blocked > 0
 
 
+@pytest.mark.filterwarnings("ignore:.*int8 W8A8.*:RuntimeWarning")  # tested on its own below
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_export_loads_passes_rules_and_generates(
@@ -324,6 +326,7 @@ def test_quantize_cli(tiny_export: Callable, tmp_path: Path) -> None:
     summary = json.loads(result.output[result.output.index("{") :])
     assert summary["graphs"]["decoder"]["precision"] == "int4"
     assert summary["quantization"]["decoder"]["block_size"] == 64
+    assert summary["notes"] == []  # int4 runs well on onnxruntime CPU
     result = runner.invoke(main, ["quantize", src, "-o", str(tmp_path / "z")])
     assert result.exit_code == 2 and "give --precision" in result.output
     result = runner.invoke(main, ["quantize", src, "--precision", "int3", "-o", str(out)])
@@ -485,3 +488,29 @@ def test_int8_weight_only_is_per_channel_dq_that_onnxruntime_runs_as_matmulnbits
         overrides={"int8": TINY_BARS["int8"]},
     )  # fmt: skip
     assert result["failures"] == [], result["failures"]
+
+
+def test_w8a8_int8_on_the_cpu_runtime_says_it_is_slow_there(
+    quantized: Callable, tiny_export: Callable
+) -> None:
+    """W8A8 is TensorRT's int8 form; on onnxruntime CPU it decodes slower than fp32, so the
+    runtime warns (and quantize prints the note); weight-only int8 and fp32 do not."""
+    import warnings
+
+    from runtime.engine import W8A8_ON_CPU, slow_on_cpu
+
+    w8a8 = quantized("llama", "int8")
+    assert slow_on_cpu(load_manifest(w8a8)) == [W8A8_ON_CPU]
+    with pytest.warns(RuntimeWarning, match="int8-mode weight-only"):
+        FlamingoPipeline(w8a8)
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    path = Path(w8a8).parent / "query.png"
+    Image.fromarray(image).save(path)
+    run = CliRunner().invoke(main, ["run", str(w8a8), "--prompt", "<image>Output:",
+                                    "--image", str(path), "--max-new-tokens", "2"])  # fmt: skip
+    assert run.exit_code == 0 and "note: " in run.stderr and "weight-only" in run.stderr
+    for fine in (quantized("llama", "int8", int8_mode="weight-only"), tiny_export("llama")):
+        assert slow_on_cpu(load_manifest(fine)) == []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            FlamingoPipeline(fine)
