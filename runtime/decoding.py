@@ -69,3 +69,17 @@ def rows_cross_kv(
                     buf[b, :, slot * latents : (slot + 1) * latents] = per_image[i]
             out[name] = buf
     return out
+
+
+class RowsCrossKV:
+    """`rows_cross_kv` as a method of an engine that has `dims` and `float_dtype` (the
+    onnxruntime and TensorRT engines both)."""
+
+    dims: ModelDims
+    float_dtype: np.dtype
+
+    def rows_cross_kv(
+        self, features: dict[str, np.ndarray], rows: Sequence[Sequence[int]]
+    ) -> dict[str, np.ndarray]:
+        """Per-row cross-attention K/V (see `rows_cross_kv`)."""
+        return rows_cross_kv(features, rows, self.dims, self.float_dtype)

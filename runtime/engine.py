@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .decoding import MediaCounter, position_ids, rows_cross_kv
+from .decoding import MediaCounter, RowsCrossKV, position_ids
 from .manifest import Manifest, ManifestError, load_manifest, safe_join
 from .spec import GraphSpec, ModelDims, past_names
 
@@ -80,7 +80,7 @@ def check_session_io(session: ort.InferenceSession, spec: GraphSpec, where: str)
         )
 
 
-class OnnxFlamingo:
+class OnnxFlamingo(RowsCrossKV):
     """An export folder ready to run: sessions, dims, special tokens."""
 
     def __init__(
@@ -114,12 +114,6 @@ class OnnxFlamingo:
             None, {"pixel_values": np.ascontiguousarray(pixel_values, dtype=dtype)}
         )
         return dict(zip(self.vision_spec.output_names, outputs))
-
-    def rows_cross_kv(
-        self, features: dict[str, np.ndarray], rows: Sequence[Sequence[int]]
-    ) -> dict[str, np.ndarray]:
-        """Per-row cross-attention K/V (see runtime.decoding.rows_cross_kv)."""
-        return rows_cross_kv(features, rows, self.dims, self.float_dtype)
 
     def step_model(
         self,

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .decoding import MediaCounter, position_ids, rows_cross_kv
+from .decoding import MediaCounter, RowsCrossKV, position_ids
 from .manifest import Manifest, load_manifest, safe_join, sha256_file
 from .spec import ModelDims, cross_attn_names, past_names, present_names
 
@@ -516,7 +516,7 @@ def _runs(index: np.ndarray) -> list[tuple[int, int, int]]:
     return runs
 
 
-class TrtFlamingo:
+class TrtFlamingo(RowsCrossKV):
     """An export folder + its TensorRT engines, with OnnxFlamingo's surface."""
 
     def __init__(
@@ -637,11 +637,6 @@ class TrtFlamingo:
             dev.download(out, self.vision_out[name])
         dev.synchronize()
         return outs
-
-    def rows_cross_kv(
-        self, features: dict[str, np.ndarray], rows: Sequence[Sequence[int]]
-    ) -> dict[str, np.ndarray]:
-        return rows_cross_kv(features, rows, self.dims, self.float_dtype)
 
     def step_model(
         self,
