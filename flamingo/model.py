@@ -65,12 +65,58 @@ class RMSNorm(nn.Module):
 
 
 def scaled_dot_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v from MatMul/Softmax only (exports to plain ONNX ops)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
+    """softmax(q k^T * scale [+ bias]) v from MatMul/Softmax only (exports to plain ONNX ops).
+
+    `scale` is a Python float so the graph holds a constant that onnxruntime folds into the
+    MatMul (FusedMatMul alpha, with the K transpose); no bias (vision, resampler) means no Add
+    over the whole score tensor."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
+
+
+class _ReshapeKeepDims(torch.autograd.Function):
+    """ONNX export of `reshape_keep_dims`: one Reshape with a constant target shape."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g: object, x: torch.Value, shape: tuple[int, ...]) -> torch.Value:
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+
+
+def reshape_keep_dims(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    """Reshape where 0 keeps that dim of x (ONNX Reshape semantics), e.g. (0, 0, H, -1).
+
+    Why: tracing `view(b, t, h, d)` with dynamic b, t records Shape -> Gather -> Unsqueeze ->
+    Concat for every call, ~9 nodes per head split; the decoder graph had 922 nodes a step, and
+    at batch 1 a decode step's non-MatMul nodes cost as much as ~15% of its weight reads."""
+    if torch.onnx.is_in_onnx_export():
+        return _ReshapeKeepDims.apply(x, shape)
+    return _ReshapeKeepDims.forward(None, x, shape)
+
+
+def kv_heads(to_kv: nn.Linear, x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenFlamingo's `to_kv(x).chunk(2, -1)` split into heads, as two projections by the
+    weight's halves (constants at export): no Slice copies of the (N, T, 2 * inner) output."""
+    k_weight, v_weight = to_kv.weight.chunk(2, dim=0)
+    return split_heads(F.linear(x, k_weight), heads), split_heads(F.linear(x, v_weight), heads)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, H * Dh) -> (B, H, T, Dh)."""
+    return reshape_keep_dims(x, 0, 0, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, Dh) -> (B, T, H * Dh)."""
+    return reshape_keep_dims(x.transpose(1, 2), 0, 0, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,19 +129,18 @@ class VisionAttention(nn.Module):
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
-        self.heads = heads
+        self.width, self.heads = width, heads
         self.in_proj_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(3 * width, width)))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = scaled_dot_attention(
-            q, k, v, torch.zeros((), dtype=x.dtype), (d // self.heads) ** -0.5
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(n, t, d))
+        # q, k, v from row blocks of in_proj (folded to three weights at export): no Split
+        # copy of the (N, T, 3D) projection and no permute of it
+        weights, biases = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
+        q, k, v = (split_heads(F.linear(x, w, b), self.heads) for w, b in zip(weights, biases))
+        out = scaled_dot_attention(q, k, v, None, (self.width // self.heads) ** -0.5)
+        return self.out_proj(merge_heads(out))
 
 
 class VisionMLP(nn.Module):
@@ -193,12 +238,10 @@ class PerceiverAttention(nn.Module):
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         # media (N, V, D), latents (N, L, D)
         media, latents = self.norm_media(media), self.norm_latents(latents)
-        n, num_latents, _ = latents.shape
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
-        q, k, v = (t.reshape(n, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = scaled_dot_attention(q, k, v, torch.zeros((), dtype=q.dtype), self.scale)
-        return self.to_out(out.transpose(1, 2).reshape(n, num_latents, -1))  # (N, L, D)
+        q = split_heads(self.to_q(latents), self.heads)
+        k, v = kv_heads(self.to_kv, torch.cat([media, latents], dim=1), self.heads)
+        out = scaled_dot_attention(q, k, v, None, self.scale)
+        return self.to_out(merge_heads(out))  # (N, L, D)
 
 
 class PerceiverResampler(nn.Module):
@@ -248,18 +291,15 @@ class MaskedCrossAttention(nn.Module):
 
     def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, L, Dv) latents -> K, V (N, H, L, Dh): computed once per image, not per token."""
-        n, num_latents, _ = latents.shape
-        k, v = self.to_kv(latents).chunk(2, dim=-1)
-        return tuple(t.reshape(n, num_latents, self.heads, -1).transpose(1, 2) for t in (k, v))
+        return kv_heads(self.to_kv, latents, self.heads)
 
     def forward(
         self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor, media_mask: torch.Tensor
     ) -> torch.Tensor:
         # x (B, T, D); key/value (B, H, M, Dh); media_mask (B, 1, T, M) additive 0/-inf-like
-        b, t, _ = x.shape
-        q = self.to_q(self.norm(x)).reshape(b, t, self.heads, -1).transpose(1, 2)
+        q = split_heads(self.to_q(self.norm(x)), self.heads)
         out = scaled_dot_attention(q, key, value, media_mask, self.scale)  # (B, H, T, Dh)
-        return self.to_out(out.transpose(1, 2).reshape(b, t, -1))
+        return self.to_out(merge_heads(out))
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -303,18 +343,20 @@ def cross_attention_mask(
 # ---------------------------------------------------------------------------------------------
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, signed sin (B, 1, T, rot): FlamingoLM.rope
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims (all for LLaMA, rotary_pct for GPT-NeoX)."""
-    rot = cos.shape[-1]
-    if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+def apply_rotary(x: torch.Tensor, rope: Rope, rot: int) -> torch.Tensor:
+    """HF's x * cos + rotate_half(x) * sin on the first `rot` dims (all for LLaMA, rotary_pct
+    for GPT-NeoX). rotate_half(x) * sin = swap_halves(x) * [-sin, sin] (the frequencies repeat
+    over the halves), so with FlamingoLM.rope's signed sin there is no Neg per layer, and `rot`
+    being a Python int makes every Slice constant (no Shape arithmetic in the graph)."""
+    cos, signed_sin = rope
+    half = rot // 2
+    x_rot = x if rot == x.shape[-1] else x[..., :rot]
+    swapped = torch.cat([x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    out = x_rot * cos + swapped * signed_sin
+    return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
 
 
 def append_kv(
@@ -324,12 +366,14 @@ def append_kv(
 
 
 def repeat_kv(x: torch.Tensor, cfg: LMConfig) -> torch.Tensor:
-    """(B, KVH, S, Dh) -> (B, H, S, Dh) for grouped-query attention, as Expand + Reshape."""
+    """(B, KVH, S, Dh) -> (B, H, S, Dh) for grouped-query attention."""
     groups = cfg.num_heads // cfg.num_kv_heads
     if groups == 1:
         return x
-    b, kvh, s, dh = x.shape
-    return x.unsqueeze(2).expand(b, kvh, groups, s, dh).reshape(b, kvh * groups, s, dh)
+    # a broadcasting Mul by ones copies each KV head `groups` times without reading x.shape
+    # (expand() would need (B, S) traced as Shape ops); x * 1 is exact
+    ones = torch.ones((1, 1, groups, 1, 1), dtype=x.dtype, device=x.device)
+    return reshape_keep_dims(x.unsqueeze(2) * ones, 0, cfg.num_heads, -1, cfg.head_dim)
 
 
 class LlamaAttention(nn.Module):
@@ -344,15 +388,14 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, bias, rope, past):
         cfg = self.cfg
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q = split_heads(self.q_proj(x), cfg.num_heads)
+        k = split_heads(self.k_proj(x), cfg.num_kv_heads)
+        v = split_heads(self.v_proj(x), cfg.num_kv_heads)
+        q, k = apply_rotary(q, rope, cfg.rotary_dim), apply_rotary(k, rope, cfg.rotary_dim)
         k, v = append_kv(past, k, v)  # (B, KVH, S, Dh): the present cache
         kk, vv = repeat_kv(k, cfg), repeat_kv(v, cfg)
         out = scaled_dot_attention(q, kk, vv, bias, cfg.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+        return self.o_proj(merge_heads(out)), (k, v)
 
 
 class LlamaMLP(nn.Module):
@@ -391,14 +434,14 @@ class GPTNeoXAttention(nn.Module):
 
     def forward(self, x, bias, rope, past):
         cfg = self.cfg
-        b, t, _ = x.shape
+        dh = cfg.head_dim
         # fused projection is laid out per head: (B, T, H, 3 * Dh)
-        qkv = self.query_key_value(x).view(b, t, cfg.num_heads, 3 * cfg.head_dim).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=-1)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = split_heads(self.query_key_value(x), cfg.num_heads)
+        q, k, v = qkv[..., :dh], qkv[..., dh : 2 * dh], qkv[..., 2 * dh :]
+        q, k = apply_rotary(q, rope, cfg.rotary_dim), apply_rotary(k, rope, cfg.rotary_dim)
         k, v = append_kv(past, k, v)
-        out = scaled_dot_attention(q, k, v, bias, cfg.head_dim**-0.5)
-        return self.dense(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+        out = scaled_dot_attention(q, k, v, bias, dh**-0.5)
+        return self.dense(merge_heads(out)), (k, v)
 
 
 class GPTNeoXMLP(nn.Module):
@@ -447,17 +490,17 @@ class MptAttention(nn.Module):
 
     def forward(self, x, bias, rope, past):
         cfg = self.cfg
-        b, t, _ = x.shape
+        d = cfg.hidden_size
         qkv = self.Wqkv(x)
         if cfg.clip_qkv:
             qkv = qkv.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv)
-        q, k, v = qkv.chunk(3, -1)
+        q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
         if cfg.qk_ln:  # over the full width, before the head split (and before the cache)
             q, k = self.q_ln(q), self.k_ln(k)
-        q, k, v = (s.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2) for s in (q, k, v))
+        q, k, v = (split_heads(s, cfg.num_heads) for s in (q, k, v))
         k, v = append_kv(past, k, v)
         out = scaled_dot_attention(q, k, v, bias, self.scale)  # bias carries ALiBi per head
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+        return self.out_proj(merge_heads(out)), (k, v)
 
 
 class MptMLP(nn.Module):
@@ -564,10 +607,10 @@ class FlamingoLM(nn.Module):
         self, position_ids: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids.unsqueeze(-1).float() * self.rope_inv_freq  # (B, T, rot/2)
-        emb = torch.cat([freqs, freqs], dim=-1)
         scale = self.cfg.lm.rope_attention_scaling
-        cos, sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
-        return cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rot)
+        cos, sin = freqs.cos() * scale, freqs.sin() * scale
+        cos, signed_sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        return cos.to(dtype).unsqueeze(1), signed_sin.to(dtype).unsqueeze(1)  # (B, 1, T, rot)
 
     def self_attention_bias(
         self, attention_mask: torch.Tensor, num_new: int, dtype: torch.dtype
