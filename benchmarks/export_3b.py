@@ -244,11 +244,14 @@ def smoke_check(out: Path) -> dict[str, Any]:
     load_s = time.perf_counter() - start
     sizes = {"batch": 1, "sequence": 1, "past_sequence": 0, "total_sequence": 1}
     sizes["media_keys"] = dims.num_latents
+    sizes["logits_positions"] = 1
     rng = np.random.default_rng(0)
     feed = {}
     for t in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
-        if t.dtype == "int64":
+        if t.name == "logits_index":
+            feed[t.name] = np.zeros(shape, dtype=np.int64)  # the one token's position
+        elif t.dtype == "int64":
             feed[t.name] = np.ones(shape, dtype=np.int64)
         else:
             feed[t.name] = rng.standard_normal(shape).astype(t.dtype)

@@ -25,7 +25,19 @@ from torch import nn
 from flamingo.model import Flamingo
 from runtime.images import PreprocessConfig
 from runtime.manifest import GraphEntry, Manifest
-from runtime.spec import GraphSpec, ModelDims, decoder_spec, vision_spec
+from runtime.spec import (
+    BATCH,
+    LOGITS_POSITIONS,
+    MEDIA_KEYS,
+    NUM_IMAGES,
+    PAST_SEQUENCE,
+    SEQUENCE,
+    TOTAL_SEQUENCE,
+    GraphSpec,
+    ModelDims,
+    decoder_spec,
+    vision_spec,
+)
 
 # The TorchScript-based exporter covers opsets 14-20 (LayerNormalization is native from 17).
 MIN_OPSET, MAX_OPSET = 14, 20
@@ -90,11 +102,13 @@ class DecoderGraph(nn.Module):
         args = list(args)
         input_ids, attention_mask = args.pop(0), args.pop(0)
         position_ids = args.pop(0) if self.uses_position_ids else None
-        media_index = args.pop(0)
+        media_index, logits_index = args.pop(0), args.pop(0)
         xkv = [(args[2 * j], args[2 * j + 1]) for j in range(self.num_xattn)]
         rest = args[2 * self.num_xattn :]
         past = [(rest[2 * i], rest[2 * i + 1]) for i in range(len(rest) // 2)]
-        logits, present = self.lm(input_ids, attention_mask, media_index, xkv, past, position_ids)
+        logits, present = self.lm(
+            input_ids, attention_mask, media_index, xkv, past, position_ids, logits_index
+        )
         return (logits, *[t for kv in present for t in kv])
 
 
@@ -108,10 +122,12 @@ def example_inputs(spec: GraphSpec, sizes: dict[str, int], dtype: torch.dtype) -
         elif t.name == "attention_mask":
             out.append(torch.ones(shape, dtype=torch.int64))
         elif t.name == "position_ids":
-            past = sizes["past_sequence"]
+            past = sizes[PAST_SEQUENCE]
             out.append(torch.arange(past, past + shape[1]).expand(shape).contiguous())
         elif t.name == "media_index":
             out.append(torch.ones(shape, dtype=torch.int64))
+        elif t.name == "logits_index":  # the last positions of the new tokens
+            out.append(torch.arange(sizes[SEQUENCE] - shape[0], sizes[SEQUENCE]))
         else:
             out.append(torch.randn(shape, dtype=dtype))
     return tuple(out)
@@ -298,12 +314,13 @@ def _export_into(
     dtype = next(model.parameters()).dtype
     io_dtype = {torch.float32: "float32", torch.float16: "float16"}[dtype]
     sizes = {
-        "num_images": 3,
-        "batch": 2,
-        "sequence": 5,
-        "past_sequence": 3,
-        "total_sequence": 8,
-        "media_keys": 2 * dims.num_latents,
+        NUM_IMAGES: 3,
+        BATCH: 2,
+        SEQUENCE: 5,
+        PAST_SEQUENCE: 3,
+        TOTAL_SEQUENCE: 8,
+        MEDIA_KEYS: 2 * dims.num_latents,
+        LOGITS_POSITIONS: 2,
     }
     graphs: dict[str, GraphEntry] = {}
     with torch.no_grad():

@@ -34,6 +34,7 @@ from typing import Any
 
 from runtime.spec import (
     BATCH,
+    LOGITS_POSITIONS,
     MEDIA_KEYS,
     NUM_IMAGES,
     PAST_SEQUENCE,
@@ -175,6 +176,7 @@ def decoder_profiles(dims: ModelDims, limits: Limits) -> list[Profile]:
                 PAST_SEQUENCE: DimRange(0, 0, 0),
                 TOTAL_SEQUENCE: DimRange(1, prompt, s),
                 MEDIA_KEYS: media,
+                LOGITS_POSITIONS: DimRange(1, 1, s),  # generation: last; parity: all
             },
         )
     ]
@@ -191,6 +193,7 @@ def decoder_profiles(dims: ModelDims, limits: Limits) -> list[Profile]:
                     PAST_SEQUENCE: DimRange(1, past_opt, s - chunk),
                     TOTAL_SEQUENCE: DimRange(2, past_opt + seq_opt, s),
                     MEDIA_KEYS: media,
+                    LOGITS_POSITIONS: DimRange(1, 1, chunk),
                 },
             )
         )
@@ -204,6 +207,7 @@ def decoder_profiles(dims: ModelDims, limits: Limits) -> list[Profile]:
                 PAST_SEQUENCE: DimRange(0, past_opt, s - 1),
                 TOTAL_SEQUENCE: DimRange(1, past_opt + 1, s),
                 MEDIA_KEYS: media,
+                LOGITS_POSITIONS: DimRange(1, 1, 1),
             },
         )
     )
@@ -224,7 +228,8 @@ def graph_profiles(graph: str, dims: ModelDims, limits: Limits) -> list[Profile]
 
 
 def check_consistency(profile: Profile) -> list[str]:
-    """Problems with total = past + sequence at min, opt and max (empty list = consistent)."""
+    """Problems with total = past + sequence, and logits positions <= sequence (a position
+    index picks one of the new tokens), at min, opt and max (empty list = consistent)."""
     d = profile.dims
     if not {PAST_SEQUENCE, SEQUENCE, TOTAL_SEQUENCE} <= set(d):
         return []
@@ -237,5 +242,11 @@ def check_consistency(profile: Profile) -> list[str]:
             problems.append(
                 f"profile {profile.name!r} at {corner}: {PAST_SEQUENCE} {past} + {SEQUENCE} {seq} "
                 f"!= {TOTAL_SEQUENCE} {total}"
+            )
+        keep = getattr(d[LOGITS_POSITIONS], corner) if LOGITS_POSITIONS in d else 1
+        if not 1 <= keep <= seq:
+            problems.append(
+                f"profile {profile.name!r} at {corner}: {LOGITS_POSITIONS} {keep} outside 1.."
+                f"{SEQUENCE} {seq}"
             )
     return problems

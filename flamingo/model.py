@@ -640,7 +640,11 @@ class FlamingoLM(nn.Module):
         cross_kv: list[tuple[torch.Tensor, torch.Tensor]],  # per xattn layer (B, H, M, Dh)
         past: KVCache,  # per decoder layer (B, KVH, P, Dh)
         position_ids: torch.Tensor | None = None,  # (B, T) rotary families
+        logits_index: torch.Tensor | None = None,  # (K,) new positions to compute logits for
     ) -> tuple[torch.Tensor, KVCache]:
+        """Logits (B, T, V), or (B, K, V) for the positions in `logits_index`, and the
+        present KV. Selecting before the final norm leaves the other positions' LM-head work
+        undone (HF's logits_to_keep)."""
         x = self.embed_tokens(input_ids)  # (B, T, D)
         dtype = x.dtype
         bias = self.self_attention_bias(attention_mask, input_ids.shape[1], dtype)
@@ -657,6 +661,8 @@ class FlamingoLM(nn.Module):
                 x = self.cross_attn_layers[str(i)](x, key, value, media_mask, has_media)
             x, kv = layer(x, bias, rope, past[i])
             present.append(kv)
+        if logits_index is not None:
+            x = x.index_select(1, logits_index)
         return self.logits(self.final_norm(x)), present
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,14 @@ def position_ids(attention_mask: np.ndarray, num_new: int) -> np.ndarray:
     return pos[:, -num_new:]
 
 
+def logits_index(num_new: int, all_positions: bool) -> np.ndarray:
+    """The decoder's `logits_index`: every new position, or the last one only (generation
+    reads nothing else; rows are left-padded, so the last column is every row's last token)."""
+    if all_positions:
+        return np.arange(num_new, dtype=np.int64)
+    return np.array([num_new - 1], dtype=np.int64)
+
+
 def rows_cross_kv(
     features: dict[str, np.ndarray],
     rows: Sequence[Sequence[int]],

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .decoding import MediaCounter, RowsCrossKV, position_ids
+from .decoding import MediaCounter, RowsCrossKV, logits_index, position_ids
 from .manifest import Manifest, ManifestError, load_manifest, safe_join
 from .spec import GraphSpec, ModelDims, past_names
 
@@ -194,12 +194,17 @@ class OrtStepModel:
         """An owned copy of the KV cache (for snapshots that outlive this model)."""
         return {k: np.array(v, copy=True) for k, v in self.past.items()}
 
-    def _forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Run new tokens; returns logits (N, T, V), a view valid until the next call."""
+    def _forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, all_positions: bool
+    ) -> np.ndarray:
+        """Run new tokens; returns logits (N, T, V), or (N, 1, V) of the last position unless
+        `all_positions`; a view valid until the next call."""
+        t = input_ids.shape[1]
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.uses_position_ids:
-            feed["position_ids"] = position_ids(attention_mask, input_ids.shape[1])
+            feed["position_ids"] = position_ids(attention_mask, t)
         feed["media_index"] = self.media(input_ids)
+        feed["logits_index"] = logits_index(t, all_positions)
         if self._binding is None:
             feed.update(self.cross_kv)
             feed.update(self.past)
@@ -229,7 +234,12 @@ class OrtStepModel:
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """All-position logits (N, T, V) for the new tokens; advances the cache."""
-        return np.array(self._forward(input_ids, attention_mask), copy=True)
+        return np.array(self._forward(input_ids, attention_mask, all_positions=True), copy=True)
+
+    def advance(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        """Run new tokens into the cache, computing the last position's logits only (a cached
+        prefix's logits are never read)."""
+        self._forward(input_ids, attention_mask, all_positions=False)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """StepModel.step; leading ids already in the cache (mask longer than past + new
@@ -242,7 +252,7 @@ class OrtStepModel:
                 f"leaves {new} new tokens, but {input_ids.shape[1]} ids were given"
             )
         ids = np.ascontiguousarray(input_ids[:, -new:], dtype=np.int64)
-        logits = self._forward(ids, mask)[:, -1].astype(np.float32)
+        logits = self._forward(ids, mask, all_positions=False)[:, -1].astype(np.float32)
         if self.prefill_end is None:
             self.prefill_end = time.perf_counter()
         return logits

@@ -17,7 +17,7 @@ from typing import Any
 
 from .spec import GraphSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: decoder input logits_index
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("vision", "decoder")
 

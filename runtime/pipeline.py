@@ -353,7 +353,7 @@ class FlamingoPipeline:
             media_count=np.array([row.images_before(row.cached)]),
             io_binding=self.io_binding,
         )
-        model.run(tokens[None, row.cached :], np.ones((1, row.split), dtype=np.int64))
+        model.advance(tokens[None, row.cached :], np.ones((1, row.split), dtype=np.int64))
         row.state = PrefixState(tokens.copy(), hashes, model.past_arrays(), image_kv)
         row.cached = row.split
         self.prefix_cache.store(row.state)

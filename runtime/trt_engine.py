@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .decoding import MediaCounter, RowsCrossKV, position_ids
+from .decoding import MediaCounter, RowsCrossKV, logits_index, position_ids
 from .manifest import Manifest, load_manifest, safe_join, sha256_file
 from .spec import ModelDims, cross_attn_names, past_names, present_names
 
@@ -785,8 +785,11 @@ class TrtStepModel:
         self.dec.set_input_shape(name, array.shape)
         self.dec.set_address(name, ptr)
 
-    def _run_piece(self, profile: int, ids: np.ndarray, mask: np.ndarray) -> tuple[int, int]:
-        """One engine call for ids (B, T) after past_len cached tokens; (logits ptr, T)."""
+    def _run_piece(
+        self, profile: int, ids: np.ndarray, mask: np.ndarray, all_positions: bool
+    ) -> tuple[int, int]:
+        """One engine call for ids (B, T) after past_len cached tokens; (logits ptr, number of
+        logit positions: T, or 1 = the last unless all_positions)."""
         dims, dec = self.dims, self.dec
         b, t = ids.shape
         past = self.past_len
@@ -796,6 +799,8 @@ class TrtStepModel:
         if dims.uses_position_ids:
             self._bind_int("position_ids", position_ids(mask.astype(np.int64), t))
         self._bind_int("media_index", self.media(ids.astype(np.int64)))
+        keep = logits_index(t, all_positions)
+        self._bind_int("logits_index", keep)
         for name, buf in self.engine.cross.items():
             dec.set_input_shape(name, (b, dims.xattn_heads, self.media_keys, dims.xattn_dim_head))
             dec.set_address(name, buf.current)
@@ -806,13 +811,13 @@ class TrtStepModel:
                 dec.set_address(past_name, buf.current)
                 dec.set_address(present_name, buf.spare)  # becomes the next piece's past
         item = dec.tensor_dtype("logits").itemsize
-        logits_ptr = self.engine.logits_buffer(b * t * dims.vocab_size * item)
+        logits_ptr = self.engine.logits_buffer(b * len(keep) * dims.vocab_size * item)
         dec.set_address("logits", logits_ptr)
         dec.execute()
         for buf in self.engine.kv.values():
             buf.flip()
         self.past_len = past + t
-        return logits_ptr, t
+        return logits_ptr, len(keep)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, all_positions: bool) -> np.ndarray:
         """Run ids (B, T) whose mask covers past + T; logits of the last (B, V) or of every new
@@ -837,7 +842,7 @@ class TrtStepModel:
         for piece in self._pieces(self.past_len, t):
             end = self.past_len + piece.tokens
             ptr, n = self._run_piece(
-                piece.profile, ids[:, done : done + piece.tokens], mask[:, :end]
+                piece.profile, ids[:, done : done + piece.tokens], mask[:, :end], all_positions
             )
             done += piece.tokens
             if all_positions:
@@ -857,6 +862,10 @@ class TrtStepModel:
         """All-position logits (N, T, V) for the new tokens; advances the cache."""
         ids = np.asarray(input_ids)
         return self._forward(ids, np.asarray(attention_mask), all_positions=True)
+
+    def advance(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        """Run new tokens into the cache (last-position logits only, not read)."""
+        self._forward(np.asarray(input_ids), np.asarray(attention_mask), all_positions=False)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """StepModel.step: last-position float32 logits. Leading ids already in the cache (the

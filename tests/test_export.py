@@ -17,7 +17,7 @@ from exporter.graph_rules import check_graph, dynamic_dims
 from flamingo.generate import TorchStepModel
 from runtime.engine import OnnxFlamingo
 from runtime.generation import GenerationConfig, generate
-from runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
+from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, ManifestError, load_manifest
 from runtime.spec import ModelDims, decoder_spec, vision_spec
 from tests.conftest import FAMILIES
 from tests.prompts_fixture import batch
@@ -88,6 +88,45 @@ def test_decoder_parity_prefill_and_20_decode_steps(tiny_model, tiny_export, fam
         ref_logits = ref_step.step(nxt, mask)
         ort = ort_step.step(nxt, mask)
         assert np.abs(ort - ref_logits).max() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_logits_index_selects_positions_and_step_computes_only_the_last(
+    tiny_model, tiny_export, family: str
+) -> None:
+    """logits_index picks rows of the reference's full-sequence logits; a generation step
+    (prefill included) has the graph compute the last position's LM head only."""
+    model, _, engine, vision_x, ids, mask, _, _, cross_kv, num_images = _setup(
+        tiny_model, tiny_export, family
+    )
+    full = model(vision_x, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    session = engine.sessions["decoder"]
+    feeds = []
+
+    class Recording:  # the step model's plain session.run path, feeds recorded
+        def run(self, names, feed):
+            feeds.append(feed)
+            return session.run(names, feed)
+
+    engine.sessions["decoder"] = Recording()
+    try:
+        step = engine.step_model(cross_kv, num_images, io_binding=False)
+        last = step.step(ids, mask)
+        pick = engine.step_model(cross_kv, num_images, io_binding=False)
+        picked = pick._forward(ids, mask, all_positions=True)
+    finally:
+        engine.sessions["decoder"] = session
+    assert feeds[0]["logits_index"].tolist() == [ids.shape[1] - 1]
+    assert np.abs(last - full[:, -1]).max() <= TOL
+    assert feeds[1]["logits_index"].tolist() == list(range(ids.shape[1]))
+    real = mask.astype(bool)
+    assert np.abs(picked[real] - full[real]).max() <= TOL
+    some = np.array([1, ids.shape[1] - 1], dtype=np.int64)  # any positions, in any count
+    feed = {**feeds[1], "logits_index": some}
+    (logits,) = session.run(["logits"], feed)
+    assert logits.shape == (ids.shape[0], 2, model.cfg.lm.vocab_size)
+    assert np.abs(logits - full[:, some]).max() <= TOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -183,7 +222,7 @@ def test_manifest_contents_and_tamper_detection(tiny_export, tmp_path: Path) -> 
     (out / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="schema_version 99"):
         load_manifest(out)
-    data["schema_version"] = 1
+    data["schema_version"] = SCHEMA_VERSION
     data["files"]["../escape.txt"] = "0" * 64
     (out / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="escapes the export folder"):

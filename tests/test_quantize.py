@@ -33,8 +33,11 @@ QUICK = {"episodes": 4, "max_shots": 2, "decode_steps": 3, "block_size": 32}
 # Parity bars on the tiny random-weight models (flat logits: median top-1/top-2 margin ~0.2,
 # so int8/int4 noise flips more tokens than on a trained model); sizes on a bigger model:
 # benchmarks/quantize_bench.py sizes.
+# Random tiny weights give near-tied logits: fp16 may flip one of the ~92 positions (measured:
+# a reference top-2 margin of 0.0009 under an fp16 error of 0.005, cosine 0.9999992), so the
+# tiny bar allows one; the trained demo model holds fp16 to the real 0.995 (test_demo_quant).
 TINY_BARS = {
-    "fp16": {"decoder_cosine": 0.9999, "top1": 0.995},
+    "fp16": {"decoder_cosine": 0.9999, "top1": 0.985},
     "int8": {"decoder_cosine": 0.995, "top1": 0.80},
     "int4": {"decoder_cosine": 0.93, "top1": 0.40},
 }

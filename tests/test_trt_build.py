@@ -73,13 +73,15 @@ def test_default_profiles_from_manifest_limits(tiny_export) -> None:
         "past_sequence": [0, 0, 0],
         "total_sequence": [1, 256, 2048],
         "media_keys": [64, 320, 2048],  # latents .. max_images x latents
+        "logits_positions": [1, 1, 2048],  # generation: the last; parity: every position
     }
     r = {k: v.to_list() for k, v in decode.dims.items()}
     assert r["sequence"] == [1, 1, 1] and r["past_sequence"] == [0, 256, 2047]
-    assert r["total_sequence"] == [1, 257, 2048]
+    assert r["total_sequence"] == [1, 257, 2048] and r["logits_positions"] == [1, 1, 1]
     r = {k: v.to_list() for k, v in extend.dims.items()}
     assert r["sequence"] == [1, 16, EXTEND_TOKENS]
     assert r["past_sequence"] == [1, 256, 2048 - EXTEND_TOKENS]
+    assert r["logits_positions"] == [1, 1, EXTEND_TOKENS]
 
 
 @pytest.mark.parametrize("seq", [1, 2, 3, 4, 5, 17, 100, 2048])
