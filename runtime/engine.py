@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .decoding import MediaCounter, RowsCrossKV, logits_index, position_ids
+from .decoding import (
+    MediaCounter,
+    RowsCrossKV,
+    current_image_kv,
+    logits_index,
+    position_ids,
+)
 from .manifest import Manifest, ManifestError, load_manifest, safe_join
 from .spec import GraphSpec, ModelDims, past_names
 
@@ -173,6 +179,9 @@ class OrtStepModel:
             except Exception:  # an onnxruntime build without IOBinding: plain session.run
                 self._binding = None
         self._bound_cross: dict[str, np.ndarray] | None = None
+        # decode steps attend to each row's current image only (runtime.decoding)
+        self.current_image_only = True
+        self._local: tuple[dict, tuple, dict[str, np.ndarray]] | None = None
         self._output_names = engine.decoder_spec.output_names
         self.prefill_end: float | None = None  # perf_counter() after the first step
 
@@ -203,10 +212,10 @@ class OrtStepModel:
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.uses_position_ids:
             feed["position_ids"] = position_ids(attention_mask, t)
-        feed["media_index"] = self.media(input_ids)
+        feed["media_index"], cross = self._cross_for(self.media(input_ids))
         feed["logits_index"] = logits_index(t, all_positions)
         if self._binding is None:
-            feed.update(self.cross_kv)
+            feed.update(cross)
             feed.update(self.past)
             logits, *presents = self.session.run(None, feed)
             self._past = dict(zip(self.past_names, presents))
@@ -214,10 +223,10 @@ class OrtStepModel:
         binding = self._binding
         for name, value in feed.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        if self._bound_cross is not self.cross_kv:
-            for name, value in self.cross_kv.items():
+        if self._bound_cross is not cross:
+            for name, value in cross.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            self._bound_cross = self.cross_kv
+            self._bound_cross = cross
         for name, value in self._past.items():
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
@@ -231,6 +240,25 @@ class OrtStepModel:
         logits, *presents = binding.get_outputs()
         self._past = dict(zip(self.past_names, presents))
         return logits.numpy()
+
+    def _cross_for(self, media: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(media_index, cross K/V) to feed: the current image's keys alone where every new
+        token of a row attends to it (`current_image_kv`), built once per image change."""
+        if not self.current_image_only:
+            return media, self.cross_kv
+        current = tuple(media[:, 0])
+        if (
+            self._local is not None
+            and self._local[0] is self.cross_kv
+            and self._local[1] == current
+            and (media == media[:, :1]).all()
+        ):
+            return (media > 0).astype(np.int64), self._local[2]
+        local = current_image_kv(self.cross_kv, media, self.engine.dims.num_latents)
+        if local is None:
+            return media, self.cross_kv
+        self._local = (self.cross_kv, current, local[0])
+        return local[1], local[0]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """All-position logits (N, T, V) for the new tokens; advances the cache."""

@@ -129,6 +129,45 @@ def test_logits_index_selects_positions_and_step_computes_only_the_last(
     assert np.abs(logits - full[:, some]).max() <= TOL
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_decode_steps_attend_to_the_current_image_only(
+    tiny_model, tiny_export, num_beams: int
+) -> None:
+    """Decode steps get each row's current image's K/V (num_latents keys, index 1) instead of
+    all its images' under a mask: same tokens, same scores, fewer keys read per step."""
+    _, _, engine, _, ids, mask, _, _, cross_kv, num_images = _setup(
+        tiny_model, tiny_export, "llama"
+    )
+    latents = engine.dims.num_latents
+    assert next(iter(cross_kv.values())).shape[2] > latents  # the batch has multi-image rows
+    session = engine.sessions["decoder"]
+    keys_fed: list[int] = []
+
+    class Recording:
+        def run(self, names, feed):
+            keys_fed.append(feed[next(n for n in feed if n.startswith("cross_attn."))].shape[2])
+            return session.run(names, feed)
+
+    config = GenerationConfig(max_new_tokens=6, num_beams=num_beams, eos_token_ids=())
+    results = {}
+    engine.sessions["decoder"] = Recording()
+    try:
+        for current_only in (True, False):
+            keys_fed.clear()
+            model = engine.step_model(cross_kv, num_images, io_binding=False)
+            model.current_image_only = current_only
+            results[current_only] = (generate(model, ids, mask, config), list(keys_fed))
+    finally:
+        engine.sessions["decoder"] = session
+    (local, local_keys), (full, full_keys) = results[True], results[False]
+    assert local.sequences == full.sequences
+    assert np.abs(np.array(local.logprobs) - np.array(full.logprobs)).max() <= 1e-6
+    if num_beams > 1:
+        assert np.abs(np.array(local.scores) - np.array(full.scores)).max() <= 1e-6
+    assert local_keys[0] == full_keys[0] > latents  # the prefill spans images: all keys
+    assert set(local_keys[1:]) == {latents} and set(full_keys[1:]) == {full_keys[0]}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("num_beams", [1, 3])
 @torch.no_grad()
