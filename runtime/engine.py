@@ -247,18 +247,15 @@ class OrtStepModel:
         if not self.current_image_only:
             return media, self.cross_kv
         current = tuple(media[:, 0])
-        if (
-            self._local is not None
-            and self._local[0] is self.cross_kv
-            and self._local[1] == current
-            and (media == media[:, :1]).all()
-        ):
-            return (media > 0).astype(np.int64), self._local[2]
-        local = current_image_kv(self.cross_kv, media, self.engine.dims.num_latents)
-        if local is None:
+        cached = self._local
+        if cached is None or cached[0] is not self.cross_kv or cached[1] != current:
+            local = current_image_kv(self.cross_kv, media, self.engine.dims.num_latents)
+            if local is None:
+                return media, self.cross_kv
+            cached = self._local = (self.cross_kv, current, local[0])
+        elif not (media == media[:, :1]).all():  # new tokens spanning images (a prefill)
             return media, self.cross_kv
-        self._local = (self.cross_kv, current, local[0])
-        return local[1], local[0]
+        return (media > 0).astype(np.int64), cached[2]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """All-position logits (N, T, V) for the new tokens; advances the cache."""
