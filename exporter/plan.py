@@ -13,7 +13,7 @@ Perceiver resampler + the preset's LM and cross-attention layout) or an export's
   (runtime/trt_engine.py). Activations and KV are fp32 for fp32, fp16 otherwise.
 * cross-attention K/V: per image 2 x layers x 8 heads x 64 latents x 64; the vision engine's
   output for max_images, plus the decoder's per-row inputs (max_batch rows, twice for beam
-  reordering on the device).
+  reordering on the device), plus each row's current image, what decode steps bind.
 * activations: the largest single-layer working set of the decoder at the prefill profile's
   max shape (logits for every position, hidden states, q/k/v, unfused attention scores, MLP) or
   of the vision graph at max_images, whichever is larger (the two engines share one
@@ -456,7 +456,8 @@ def _budget(
     return {
         "weights": sum(c.weight_bytes(p) for c in comps.values()),
         "kv_cache": 2 * kv_cache_bytes(cfg, inputs.max_batch, inputs.max_seq_len, p),
-        "cross_kv": per_image * inputs.max_images * (1 + 2 * inputs.max_batch),
+        # vision output, per-row inputs twice, and each row's current image for decode steps
+        "cross_kv": per_image * (inputs.max_images * (1 + 2 * inputs.max_batch) + inputs.max_batch),
         "activations": act,
         "workspace": target.workspace_bytes,
         "runtime": target.runtime_overhead_bytes,

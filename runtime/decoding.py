@@ -55,24 +55,34 @@ def logits_index(num_new: int, all_positions: bool) -> np.ndarray:
     return np.array([num_new - 1], dtype=np.int64)
 
 
-def current_image_kv(
-    cross_kv: dict[str, np.ndarray], media_index: np.ndarray, num_latents: int
-) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
-    """Cross-attention K/V of each row's current image only, and the media index for them.
+def current_image_offsets(
+    media_index: np.ndarray, media_keys: int, num_latents: int
+) -> np.ndarray | None:
+    """Per row, the first key of the image every new token attends to, or None.
 
     Applies when every new token of a row attends to one image (each decode step; text after
     a row's last image): the other images' keys get exactly zero weight under the media mask,
-    so attending to the current image's `num_latents` keys alone computes the same outputs
-    without reading and masking (images - 1) x num_latents keys per cross-attention layer and
-    step. Returns None where a row's new tokens span images (a prefill) or when there is one
-    image per row already. Rows with no image yet keep index 0 (no cross-attention output).
+    so attending to the current image's `num_latents` keys alone (media index 1, or 0 where a
+    row has no image yet) computes the same outputs without reading and masking
+    (images - 1) x num_latents keys per cross-attention layer and step. None where a row's new
+    tokens span images (a prefill) or there is one image per row already.
     """
-    keys = next(iter(cross_kv.values())).shape[2] if cross_kv else 0
-    if keys <= num_latents or not (media_index == media_index[:, :1]).all():
+    if media_keys <= num_latents or not (media_index == media_index[:, :1]).all():
         return None
-    slot = np.maximum(media_index[:, 0] - 1, 0) * num_latents
+    return np.maximum(media_index[:, 0] - 1, 0) * num_latents
+
+
+def current_image_kv(
+    cross_kv: dict[str, np.ndarray], media_index: np.ndarray, num_latents: int
+) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+    """Cross-attention K/V (B, H, num_latents, Dh) of each row's current image and the media
+    index for them (`current_image_offsets`), or None where it does not apply."""
+    keys = next(iter(cross_kv.values())).shape[2] if cross_kv else 0
+    offsets = current_image_offsets(media_index, keys, num_latents)
+    if offsets is None:
+        return None
     local = {
-        name: np.stack([kv[b, :, s : s + num_latents] for b, s in enumerate(slot)])
+        name: np.stack([kv[b, :, s : s + num_latents] for b, s in enumerate(offsets)])
         for name, kv in cross_kv.items()
     }
     return local, (media_index > 0).astype(np.int64)

@@ -44,7 +44,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .decoding import MediaCounter, RowsCrossKV, logits_index, position_ids
+from .decoding import (
+    MediaCounter,
+    RowsCrossKV,
+    current_image_offsets,
+    logits_index,
+    position_ids,
+)
 from .manifest import Manifest, load_manifest, safe_join, sha256_file
 from .spec import ModelDims, cross_attn_names, past_names, present_names
 
@@ -586,6 +592,9 @@ class TrtFlamingo(RowsCrossKV):
         x_item = dec.tensor_dtype(x_names[0]).itemsize if x_names else 4
         x_bytes = b * d.xattn_heads * imgs * d.num_latents * d.xattn_dim_head * x_item
         self.cross = {n: PingPong(dev, x_bytes) for n in x_names}
+        # each row's current image's K/V, what decode steps bind (runtime.decoding)
+        local_bytes = b * d.xattn_heads * d.num_latents * d.xattn_dim_head * x_item
+        self.cross_local = {n: dev.alloc(local_bytes) for n in x_names}
         self.int_inputs = {
             t.name: dev.alloc(b * s * 8)
             for t in self.decoder_spec.inputs
@@ -709,6 +718,7 @@ class TrtStepModel:
             engine.cross[name].index = 0
             array = np.ascontiguousarray(value, dtype=self.dec.tensor_dtype(name))
             self.dev.upload(engine.cross[name].current, array)
+        self._local_offsets: tuple[int, ...] | None = None  # rows in engine.cross_local
         self.past_len = 0
         for buf in engine.kv.values():
             buf.index = 0
@@ -798,12 +808,15 @@ class TrtStepModel:
         self._bind_int("attention_mask", mask)
         if dims.uses_position_ids:
             self._bind_int("position_ids", position_ids(mask.astype(np.int64), t))
-        self._bind_int("media_index", self.media(ids.astype(np.int64)))
+        media = self.media(ids.astype(np.int64))
+        local = self._current_image(media)
+        self._bind_int("media_index", media if local is None else (media > 0).astype(np.int64))
         keep = logits_index(t, all_positions)
         self._bind_int("logits_index", keep)
+        keys = self.media_keys if local is None else dims.num_latents
         for name, buf in self.engine.cross.items():
-            dec.set_input_shape(name, (b, dims.xattn_heads, self.media_keys, dims.xattn_dim_head))
-            dec.set_address(name, buf.current)
+            dec.set_input_shape(name, (b, dims.xattn_heads, keys, dims.xattn_dim_head))
+            dec.set_address(name, buf.current if local is None else local[name])
         for i in range(dims.num_layers):
             for past_name, present_name in zip(past_names(i), present_names(i)):
                 buf = self.engine.kv[past_name]
@@ -818,6 +831,27 @@ class TrtStepModel:
             buf.flip()
         self.past_len = past + t
         return logits_ptr, len(keep)
+
+    def _current_image(self, media: np.ndarray) -> dict[str, int] | None:
+        """Device buffers holding each row's current image's K/V where every new token of a
+        row attends to it (`current_image_offsets`), copied from the rows' K/V when a row's
+        image changes; None: bind all images' K/V."""
+        dims = self.dims
+        offsets = current_image_offsets(media, self.media_keys, dims.num_latents)
+        if offsets is None:
+            return None
+        current = tuple(int(o) for o in offsets)
+        if self._local_offsets != current:
+            dh, heads = dims.xattn_dim_head, dims.xattn_heads
+            for name, buf in self.engine.cross.items():
+                item = self.dec.tensor_dtype(name).itemsize
+                block = dims.num_latents * dh * item  # one head's keys of one image
+                for b, first in enumerate(current):
+                    for h in range(b * heads, (b + 1) * heads):  # (row, head) pairs
+                        src = buf.current + (h * self.media_keys + first) * dh * item
+                        self.dev.copy(self.engine.cross_local[name] + h * block, src, block)
+            self._local_offsets = current
+        return self.engine.cross_local
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, all_positions: bool) -> np.ndarray:
         """Run ids (B, T) whose mask covers past + T; logits of the last (B, V) or of every new
@@ -906,6 +940,7 @@ class TrtStepModel:
         self.dev.synchronize()
         self.media.reorder(index)
         self.batch = len(index)
+        self._local_offsets = None  # rows moved: the current-image K/V are copied again
 
 
 def trt_pipeline(export_dir: str | Path, *, strict_device: bool = True, **kw: Any) -> Any:

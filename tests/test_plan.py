@@ -87,7 +87,8 @@ def expected_bytes(name: str, precision: str, batch: int, seq: int, images: int)
         "params": params,
         "weights": weights,
         "kv_cache": 2 * kv,  # two buffers (present of step t = past of step t+1)
-        "cross_kv": cross_per_image * images * (1 + 2 * batch),
+        # vision output + per-row inputs (x2, beam reordering) + each row's current image
+        "cross_kv": cross_per_image * (images * (1 + 2 * batch) + batch),
     }
 
 

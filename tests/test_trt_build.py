@@ -344,6 +344,9 @@ def test_step_model_matches_onnxruntime_greedy_and_beams(tiny_model, tiny_export
             assert np.abs(np.array(a) - np.array(b)).max(initial=0) <= 1e-5
     calls = trt.executors["decoder"].calls
     assert calls["prefill"] == 2 and calls["decode"] >= 8 and calls["extend"] == 0
+    # the last call was a decode step: it bound each row's current image's keys only
+    x_name = next(n for n in trt.decoder_spec.input_names if n.startswith("cross_attn."))
+    assert trt.executors["decoder"].shapes[x_name][2] == trt.dims.num_latents
 
 
 def test_step_model_chunks_a_long_continuation_over_profiles(tiny_model, tiny_export, tmp_path):
