@@ -73,19 +73,14 @@ def current_image_offsets(
 
 
 def current_image_kv(
-    cross_kv: dict[str, np.ndarray], media_index: np.ndarray, num_latents: int
-) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
-    """Cross-attention K/V (B, H, num_latents, Dh) of each row's current image and the media
-    index for them (`current_image_offsets`), or None where it does not apply."""
-    keys = next(iter(cross_kv.values())).shape[2] if cross_kv else 0
-    offsets = current_image_offsets(media_index, keys, num_latents)
-    if offsets is None:
-        return None
-    local = {
+    cross_kv: dict[str, np.ndarray], offsets: Sequence[int], num_latents: int
+) -> dict[str, np.ndarray]:
+    """Cross-attention K/V (B, H, num_latents, Dh) of each row's current image, from the
+    rows' K/V and `current_image_offsets`."""
+    return {
         name: np.stack([kv[b, :, s : s + num_latents] for b, s in enumerate(offsets)])
         for name, kv in cross_kv.items()
     }
-    return local, (media_index > 0).astype(np.int64)
 
 
 def rows_cross_kv(

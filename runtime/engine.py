@@ -19,6 +19,7 @@ from .decoding import (
     MediaCounter,
     RowsCrossKV,
     current_image_kv,
+    current_image_offsets,
     logits_index,
     position_ids,
 )
@@ -242,20 +243,18 @@ class OrtStepModel:
         return logits.numpy()
 
     def _cross_for(self, media: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(media_index, cross K/V) to feed: the current image's keys alone where every new
-        token of a row attends to it (`current_image_kv`), built once per image change."""
-        if not self.current_image_only:
+        """(media_index, cross K/V) to feed: each row's current image's keys alone where every
+        new token of a row attends to it (`current_image_offsets`), stacked once per image
+        change; all images' keys otherwise."""
+        keys = next(iter(self.cross_kv.values())).shape[2] if self.cross_kv else 0
+        offsets = current_image_offsets(media, keys, self.engine.dims.num_latents)
+        if not self.current_image_only or offsets is None:
             return media, self.cross_kv
-        current = tuple(media[:, 0])
-        cached = self._local
-        if cached is None or cached[0] is not self.cross_kv or cached[1] != current:
-            local = current_image_kv(self.cross_kv, media, self.engine.dims.num_latents)
-            if local is None:
-                return media, self.cross_kv
-            cached = self._local = (self.cross_kv, current, local[0])
-        elif not (media == media[:, :1]).all():  # new tokens spanning images (a prefill)
-            return media, self.cross_kv
-        return (media > 0).astype(np.int64), cached[2]
+        current = tuple(int(o) for o in offsets)
+        if self._local is None or self._local[0] is not self.cross_kv or self._local[1] != current:
+            local = current_image_kv(self.cross_kv, current, self.engine.dims.num_latents)
+            self._local = (self.cross_kv, current, local)
+        return (media > 0).astype(np.int64), self._local[2]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """All-position logits (N, T, V) for the new tokens; advances the cache."""
