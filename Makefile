@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# The main job on the embedded demo model (models/demo, trained by `python -m flamingo.train_demo`):
+# The main job on the embedded demo model (models/demo, trained by `python -m demo.train`):
 # load -> inspect -> export fp32 -> run a held-out 4-shot episode with the torch-free runtime ->
 # parity of the export against PyTorch -> int8 (calibrated on the demo task's training split) ->
 # the same episode on int8 -> parity of int8 against fp32, gated on held-out task accuracy.
@@ -39,7 +39,7 @@ demo: $(STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/flamingo-export inspect $(MODEL_FILES)
 	$(BIN)/flamingo-export export $(MODEL_FILES) --output $(DEMO)/export
-	$(BIN)/python -m flamingo.demo_task $(DEMO)/episode --shots 4
+	$(BIN)/python -m demo.task $(DEMO)/episode --shots 4
 	$(BIN)/flamingo-export run $(DEMO)/export --max-new-tokens 4 $(EPISODE)
 	$(BIN)/flamingo-export parity $(DEMO)/export $(MODEL_FILES) $(HELD_OUT)
 	$(BIN)/flamingo-export quantize $(DEMO)/export --precision int8 --calibration demo \

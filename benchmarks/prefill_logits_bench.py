@@ -35,8 +35,8 @@ def build_export(workdir: Path, vocab: int) -> Path:
 
     from benchmarks.runtime_bench import FULL
     from exporter.export import export_model
+    from fixtures.tiny import build_tiny_flamingo
     from flamingo.loaders import load_flamingo
-    from flamingo.tiny import build_tiny_flamingo
 
     out = workdir / "export"
     if out.exists():
@@ -64,7 +64,7 @@ def build_export(workdir: Path, vocab: int) -> Path:
 def measure(export: Path, shots: list[int], repeats: int, threads: int) -> list[dict[str, Any]]:
     from tokenizers import Tokenizer
 
-    from exporter.bench import _prompt
+    from bench.harness import _prompt
     from runtime.engine import OnnxFlamingo
 
     engine = OnnxFlamingo(export, threads=threads)

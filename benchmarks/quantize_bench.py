@@ -43,16 +43,16 @@ from onnx import numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibration.data import calibration_set  # noqa: E402
-from exporter.parity import OnnxBackend, run_parity  # noqa: E402
-from exporter.quantize import QuantizeOptions, quantize_export  # noqa: E402
+from precision.data import calibration_set  # noqa: E402
+from precision.parity import OnnxBackend, run_parity  # noqa: E402
+from precision.quantize import QuantizeOptions, quantize_export  # noqa: E402
 from runtime.manifest import load_manifest  # noqa: E402
 
 
 def _export(root: Path, family: str, **kw: Any) -> Path:
     from exporter.export import export_model
+    from fixtures.tiny import build_tiny_flamingo
     from flamingo.loaders import load_flamingo
-    from flamingo.tiny import build_tiny_flamingo
 
     paths = build_tiny_flamingo(root / "src", family, **kw)
     model, tok, _ = load_flamingo(paths.lm_dir, paths.vision_path, paths.checkpoint_path)
@@ -125,8 +125,8 @@ def demo(episodes: int, shots: int, decode_steps: int) -> list[dict[str, Any]]:
     from tokenizers import Tokenizer
 
     from exporter.export import export_model
-    from exporter.parity import TorchBackend
     from flamingo.loaders import load_flamingo
+    from precision.parity import TorchBackend
 
     model_dir = ROOT / "models" / "demo"
     model, tok, _ = load_flamingo(
@@ -185,10 +185,10 @@ def speed(threads: int, repeats: int, shots: tuple[int, ...]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from runtime_bench import FULL
 
-    from exporter.bench import BenchOptions, run_bench
+    from bench.harness import BenchOptions, run_bench
     from exporter.export import export_model
+    from fixtures.tiny import build_tiny_flamingo
     from flamingo.loaders import load_flamingo
-    from flamingo.tiny import build_tiny_flamingo
 
     def say(message: str) -> None:
         print(f"[quantize_bench] {message}", file=sys.stderr, flush=True)

@@ -175,7 +175,7 @@ def bench_subprocess(export_dir: Path, paths: Any, options: Any, oracle: bool) -
     cmd = [
         sys.executable,
         "-m",
-        "exporter.bench",  # the `flamingo-export bench` command itself
+        "bench.harness",  # the `flamingo-export bench` command itself
         str(export_dir),
         "--shots",
         ",".join(str(k) for k in options.shots),
@@ -262,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from exporter.bench import BenchOptions
+    from bench.harness import BenchOptions
     from exporter.export import export_model
+    from fixtures.tiny import TinyPaths, build_tiny_flamingo
     from flamingo.inspect import describe
     from flamingo.loaders import load_flamingo
-    from flamingo.tiny import TinyPaths, build_tiny_flamingo
 
     def say(message: str) -> None:
         print(f"[runtime_bench] {message}", file=sys.stderr, flush=True)
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(report: dict[str, Any]) -> str:
     """The bench table plus model size, bandwidth floor and targets, as markdown."""
-    from exporter.bench import format_table
+    from bench.harness import format_table
 
     b = report["benchmark"]
     p = {k: v / 1e6 for k, v in b["parameters"].items()}

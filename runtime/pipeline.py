@@ -130,7 +130,7 @@ class FlamingoPipeline:
         io_binding: bool = True,
         engine: Any | None = None,
     ) -> None:
-        """`engine` replaces the onnxruntime engine (e.g. runtime.trt_engine.TrtFlamingo): anything
+        """`engine` replaces the onnxruntime engine (e.g. trt.engine.TrtFlamingo): anything
         with OnnxFlamingo's attributes and methods; its `limits` (if any) narrow the export's."""
         self.engine = engine if engine is not None else OnnxFlamingo(export_dir, providers, threads)
         sessions = getattr(self.engine, "sessions", {})

@@ -13,7 +13,7 @@ FAMILIES = ("llama", "gpt_neox", "mpt")
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> Callable:
     """tiny_paths(family, **kw) -> TinyPaths, cached per argument set for the whole session."""
-    from flamingo.tiny import build_tiny_flamingo
+    from fixtures.tiny import build_tiny_flamingo
 
     cache: dict[tuple, object] = {}
 

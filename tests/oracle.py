@@ -15,7 +15,7 @@
 - the checkpoint (plain ``.pt``, DDP ``{"model_state_dict": {"module.*"}}`` or ``.safetensors``)
   is loaded with ``strict=False``; unexpected keys are an error.
 
-The code lives in ``flamingo/tiny.py`` (``load_open_flamingo``) so the benchmarks build the
+The code lives in ``fixtures/tiny.py`` (``load_open_flamingo``) so the benchmarks build the
 same baseline; it uses nothing of our reference model or loaders, only the published package.
 
 Compatibility with transformers 4.57.6 (the package targets 4.28-4.33). Checked for LLaMA,
@@ -44,14 +44,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flamingo.tiny import load_open_flamingo
-from flamingo.tiny import read_flamingo_checkpoint as load_checkpoint
+from fixtures.tiny import load_open_flamingo
+from fixtures.tiny import read_flamingo_checkpoint as load_checkpoint
 
 __all__ = ["load_checkpoint", "load_oracle"]
 
 
 def load_oracle(paths):
-    """``(Flamingo, tokenizer)`` for a :class:`flamingo.tiny.TinyPaths` fixture, in eval mode.
+    """``(Flamingo, tokenizer)`` for a :class:`fixtures.tiny.TinyPaths` fixture, in eval mode.
 
     The tokenizer pads on the left, as OpenFlamingo's evaluation does.
     """

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from exporter.bench import RATIO_METRICS, BenchOptions, ModelFiles, format_table, run_bench
-from exporter.cli import main
+from bench.harness import RATIO_METRICS, BenchOptions, ModelFiles, format_table, run_bench
+from cli.main import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -120,7 +120,7 @@ def test_cli_bench_option_errors(tiny_export: Callable) -> None:
 
 def test_bench_against_other_exports(tiny_export: Callable, tmp_path: Path) -> None:
     """An int8 export benched with its fp32 export as baseline (twice: names stay apart)."""
-    from exporter.quantize import QuantizeOptions, quantize_export
+    from precision.quantize import QuantizeOptions, quantize_export
 
     fp32 = tiny_export("llama")
     int8 = tmp_path / "int8"

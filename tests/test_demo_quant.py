@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from exporter.cli import main
+from cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "demo"

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from flamingo import train_demo as td
-from flamingo.demo_task import (
+from demo import train as td
+from demo.task import (
     ANSWERS,
     ATTRIBUTES,
     HELD_OUT_PAIRS,
@@ -112,7 +112,7 @@ def test_prompt_is_openflamingo_caption_format_and_eval_shots_are_nested() -> No
 
 
 def test_written_episode_is_what_the_runtime_prompts(tmp_path: Path) -> None:
-    from flamingo.demo_task import write_episode
+    from demo.task import write_episode
     from runtime.prompts import build_few_shot_prompt, load_demos_jsonl
 
     ep = eval_episodes(1, seed=0, shots=3)[0]
@@ -305,7 +305,7 @@ def test_shipped_checkpoint_is_openflamingos_and_computes_the_same(shipped) -> N
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from flamingo.tiny import import_open_flamingo
+    from fixtures.tiny import import_open_flamingo
 
     model, tok = shipped
     Flamingo, mixin, extend_instance = import_open_flamingo()

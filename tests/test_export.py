@@ -12,8 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from exporter.cli import main
-from exporter.graph_rules import check_graph, dynamic_dims
+from cli.main import main
 from flamingo.generate import TorchStepModel
 from runtime.engine import OnnxFlamingo
 from runtime.generation import GenerationConfig, generate
@@ -21,6 +20,7 @@ from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, ManifestError, load_
 from runtime.spec import ModelDims, decoder_spec, vision_spec
 from tests.conftest import FAMILIES
 from tests.prompts_fixture import batch
+from trt.rules import check_graph, dynamic_dims
 
 TOL = 1e-4
 

@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from exporter.cli import main
+from cli.main import main
+from fixtures.tiny import build_tiny_flamingo
 from flamingo.loaders import LoadError, load_flamingo
-from flamingo.tiny import build_tiny_flamingo
 
 
 def _copy(paths, tmp_path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The tiny fixtures (flamingo/tiny.py) are in the real formats, and the OpenFlamingo oracle runs.
+"""The tiny fixtures (fixtures/tiny.py) are in the real formats, and the OpenFlamingo oracle runs.
 
 Also guards the oracle's behaviour under the installed transformers: forward and generate are
 deterministic, batch-invariant under left padding, equal with and without the KV cache, and
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flamingo.tiny import (
+from fixtures.tiny import (
     DECODER_LAYERS_ATTR,
     FAMILIES,
     TinyPaths,

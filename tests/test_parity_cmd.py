@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from exporter.cli import main
-from exporter.parity import (
+from cli.main import main
+from precision.parity import (
     ErrorStats,
     OnnxBackend,
     ParityError,
@@ -23,7 +23,7 @@ from exporter.parity import (
     parse_thresholds,
     thresholds_for,
 )
-from exporter.quantize import QuantizeOptions, quantize_export
+from precision.quantize import QuantizeOptions, quantize_export
 
 QUICK = ["--episodes", "3", "--decode-steps", "4"]
 
@@ -157,8 +157,8 @@ def test_task_accuracy_compares_each_sides_greedy_answer_with_the_label(
 
     from tokenizers import Tokenizer
 
-    from calibration.data import calibration_set
-    from exporter.parity import _greedy
+    from precision.data import calibration_set
+    from precision.parity import _greedy
     from runtime.generation import GenerationConfig
     from runtime.images import preprocess
 

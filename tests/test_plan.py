@@ -9,14 +9,14 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from exporter.cli import main
-from exporter.plan import PlanInputs, inventory, plan_preset, preset_config
-from exporter.targets import TARGETS, get_target
+from cli.main import main
 from tests.conftest import FAMILIES
+from trt.plan import PlanInputs, inventory, plan_preset, preset_config
+from trt.targets import TARGETS, get_target
 
 GiB = 1 << 30
 
-# Released-model dims, written out independently of exporter/plan.py: ViT-L/14 at 224 px,
+# Released-model dims, written out independently of trt/plan.py: ViT-L/14 at 224 px,
 # Perceiver (6 x [8 heads x 64], ff x4, 64 latents), cross-attention 8 x 64 every n layers,
 # and the LM's config.json (vocabulary 50432 in all three).
 VIT = {"w": 1024, "layers": 24, "patch": 14, "tokens": 257, "heads": 16}

@@ -15,15 +15,15 @@ from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
 from PIL import Image
 
-from calibration.collect import EpisodeRunner
-from calibration.data import CalibrationError, Episode, calibration_set
-from exporter.cli import main
+from cli.main import main
 from exporter.export import ExportError
-from exporter.graph_rules import check_graph
-from exporter.parity import OnnxBackend, run_parity
-from exporter.quantize import QuantizeError, QuantizeOptions, quantize_export
+from precision.collect import EpisodeRunner
+from precision.data import CalibrationError, Episode, calibration_set
+from precision.parity import OnnxBackend, run_parity
+from precision.quantize import QuantizeError, QuantizeOptions, quantize_export
 from runtime.manifest import MANIFEST_NAME, load_manifest
 from runtime.pipeline import FlamingoPipeline
+from trt.rules import check_graph
 
 FAMILIES = ("llama", "mpt")
 PRECISIONS = ("fp16", "int8", "int4")
@@ -286,7 +286,7 @@ def test_calibration_data_from_jsonl_and_its_errors(tmp_path: Path) -> None:
 
 
 def test_calibration_from_demo_task() -> None:
-    from flamingo import demo_task
+    from demo import task as demo_task
 
     demo = calibration_set("demo", episodes=2, max_shots=2, seed=0)
     assert all(e.prompt.count("<image>") == len(e.images) for e in demo.episodes)
@@ -363,7 +363,7 @@ def test_export_with_precision(tiny_paths: Callable, tmp_path: Path) -> None:
 
 
 def test_sensitivity_ranks_groups_and_suggests_keep_list(tiny_export: Callable) -> None:
-    from calibration.sensitivity import group_of
+    from precision.sensitivity import group_of
 
     assert group_of("/lm/layers.3/self_attn/q_proj/MatMul") == "/lm/layers.3"
     assert group_of("/lm/lm_head/MatMul") == "/lm/lm_head"
@@ -425,7 +425,7 @@ def test_graphs_over_the_protobuf_limit_use_external_data(
 ) -> None:
     """The >2 GB code paths (path-based conversion, one `<graph>.onnx.data` per graph), run on
     the tiny model by lowering the limit."""
-    import exporter.quantize as quantize
+    import precision.quantize as quantize
 
     monkeypatch.setattr(quantize, "ONNX_PROTO_LIMIT", (64 << 20) + 1)
     for precision in ("fp16", "int4"):
@@ -442,7 +442,7 @@ def test_graphs_over_the_protobuf_limit_use_external_data(
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 def test_quantized_exports_pass_the_tensorrt_10_check(quantized: Callable, precision: str) -> None:
     """`flamingo-export check` on every precision: what TensorRT 10 (JetPack 6.1+) must parse."""
-    from exporter.trt_rules import check_export
+    from trt.rules import check_export
 
     report = check_export(quantized("mpt", precision), "10")
     assert report.ok, report.to_dict()
@@ -458,7 +458,7 @@ def test_int8_weight_only_is_per_channel_dq_that_onnxruntime_runs_as_matmulnbits
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from exporter.trt_rules import check_export
+    from trt.rules import check_export
 
     out = quantized("llama", "int8", int8_mode="weight-only", calibration="/nowhere/at/all")
     manifest = load_manifest(out)

@@ -105,7 +105,7 @@ def test_text_stream_prints_whole_characters(tiny_export) -> None:
 def test_run_command_streams_and_maps_flags(tiny_export, images, tmp_path) -> None:
     from click.testing import CliRunner
 
-    from exporter.cli import main
+    from cli.main import main
 
     export = str(tiny_export("llama"))
     base = ["run", export, "--prompt", "<image>A", "--image", images[0], "--max-new-tokens", "6"]
@@ -166,7 +166,7 @@ import json, sys
 sys.modules["torch"] = None
 sys.modules["transformers"] = None
 from click.testing import CliRunner
-from exporter.cli import main
+from cli.main import main
 base = ["run", {export!r}, "--demos", {str(demos)!r}, "--image", {images[1]!r}, "--json",
         "--max-new-tokens", "4"]
 for extra in ([], ["--task", "vqa", "--question", "which?"]):

@@ -17,22 +17,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from exporter.cli import main
-from exporter.profiles import (
-    DEFAULT_MAX_BATCH,
-    EXTEND_TOKENS,
-    Limits,
-    ProfileError,
-    check_consistency,
-    decoder_profiles,
-    graph_profiles,
-)
-from exporter.trt_build import engines_manifest, make_build_plan
+from cli.main import main
 from runtime.engine import OnnxFlamingo
 from runtime.generation import GenerationConfig, generate
 from runtime.manifest import load_manifest
 from runtime.spec import ModelDims
-from runtime.trt_engine import (
+from trt.build import engines_manifest, make_build_plan
+from trt.engine import (
     ENGINES_NAME,
     DeviceInfo,
     EngineEntry,
@@ -43,6 +34,15 @@ from runtime.trt_engine import (
     check_against_device,
     load_engines_manifest,
     trt_pipeline,
+)
+from trt.profiles import (
+    DEFAULT_MAX_BATCH,
+    EXTEND_TOKENS,
+    Limits,
+    ProfileError,
+    check_consistency,
+    decoder_profiles,
+    graph_profiles,
 )
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -202,7 +202,7 @@ def test_engines_json_validation_errors(tiny_export, tmp_path: Path) -> None:
 
 
 def test_engines_must_match_the_export(tiny_export, tmp_path: Path) -> None:
-    from runtime.trt_engine import check_against_export
+    from trt.engine import check_against_export
 
     out = _fake_build(tiny_export("llama"), tmp_path / "out")
     engines, manifest = load_engines_manifest(out), load_manifest(out)
@@ -237,7 +237,7 @@ def test_engines_must_match_tensorrt_and_gpu(tiny_export, tmp_path: Path) -> Non
 
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is importable here: the error path cannot be hit")
 def test_build_without_tensorrt_is_a_clear_error(tiny_export, tmp_path: Path) -> None:
-    from exporter.trt_build import build_engines
+    from trt.build import build_engines
 
     out = tmp_path / "out"
     shutil.copytree(tiny_export("llama"), out)
@@ -432,7 +432,7 @@ def test_trt_pipeline_with_prefix_cache_matches_onnxruntime(tiny_model, tiny_exp
     "CUDA machine with `pip install '.[tensorrt]'` to build and run real engines",
 )
 def test_real_build_and_parity_with_onnxruntime(tiny_export, tmp_path: Path) -> None:
-    from exporter.trt_build import build_engines
+    from trt.build import build_engines
 
     out = tmp_path / "out"
     shutil.copytree(tiny_export("llama"), out)
@@ -453,7 +453,7 @@ def test_real_build_and_parity_with_onnxruntime(tiny_export, tmp_path: Path) -> 
 
 
 def test_tensorrt_import_error_names_the_install(monkeypatch) -> None:
-    from runtime.trt_engine import import_tensorrt
+    from trt.engine import import_tensorrt
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(TensorRTUnavailableError, match="JetPack"):

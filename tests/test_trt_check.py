@@ -13,13 +13,12 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from exporter.cli import main
-from exporter.graph_rules import check_graph
-from exporter.profiles import Limits
-from exporter.trt_rules import ERROR, WARNING, Finding, check_export, check_model
+from cli.main import main
 from runtime.manifest import load_manifest
 from runtime.spec import ModelDims
 from tests.conftest import FAMILIES
+from trt.profiles import Limits
+from trt.rules import ERROR, WARNING, Finding, check_export, check_graph, check_model
 
 F = TensorProto.FLOAT
 

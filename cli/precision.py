@@ -1,6 +1,6 @@
 """`flamingo-export quantize` and `parity`, and the `--precision` options of `export`.
 
-Thin click wrappers over exporter.quantize / exporter.parity; heavy imports happen inside the
+Thin click wrappers over precision.quantize / precision.parity; heavy imports happen inside the
 commands so `flamingo-export run` stays torch-free and fast to start.
 """
 
@@ -81,7 +81,7 @@ def export_precision_options(f: Any) -> Any:
 
 def make_options(kw: dict[str, Any], force: bool) -> Any:
     """QuantizeOptions from click values (validated: bad values fail before any slow work)."""
-    from exporter.quantize import QuantizeError, QuantizeOptions
+    from precision.quantize import QuantizeError, QuantizeOptions
 
     precision = kw.get("precision")
     vision = kw.get("vision_precision") or precision
@@ -129,9 +129,9 @@ def _progress(message: str) -> None:
 
 def run_quantize(src: Path, out: Path, options: Any) -> Any:
     """quantize_export with every expected failure turned into a clean CLI error."""
-    from calibration.data import CalibrationError
     from exporter.export import ExportError
-    from exporter.quantize import quantize_export
+    from precision.data import CalibrationError
+    from precision.quantize import quantize_export
     from runtime.images import ImageError
     from runtime.manifest import ManifestError
 
@@ -301,9 +301,9 @@ def parity(
     """
     from tokenizers import Tokenizer
 
-    from calibration.data import CalibrationError, calibration_set
-    from exporter.parity import OnnxBackend, ParityError, TorchBackend, dumps, run_parity
-    from exporter.parity import write_report as write_md
+    from precision.data import CalibrationError, calibration_set
+    from precision.parity import OnnxBackend, ParityError, TorchBackend, dumps, run_parity
+    from precision.parity import write_report as write_md
     from runtime.images import ImageError
     from runtime.manifest import ManifestError
 
@@ -321,7 +321,7 @@ def parity(
                 raise click.UsageError(
                     "the PyTorch reference needs --lm, --vision and --checkpoint"
                 )
-            from exporter.cli import load_model
+            from cli.main import load_model
 
             model, _, _ = load_model(**model_kw)
             reference: Any = TorchBackend(model, f"pytorch:{model_kw['lm_dir']}")
@@ -351,7 +351,7 @@ def parity(
 
 
 def _thresholds(text: str | None) -> dict[str, dict[str, float]]:
-    from exporter.parity import parse_thresholds
+    from precision.parity import parse_thresholds
 
     return parse_thresholds(text)
 
@@ -439,9 +439,9 @@ def sensitivity(
     or with --budget pick the cheapest mix that meets it (and write it with -o)."""
     import json
 
-    from calibration.data import CalibrationError
-    from calibration.sensitivity import Evaluation, auto_mix, keep_list, run_sensitivity
     from exporter.export import ExportError
+    from precision.data import CalibrationError
+    from precision.sensitivity import Evaluation, auto_mix, keep_list, run_sensitivity
     from runtime.manifest import ManifestError
 
     if output is not None and budget is None:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from exporter.parity import OnnxBackend, gate, measure
-from exporter.quantize import (
+from precision.parity import OnnxBackend, gate, measure
+from precision.quantize import (
     QuantizeError,
     QuantizeOptions,
     embedding_nodes,

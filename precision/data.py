@@ -10,7 +10,7 @@ prompts look like what the runtime will see: OpenFlamingo few-shot prompts (demo
   decode are skipped and counted; if none decodes it is an error.
 * ``random``: synthetic images (random shapes on random backgrounds) with random captions and
   questions, for smoke tests and models without data at hand.
-* ``demo``: episodes of the demo model's task (``flamingo.demo_task``, training split), used
+* ``demo``: episodes of the demo model's task (``demo.task``, training split), used
   when importable; ``demo-eval``: its held-out evaluation set (held-out colour-shape pairs as
   queries, exactly ``max_shots`` shots, episode i the same as in the README's accuracy table
   when ``seed`` is ``demo_task.EVAL_SEED``). Calibrate on ``demo``, measure on ``demo-eval``.
@@ -222,16 +222,16 @@ def build_episodes(items: Sequence[Item], n: int, max_shots: int, seed: int) -> 
 
 def _demo_task() -> Any:
     try:
-        return importlib.import_module("flamingo.demo_task")
+        return importlib.import_module("demo.task")
     except ImportError as e:
         raise CalibrationError(
-            f"the demo sources need flamingo.demo_task, which cannot be imported ({e}); "
+            f"the demo sources need demo.task, which cannot be imported ({e}); "
             "use a DATA path or 'random'"
         ) from e
 
 
 def demo_episodes(n: int, max_shots: int, seed: int) -> list[Episode]:
-    """Episodes of the demo model's own task (flamingo.demo_task), 1..max_shots shots."""
+    """Episodes of the demo model's own task (demo.task), 1..max_shots shots."""
     task = _demo_task()
     episodes = []
     for i in range(n):

@@ -1,6 +1,6 @@
 """Train the embedded demo model: the Flamingo recipe at toy scale on the synthetic few-shot task.
 
-``python -m flamingo.train_demo --out models/demo [--steps-scale F] [--json]`` runs, seeded:
+``python -m demo.train --out models/demo [--steps-scale F] [--json]`` runs, seeded:
 
 1. a byte-level BPE tokenizer (``tokenizers``, LLaMA conventions: ``<s>`` prepended, no pad)
    trained on text of the domain;
@@ -63,10 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig, preprocess
-
-from .config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
-from .demo_task import (
+from demo.task import (
     ATTRIBUTES,
     COLOURS,
     COUNTS,
@@ -80,7 +77,8 @@ from .demo_task import (
     sample_scene,
     sample_variant,
 )
-from .loaders import (
+from flamingo.config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+from flamingo.loaders import (
     DECODER_LAYERS_ATTR,
     EOC_TOKEN,
     MEDIA_TOKEN,
@@ -91,7 +89,8 @@ from .loaders import (
     read_hf_weights,
     read_vision,
 )
-from .model import Flamingo, VisionTransformer, media_index_from_ids, position_ids_from_mask
+from flamingo.model import Flamingo, VisionTransformer, media_index_from_ids, position_ids_from_mask
+from runtime.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig, preprocess
 
 SHOTS = (0, 1, 2, 4, 8)
 MAX_SHOTS = 8
@@ -189,7 +188,7 @@ def build_tokenizer(seed: int, vocab_size: int):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from .tiny import _train_byte_bpe  # deterministic merges (ties broken by text)
+    from fixtures.tiny import _train_byte_bpe  # deterministic merges (ties broken by text)
 
     rng = random.Random(f"flamingo-demo/tokenizer/{seed}")
     corpus = "\n".join(lm_document(rng) for _ in range(3000))
@@ -340,7 +339,7 @@ class Clip(nn.Module):
 
     def __init__(self, vision: VisionConfig, cfg: DemoConfig, vocab_size: int) -> None:
         super().__init__()
-        from .model import QuickGELU
+        from flamingo.model import QuickGELU
 
         self.visual = VisionTransformer(vision)
         w = vision.width
@@ -625,7 +624,7 @@ def predict(
     model: Flamingo, tokenizer, episodes: Sequence[Episode], max_new_tokens: int = 6
 ) -> list[str]:
     """Greedy answers (text before `<|endofchunk|>`) for episodes with equal shot counts."""
-    from .generate import generate
+    from flamingo.generate import generate
 
     if not episodes:
         return []
@@ -882,7 +881,7 @@ def _run(out: Path, cfg: DemoConfig, log: Callable[[str], None], from_stage: str
 
 def main(argv: list[str] | None = None) -> int:
     """Train the demo model (`--out`) or print the accuracy table of one (`--eval-only`)."""
-    parser = argparse.ArgumentParser(prog="python -m flamingo.train_demo", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m demo.train", description=main.__doc__)
     parser.add_argument("--out", type=Path, help="folder to write the trained model to")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="0.01: CI smoke run")
     parser.add_argument("--eval-only", action="store_true")

@@ -25,7 +25,7 @@ class JetPack:
     version: str
     tensorrt: str  # exact TensorRT release shipped
     cuda: str
-    trt_rules: str  # key of exporter.trt_rules.RULES that describes its ONNX parser
+    trt_rules: str  # key of trt.rules.RULES that describes its ONNX parser
 
 
 JETPACKS: tuple[JetPack, ...] = (
@@ -46,7 +46,7 @@ class Target:
     workspace_bytes: int  # default TensorRT workspace (tactic scratch) limit for `build`
     compute_capability: str | None  # None: whatever GPU `build` runs on
     jetpacks: tuple[str, ...]  # JetPack releases for this board ("" for x86)
-    default_trt: str  # exporter.trt_rules.RULES key `check` uses by default for this target
+    default_trt: str  # trt.rules.RULES key `check` uses by default for this target
     bandwidth_gb_s: float  # DRAM bandwidth: bounds memory-bound decode (tokens/s)
     shared_memory: bool  # CPU and GPU share the DRAM (engine load peaks count twice)
     reserve_note: str

@@ -44,15 +44,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .decoding import (
+from runtime.decoding import (
     MediaCounter,
     RowsCrossKV,
     current_image_offsets,
     logits_index,
     position_ids,
 )
-from .manifest import Manifest, load_manifest, safe_join, sha256_file
-from .spec import ModelDims, cross_attn_names, past_names, present_names
+from runtime.manifest import Manifest, load_manifest, safe_join, sha256_file
+from runtime.spec import ModelDims, cross_attn_names, past_names, present_names
 
 ENGINES_NAME = "engines.json"
 ENGINES_SCHEMA_VERSION = 1
@@ -946,7 +946,7 @@ class TrtStepModel:
 def trt_pipeline(export_dir: str | Path, *, strict_device: bool = True, **kw: Any) -> Any:
     """A `runtime.pipeline.FlamingoPipeline` whose engine is a TrtFlamingo: same prompt checks,
     preprocessing, tokenizer, caches and search; limits are the engines' (<= the export's)."""
-    from .pipeline import FlamingoPipeline
+    from runtime.pipeline import FlamingoPipeline
 
     engine = kw.pop("engine", None) or TrtFlamingo(export_dir, strict_device=strict_device)
     return FlamingoPipeline(export_dir, engine=engine, **kw)

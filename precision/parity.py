@@ -2,7 +2,7 @@
 
 A quantized graph is only usable if its outputs still pick the same tokens, and a naive fp16
 ViT can look fine until its cosine is measured (TensorRT-LLM #3223), so parity is measured per
-graph, on few-shot episodes (calibration.data, own seed):
+graph, on few-shot episodes (precision.data, own seed):
 
 * vision: every output (latents, each cross-attention K/V) on the same pixels: cosine, max and
   mean abs error;

@@ -519,7 +519,7 @@ def run_bench(
         )
         baselines["reference"] = ReferenceBackend(model, runtime, options.new_tokens)
         if oracle:
-            from flamingo.tiny import load_open_flamingo
+            from fixtures.tiny import load_open_flamingo
 
             say("loading the published open_flamingo model")
             with _quiet(hf=True):
@@ -755,7 +755,7 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         "Prefix-cached rows: demos warmed once, each query a new image; vision ms/img is per "
         "encoded image (the query's), though every image is still preprocessed and hashed. "
-        "Peak RSS: estimated for the backend alone (see exporter/bench.py).",
+        "Peak RSS: estimated for the backend alone (see bench/harness.py).",
     ]
     has_baselines = any(r["ratios"] for r in report["results"])
     if has_baselines:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from exporter.cli_quant import export_precision_options
+from cli.precision import export_precision_options
 
 MODEL_OPTIONS = [
     click.option("--lm", "lm_dir", required=True, type=click.Path(path_type=Path),
@@ -151,7 +151,7 @@ def export(
     **kw: Any,
 ) -> None:
     """Write OUT/vision.onnx, OUT/decoder.onnx, the tokenizer and manifest.json."""
-    from exporter.cli_quant import export_and_quantize, make_options
+    from cli.precision import export_and_quantize, make_options
     from exporter.export import ExportError, ExportOptions
 
     options = ExportOptions(
@@ -343,14 +343,14 @@ def presets(as_json: bool) -> None:
         )
 
 
-from exporter.cli_trt import register  # noqa: E402  check, plan, build, trt-run (TensorRT)
+from cli.trt import register  # noqa: E402  check, plan, build, trt-run (TensorRT)
 
 register(main)
 
-from exporter.cli_quant import register as register_quant  # noqa: E402  quantize, parity, sensitivity
+from cli.precision import register as register_quant  # noqa: E402  quantize, parity, sensitivity
 
 register_quant(main)
-main.add_command(__import__("exporter.bench", fromlist=["bench"]).bench)  # bench
+main.add_command(__import__("bench.harness", fromlist=["bench"]).bench)  # bench
 
 if __name__ == "__main__":
     sys.exit(main())

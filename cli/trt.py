@@ -1,6 +1,6 @@
 """TensorRT commands of `flamingo-export`: check, plan, build, trt-run.
 
-Registered on the main group by exporter/cli.py. TensorRT (and cuda-python) are imported only
+Registered on the main group by cli/main.py. TensorRT (and cuda-python) are imported only
 inside `build` and `trt-run`; `check` and `plan` need neither (nor torch).
 """
 
@@ -58,9 +58,8 @@ def check(
     Exits 1 when any rule is violated; warnings do not fail.
     """
     from runtime.manifest import ManifestError
-
-    from .profiles import ProfileError
-    from .trt_rules import check_export
+    from trt.profiles import ProfileError
+    from trt.rules import check_export
 
     try:
         report = check_export(
@@ -113,9 +112,9 @@ def plan(
     as_json: bool,
 ) -> None:
     """Memory plan of a model on a target: weights, KV cache, activations vs usable memory."""
-    from .plan import PlanError, PlanInputs, plan_export, plan_preset
-    from .profiles import DEFAULT_MAX_BATCH
-    from .targets import get_target
+    from trt.plan import PlanError, PlanInputs, plan_export, plan_preset
+    from trt.profiles import DEFAULT_MAX_BATCH
+    from trt.targets import get_target
 
     if (preset is None) == (export_dir is None):
         raise click.UsageError("give exactly one of --preset NAME or --export OUT")
@@ -168,10 +167,9 @@ def build(
     """Build vision.engine, decoder.engine and engines.json in OUT with TensorRT (on the GPU
     that will run them)."""
     from runtime.manifest import ManifestError
-    from runtime.trt_engine import TensorRTUnavailableError
-
-    from .profiles import ProfileError
-    from .trt_build import BuildError, build_engines
+    from trt.build import BuildError, build_engines
+    from trt.engine import TensorRTUnavailableError
+    from trt.profiles import ProfileError
 
     try:
         build_engines(
@@ -219,7 +217,7 @@ def trt_run(
     from runtime.generation import GenerationConfig
     from runtime.images import ImageError
     from runtime.manifest import ManifestError
-    from runtime.trt_engine import EngineMismatchError, TensorRTUnavailableError, trt_pipeline
+    from trt.engine import EngineMismatchError, TensorRTUnavailableError, trt_pipeline
 
     try:
         pipe = trt_pipeline(export_dir, strict_device=not allow_other_device)

@@ -264,8 +264,8 @@ def write_episode(episode: Episode, folder: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m flamingo.demo_task OUT``: write held-out evaluation episode INDEX as files."""
-    parser = argparse.ArgumentParser(prog="python -m flamingo.demo_task", description=main.__doc__)
+    """``python -m demo.task OUT``: write held-out evaluation episode INDEX as files."""
+    parser = argparse.ArgumentParser(prog="python -m demo.task", description=main.__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="evaluation seed")

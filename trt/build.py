@@ -12,7 +12,7 @@ no TensorRT in this repository's CI). Choices:
   cleared for fp32 graphs so TensorRT computes what onnxruntime computes on that file.
 * The ONNX parser reads the model from its path, so external data (`<graph>.onnx.data`) is
   found beside it without loading the model into Python.
-* Optimization profiles come from exporter/profiles.py (vision: one; decoder: prefill, decode).
+* Optimization profiles come from trt/profiles.py (vision: one; decoder: prefill, decode).
 * One timing cache, `OUT/timing.cache`, is loaded if present and saved after each engine: a
   rebuild on the same device reuses the kernel timings.
 * Atomic: the old engines.json is removed first, engines are written to temporary files and
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.manifest import Manifest, load_manifest, safe_join, sha256_file
-from runtime.trt_engine import (
+from trt.engine import (
     ENGINE_FILES,
     ENGINES_NAME,
     DeviceInfo,
@@ -258,7 +258,7 @@ def build_engines(
     """Build both engines into the export folder (see the module docstring)."""
     say = progress or (lambda _msg: None)
     trt = import_tensorrt()
-    from runtime.trt_engine import CudaDevice
+    from trt.engine import CudaDevice
 
     root = Path(export_dir)
     manifest = load_manifest(root)

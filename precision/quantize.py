@@ -54,9 +54,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.export import ONNX_PROTO_LIMIT, ExportError, tool_versions, write_atomically
-from exporter.graph_rules import check_graph
 from runtime.manifest import GraphEntry, Manifest, load_manifest, safe_join
 from runtime.spec import GraphSpec
+from trt.rules import check_graph
 
 Progress = Callable[[str], None]
 
@@ -537,7 +537,7 @@ def to_int8(
             "WeightSymmetric": True,
             "CalibPercentile": options.percentile,
             "CalibTensorRangeSymmetric": True,
-            "CalibStridedMinMax": 1,  # one feed at a time (see calibration.collect.FeedReader)
+            "CalibStridedMinMax": 1,  # one feed at a time (see precision.collect.FeedReader)
         },
     )
     quantized = load_graph(dst)
@@ -635,8 +635,8 @@ def _needs_readers(options: QuantizeOptions) -> bool:
 
 def _calibration_readers(src: Path, options: QuantizeOptions, say: Progress) -> dict[str, Any]:
     """FeedReaders for the graphs quantized to int8 (vision and/or decoder)."""
-    from calibration.collect import EpisodeRunner, FeedReader
-    from calibration.data import calibration_set
+    from precision.collect import EpisodeRunner, FeedReader
+    from precision.data import calibration_set
 
     cal = calibration_set(
         options.calibration,
