@@ -519,7 +519,7 @@ def run_bench(
         )
         baselines["reference"] = ReferenceBackend(model, runtime, options.new_tokens)
         if oracle:
-            from fixtures.tiny import load_open_flamingo
+            from flamingo.oracle import load_open_flamingo
 
             say("loading the published open_flamingo model")
             with _quiet(hf=True):

@@ -77,11 +77,14 @@ from demo.task import (
     sample_scene,
     sample_variant,
 )
-from flamingo.config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
-from flamingo.loaders import (
+from flamingo.config import (
     DECODER_LAYERS_ATTR,
-    EOC_TOKEN,
-    MEDIA_TOKEN,
+    CrossAttentionConfig,
+    FlamingoConfig,
+    ResamplerConfig,
+    VisionConfig,
+)
+from flamingo.loaders import (
     lm_config_from_hf,
     load_flamingo,
     load_tokenizer,
@@ -91,6 +94,7 @@ from flamingo.loaders import (
 )
 from flamingo.model import Flamingo, VisionTransformer, media_index_from_ids, position_ids_from_mask
 from runtime.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig, preprocess
+from runtime.prompts import EOC_TOKEN, MEDIA_TOKEN
 
 SHOTS = (0, 1, 2, 4, 8)
 MAX_SHOTS = 8
@@ -188,12 +192,12 @@ def build_tokenizer(seed: int, vocab_size: int):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from fixtures.tiny import _train_byte_bpe  # deterministic merges (ties broken by text)
+    from fixtures.bpe import train_byte_bpe  # deterministic merges (ties broken by text)
 
     rng = random.Random(f"flamingo-demo/tokenizer/{seed}")
     corpus = "\n".join(lm_document(rng) for _ in range(3000))
     specials = ["<unk>", "<s>", "</s>"]
-    vocab, merges = _train_byte_bpe(corpus, vocab_size, specials)
+    vocab, merges = train_byte_bpe(corpus, vocab_size, specials)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -12,6 +12,16 @@ from typing import Any
 
 LM_FAMILIES = ("llama", "gpt_neox", "mpt")
 
+# Where each HF causal LM keeps its decoder blocks: OpenFlamingo's decoder_layers_attr_name
+# (open_flamingo/src/factory.py), the prefix of the layers' keys in its checkpoints.
+DECODER_LAYERS_ATTR = {
+    "llama": "model.layers",
+    "gpt_neox": "gpt_neox.layers",
+    "mpt": "transformer.blocks",
+    "opt": "model.decoder.layers",
+    "gptj": "transformer.h",
+}
+
 
 @dataclass
 class VisionConfig:

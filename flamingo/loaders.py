@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from runtime.prompts import EOC_TOKEN, MEDIA_TOKEN, PAD_TOKEN
+
 from .config import (
     LM_FAMILIES,
     PRESETS,
@@ -32,10 +34,6 @@ from .config import (
     VisionConfig,
 )
 from .model import Flamingo
-
-MEDIA_TOKEN = "<image>"
-EOC_TOKEN = "<|endofchunk|>"
-PAD_TOKEN = "<PAD>"
 
 
 class LoadError(ValueError):
@@ -120,13 +118,6 @@ LM_KEY_MAP: dict[str, list[tuple[str, str]]] = {
         ("transformer.norm_f.", "final_norm."),
         ("lm_head.", "lm_head."),
     ],
-}
-
-# OpenFlamingo's name for the decoder layer list (it wraps each in a FlamingoLayer).
-DECODER_LAYERS_ATTR = {
-    "llama": "model.layers",
-    "gpt_neox": "gpt_neox.layers",
-    "mpt": "transformer.blocks",
 }
 
 # Buffers HF keeps in some checkpoints that carry no weights we need.

@@ -25,6 +25,7 @@ from typing import Any, Literal
 __all__ = [
     "EOC_TOKEN",
     "MEDIA_TOKEN",
+    "PAD_TOKEN",
     "Demonstration",
     "build_few_shot_prompt",
     "caption_prompt",
@@ -34,8 +35,11 @@ __all__ = [
     "vqa_prompt",
 ]
 
+# OpenFlamingo's special tokens (open_flamingo/src/factory.py adds them in the order EOC, media,
+# and <PAD> when the LM tokenizer has no pad token).
 MEDIA_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<PAD>"
 
 Task = Literal["caption", "vqa", "raw"]
 _TASKS = ("caption", "vqa", "raw")

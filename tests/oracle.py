@@ -15,7 +15,7 @@
 - the checkpoint (plain ``.pt``, DDP ``{"model_state_dict": {"module.*"}}`` or ``.safetensors``)
   is loaded with ``strict=False``; unexpected keys are an error.
 
-The code lives in ``fixtures/tiny.py`` (``load_open_flamingo``) so the benchmarks build the
+The code lives in ``flamingo/oracle.py`` (``load_open_flamingo``) so the benchmarks build the
 same baseline; it uses nothing of our reference model or loaders, only the published package.
 
 Compatibility with transformers 4.57.6 (the package targets 4.28-4.33). Checked for LLaMA,
@@ -44,8 +44,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fixtures.tiny import load_open_flamingo
-from fixtures.tiny import read_flamingo_checkpoint as load_checkpoint
+from flamingo.oracle import load_open_flamingo
+from flamingo.oracle import read_flamingo_checkpoint as load_checkpoint
 
 __all__ = ["load_checkpoint", "load_oracle"]
 

@@ -305,7 +305,7 @@ def test_shipped_checkpoint_is_openflamingos_and_computes_the_same(shipped) -> N
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from fixtures.tiny import import_open_flamingo
+    from flamingo.oracle import import_open_flamingo
 
     model, tok = shipped
     Flamingo, mixin, extend_instance = import_open_flamingo()

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from fixtures.tiny import (
-    DECODER_LAYERS_ATTR,
     FAMILIES,
     TinyPaths,
     build_tiny_flamingo,
     build_tiny_vision,
-    clip_hf_to_open_clip,
     main,
 )
+from flamingo.config import DECODER_LAYERS_ATTR
+from flamingo.loaders import clip_hf_to_open_clip
 from tests.oracle import load_checkpoint, load_oracle
 
 HIDDEN, VISION_WIDTH, N_LAYERS, EVERY_N = 64, 48, 4, 2
@@ -179,7 +179,7 @@ def test_clip_hf_to_open_clip_matches_hf_numerically(tmp_path, quick_gelu):
     hf = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "vision_hf").eval()
     assert hf.config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
 
-    converted = clip_hf_to_open_clip(hf.state_dict())
+    converted = {f"visual.{k}": v for k, v in clip_hf_to_open_clip(hf.state_dict()).items()}
     assert set(converted) == {k for k in state if k.startswith("visual.")}
     for key, value in converted.items():
         assert torch.equal(value, state[key]), key
