@@ -44,11 +44,9 @@ Method (what every number means):
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -57,8 +55,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
+
+from runtime.errors import FlamingoExportError
 
 DEFAULT_SHOTS = (0, 4, 8, 16)
 CAPTIONS = (
@@ -85,6 +84,10 @@ RATIO_METRICS = tuple(RATIO_LABELS)
 Progress = Callable[[str], None]
 
 
+class BenchError(FlamingoExportError, ValueError):
+    """The benchmark cannot run as asked (options, missing baseline files)."""
+
+
 @dataclass
 class BenchOptions:
     """What to measure; defaults are the issue's prompt sizes."""
@@ -100,17 +103,17 @@ class BenchOptions:
 
     def validate(self) -> None:
         if not self.shots or any(k < 0 for k in self.shots):
-            raise ValueError(f"shots must be non-negative integers, got {list(self.shots)}")
+            raise BenchError(f"shots must be non-negative integers, got {list(self.shots)}")
         if self.new_tokens < 2:
-            raise ValueError("new_tokens must be >= 2 (one prefill token + decode steps)")
+            raise BenchError("--max-new-tokens must be >= 2 (one prefill token + decode steps)")
         if self.repeats < 1 or self.warmup < 0:
-            raise ValueError("repeats must be >= 1 and warmup >= 0")
+            raise BenchError("--repeats must be >= 1 and --warmup >= 0")
         if self.threads is not None and self.threads < 1:
-            raise ValueError("threads must be >= 1")
+            raise BenchError("--threads must be >= 1")
         if self.image_size < 8:
-            raise ValueError("image_size must be >= 8")
+            raise BenchError("image_size must be >= 8")
         if self.settle_ms < 0:
-            raise ValueError("settle_ms must be >= 0")
+            raise BenchError("settle_ms must be >= 0")
 
     def resolved_threads(self) -> int:
         if self.threads:
@@ -134,6 +137,7 @@ class ModelFiles:
     checkpoint_path: Path
     cross_attn_every_n_layers: int | None = None
     oracle_vision_dir: Path | None = None
+    load_options: dict[str, Any] = field(default_factory=dict)  # more load_flamingo keywords
 
     def resolve_oracle_vision(self) -> Path:
         candidates = [self.oracle_vision_dir] if self.oracle_vision_dir else []
@@ -142,7 +146,7 @@ class ModelFiles:
         for path in candidates:
             if path is not None and (Path(path) / "config.json").is_file():
                 return Path(path)
-        raise ValueError(
+        raise BenchError(
             f"the open_flamingo baseline needs the vision tower as an HF CLIP directory; "
             f"none at {[str(c) for c in candidates]} (give --oracle-vision DIR)"
         )
@@ -477,7 +481,7 @@ def run_bench(
     options = options or BenchOptions()
     options.validate()
     if oracle and files is None:
-        raise ValueError("the open_flamingo baseline needs the model files (--lm, --vision, ...)")
+        raise BenchError("the open_flamingo baseline needs the model files (--lm, --vision, ...)")
     say = progress or (lambda _message: None)
     threads = options.resolved_threads()
     meter = RssMeter()
@@ -515,6 +519,7 @@ def run_bench(
                 files.vision_path,
                 files.checkpoint_path,
                 cross_attn_every_n_layers=files.cross_attn_every_n_layers,
+                **files.load_options,
             )
         )
         baselines["reference"] = ReferenceBackend(model, runtime, options.new_tokens)
@@ -782,122 +787,3 @@ def format_table(report: dict[str, Any]) -> str:
         )
         lines += ["", f"Prefix-cached query total / 0-shot total: {parts}"]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-
-def _parse_shots(_ctx: Any, _param: Any, value: str) -> tuple[int, ...]:
-    try:
-        shots = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not shots or any(k < 0 for k in shots):
-        raise click.BadParameter(f"expected non-negative integers, got {value!r}")
-    return shots
-
-
-@click.command("bench")
-@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--shots",
-    default="0,4,8,16",
-    show_default=True,
-    callback=_parse_shots,
-    help="Demonstrations per prompt, comma-separated.",
-)
-@click.option("--new-tokens", type=int, default=16, show_default=True, help="Greedy, no stop.")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs (median).")
-@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs per case.")
-@click.option(
-    "--threads", type=int, default=None, help="onnxruntime = torch threads (default: all CPUs)."
-)
-@click.option(
-    "--reference",
-    is_flag=True,
-    help="Compare with our PyTorch reference (implied by --lm/--vision/--checkpoint).",
-)
-@click.option(
-    "--oracle", is_flag=True, help="Also compare with the published open_flamingo generate."
-)
-@click.option("--lm", "lm_dir", type=click.Path(exists=True, path_type=Path), default=None)
-@click.option("--vision", "vision_path", type=click.Path(exists=True, path_type=Path))
-@click.option("--checkpoint", "checkpoint_path", type=click.Path(exists=True, path_type=Path))
-@click.option("--cross-attn-every-n-layers", type=int, default=None)
-@click.option(
-    "--oracle-vision",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="HF CLIP vision directory for --oracle (default: --vision or vision_hf/ beside it).",
-)
-@click.option(
-    "--baseline-export",
-    "baseline_exports",
-    multiple=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Another export to compare with (repeatable), e.g. the fp32 export of an int8 one.",
-)
-@click.option(
-    "--settle-ms",
-    type=float,
-    default=250.0,
-    show_default=True,
-    help="Pause before each run, so the previous backend's spinning threads are idle.",
-)
-@click.option("--json", "as_json", is_flag=True, help="The full report as JSON.")
-def bench(
-    export_dir: Path,
-    shots: tuple[int, ...],
-    new_tokens: int,
-    repeats: int,
-    warmup: int,
-    threads: int | None,
-    reference: bool,
-    oracle: bool,
-    lm_dir: Path | None,
-    vision_path: Path | None,
-    checkpoint_path: Path | None,
-    cross_attn_every_n_layers: int | None,
-    oracle_vision: Path | None,
-    baseline_exports: tuple[Path, ...],
-    settle_ms: float,
-    as_json: bool,
-) -> None:
-    """Latency, tokens/s and memory of EXPORT_DIR on 0-16-shot caption prompts, with and without
-    the prefix cache; with the model files, side by side with the PyTorch reference."""
-    given = [p is not None for p in (lm_dir, vision_path, checkpoint_path)]
-    files = None
-    if reference or oracle or any(given):
-        if not all(given):
-            raise click.UsageError("--reference/--oracle need --lm, --vision and --checkpoint")
-        files = ModelFiles(
-            lm_dir,  # type: ignore[arg-type]
-            vision_path,  # type: ignore[arg-type]
-            checkpoint_path,  # type: ignore[arg-type]
-            cross_attn_every_n_layers,
-            oracle_vision,
-        )
-    options = BenchOptions(
-        shots=shots,
-        new_tokens=new_tokens,
-        repeats=repeats,
-        warmup=warmup,
-        threads=threads,
-        settle_ms=settle_ms,
-    )
-
-    def progress(message: str) -> None:
-        click.echo(f"[bench] {message}", err=True)
-
-    try:
-        report = run_bench(export_dir, options, files, oracle, progress, baseline_exports)
-    except ValueError as e:  # bad options, manifest/loader errors (LoadError is a ValueError)
-        raise click.ClickException(str(e)) from e
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        click.echo(format_table(report))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(bench())

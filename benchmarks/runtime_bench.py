@@ -175,11 +175,12 @@ def bench_subprocess(export_dir: Path, paths: Any, options: Any, oracle: bool) -
     cmd = [
         sys.executable,
         "-m",
-        "bench.harness",  # the `flamingo-export bench` command itself
+        "cli.main",  # the `flamingo-export` command itself
+        "bench",
         str(export_dir),
         "--shots",
         ",".join(str(k) for k in options.shots),
-        "--new-tokens",
+        "--max-new-tokens",
         str(options.new_tokens),
         "--repeats",
         str(options.repeats),
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, 0/4 shots, 1 repeat")
     parser.add_argument("--shots", default=None, help="comma-separated (default 0,4,8,16)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 16 (quick: 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 16 (quick: 4)")
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (quick: 1)")
     parser.add_argument("--threads", type=int, default=None, help="default: all CPUs")
     parser.add_argument("--no-oracle", action="store_true", help="skip open_flamingo generate")
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     shots = tuple(int(k) for k in args.shots.split(",")) if args.shots else None
     options = BenchOptions(
         shots=shots or ((0, 4) if args.quick else (0, 4, 8, 16)),
-        new_tokens=args.new_tokens or (4 if args.quick else 16),
+        new_tokens=args.max_new_tokens or (4 if args.quick else 16),
         repeats=args.repeats or (1 if args.quick else 3),
         threads=args.threads,
     )

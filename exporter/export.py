@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from flamingo.model import Flamingo
+from runtime.errors import FlamingoExportError
 from runtime.images import PreprocessConfig
 from runtime.manifest import GraphEntry, Manifest
 from runtime.spec import (
@@ -45,7 +46,7 @@ DEFAULT_OPSET = 17  # portable to JetPack 5 (TensorRT 8.5) and later
 ONNX_PROTO_LIMIT = 2 * 1024**3
 
 
-class ExportError(RuntimeError):
+class ExportError(FlamingoExportError, RuntimeError):
     """The export cannot proceed (bad option, existing output, unwritable folder, ...)."""
 
 
@@ -244,13 +245,19 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def prepare_output(out: Path, force: bool) -> Path:
-    """Check OUT can be (re)placed; return a fresh temporary folder beside it."""
-    out = out.absolute()
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an OUT that exists (without `force`) or is not a folder: before any slow work."""
+    out = Path(out).absolute()
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
+
+
+def prepare_output(out: Path, force: bool) -> Path:
+    """Check OUT can be (re)placed; return a fresh temporary folder beside it."""
+    out = out.absolute()
+    check_output(out, force)
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from runtime.errors import FlamingoExportError
 from runtime.prompts import EOC_TOKEN, MEDIA_TOKEN, PAD_TOKEN
 
 from .config import (
@@ -36,7 +37,7 @@ from .config import (
 from .model import Flamingo
 
 
-class LoadError(ValueError):
+class LoadError(FlamingoExportError, ValueError):
     """A model file is missing, unreadable or does not fit: the message says which and why."""
 
 

@@ -22,7 +22,6 @@ Everything is a pure function of ``seed`` (``random.Random`` seeded with strings
 
 from __future__ import annotations
 
-import importlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from demo import task as demo_task
+from runtime.errors import FlamingoExportError
 from runtime.images import ImageError, load_image
 from runtime.prompts import Demonstration, build_few_shot_prompt, load_demos_jsonl
 
@@ -50,7 +51,7 @@ _SHAPES = ("circle", "square", "bar")
 _COUNTS = ("one", "two", "three")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(FlamingoExportError, ValueError):
     """The calibration data cannot be used (empty, unreadable, nothing decodes, ...)."""
 
 
@@ -220,33 +221,21 @@ def build_episodes(items: Sequence[Item], n: int, max_shots: int, seed: int) -> 
     return episodes
 
 
-def _demo_task() -> Any:
-    try:
-        return importlib.import_module("demo.task")
-    except ImportError as e:
-        raise CalibrationError(
-            f"the demo sources need demo.task, which cannot be imported ({e}); "
-            "use a DATA path or 'random'"
-        ) from e
-
-
 def demo_episodes(n: int, max_shots: int, seed: int) -> list[Episode]:
     """Episodes of the demo model's own task (demo.task), 1..max_shots shots."""
-    task = _demo_task()
     episodes = []
     for i in range(n):
         rng = random.Random(f"flamingo-calibration/demo/{seed}/{i}")
-        ep = task.sample_episode(rng, rng.randint(min(1, max_shots), max_shots))
+        ep = demo_task.sample_episode(rng, rng.randint(min(1, max_shots), max_shots))
         episodes.append(_from_demo(ep))
     return episodes
 
 
 def demo_eval_episodes(n: int, shots: int, seed: int) -> list[Episode]:
     """The demo task's held-out evaluation episodes (`demo_task.eval_episodes`), `shots` each."""
-    task = _demo_task()
     if not 0 <= shots <= 8:
         raise CalibrationError(f"demo-eval episodes have 0..8 shots, got max_shots={shots}")
-    return [_from_demo(ep) for ep in task.eval_episodes(n, seed, shots)]
+    return [_from_demo(ep) for ep in demo_task.eval_episodes(n, seed, shots)]
 
 
 def _from_demo(ep: Any) -> Episode:

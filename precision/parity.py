@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from runtime.engine import OnnxFlamingo
+from runtime.errors import FlamingoExportError
 from runtime.generation import GenerationConfig, generate
 from runtime.images import PreprocessConfig, preprocess
 from runtime.spec import cross_attn_names
@@ -53,7 +54,7 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
 }  # fmt: skip
 
 
-class ParityError(ValueError):
+class ParityError(FlamingoExportError, ValueError):
     """Bad parity input (mismatched exports, bad threshold syntax, ...)."""
 
 

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +53,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.export import ONNX_PROTO_LIMIT, ExportError, tool_versions, write_atomically
-from runtime.manifest import GraphEntry, Manifest, load_manifest, safe_join
+from exporter.export import (
+    ONNX_PROTO_LIMIT,
+    ExportError,
+    ExportOptions,
+    tool_versions,
+    write_atomically,
+)
+from runtime.manifest import PRECISIONS, GraphEntry, Manifest, load_manifest, safe_join
 from runtime.spec import GraphSpec
 from trt.rules import check_graph
 
 Progress = Callable[[str], None]
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 INT4_FORMATS = ("qdq", "matmulnbits")
 INT8_MODES = ("w8a8", "weight-only")
@@ -99,7 +104,6 @@ class QuantizeOptions:
     quantize_embeddings: bool = True
     calibration_cache: str | None = None  # int8 ranges: reused if `<cache>.<graph>.json` exists
     force: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def precision(self, graph: str) -> str:
         return {"vision": self.vision, "decoder": self.decoder}[graph]
@@ -633,8 +637,11 @@ def _needs_readers(options: QuantizeOptions) -> bool:
     return False
 
 
-def _calibration_readers(src: Path, options: QuantizeOptions, say: Progress) -> dict[str, Any]:
-    """FeedReaders for the graphs quantized to int8 (vision and/or decoder)."""
+def _calibration_readers(
+    src: Path, options: QuantizeOptions, say: Progress
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """FeedReaders for the graphs quantized to int8 (vision and/or decoder), and the record of
+    the calibration set for the manifest."""
     from precision.collect import EpisodeRunner, FeedReader
     from precision.data import calibration_set
 
@@ -645,14 +652,13 @@ def _calibration_readers(src: Path, options: QuantizeOptions, say: Progress) -> 
         seed=options.seed,
         progress=say,
     )
-    options.extra["calibration"] = cal.describe()
     say(
         f"calibration set: {len(cal.episodes)} episodes from {cal.source!r} "
         f"(seed {cal.seed}, {cal.skipped} images skipped)"
     )
     runner = EpisodeRunner(src, decode_steps=options.decode_steps)
     n_images = sum(len(e.images) for e in cal.episodes)
-    return {
+    readers = {
         "vision": FeedReader(
             lambda: runner.vision_feeds(cal.episodes),
             "vision",
@@ -667,6 +673,7 @@ def _calibration_readers(src: Path, options: QuantizeOptions, say: Progress) -> 
             say,
         ),
     }
+    return readers, cal.describe()
 
 
 def quantize_export(
@@ -688,7 +695,10 @@ def quantize_export(
 def _quantize_into(
     src: Path, source: Manifest, tmp: Path, options: QuantizeOptions, say: Progress
 ) -> Manifest:
-    readers = _calibration_readers(src, options, say) if _needs_readers(options) else {}
+    readers: dict[str, Any] = {}
+    calibration: dict[str, Any] | None = None
+    if _needs_readers(options):
+        readers, calibration = _calibration_readers(src, options, say)
     graphs: dict[str, GraphEntry] = {}
     record: dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix=".quantize-work-", dir=tmp))
@@ -741,8 +751,8 @@ def _quantize_into(
         dst = tmp / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(safe_join(src, rel), dst)
-    if "calibration" in options.extra:
-        record["calibration"] = options.extra["calibration"]
+    if calibration is not None:
+        record["calibration"] = calibration
     if options.calibration_cache and "int8" in (options.vision, options.decoder):
         record["calibration_cache"] = str(options.calibration_cache)
     record["source"] = {"export": str(src.absolute()), "files": dict(source.files)}
@@ -759,3 +769,34 @@ def _quantize_into(
     manifest.record_files(tmp)
     manifest.write(tmp)
     return manifest
+
+
+def export_at_precision(
+    model: Any,
+    tokenizer: Any,
+    out: str | Path,
+    export_options: ExportOptions,
+    options: QuantizeOptions,
+    progress: Progress | None = None,
+) -> Manifest:
+    """`export --precision P`: the fp32 export written to a scratch folder beside OUT, then
+    quantized into OUT (atomically, like every export); a plain export when all is fp32.
+
+    `model`/`tokenizer` as `flamingo.loaders.load_flamingo` returns them. Raises ExportError
+    (QuantizeError) before any export work when the options or OUT cannot be used.
+    """
+    from exporter.export import check_output, export_model
+
+    out = Path(out)
+    export_options.validate()
+    options = replace(options, force=export_options.force)  # OUT is the export's to replace
+    options.validate()
+    if options.vision == options.decoder == "fp32":
+        return export_model(model, tokenizer, out, export_options, progress=progress)
+    check_output(out, options.force)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.absolute().parent))
+    try:
+        export_model(model, tokenizer, scratch / "fp32", export_options, progress=progress)
+        return quantize_export(scratch / "fp32", out, options, progress=progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

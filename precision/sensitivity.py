@@ -71,6 +71,7 @@ class Evaluation:
     data: str = "random"
     episodes: int = 4
     decode_steps: int = 4
+    max_shots: int = 2
     seed: int = 1234
     reference: Any = field(init=False, repr=False)
     tokenizer: Any = field(init=False, repr=False)
@@ -83,7 +84,7 @@ class Evaluation:
         self.reference = OnnxBackend(self.src)
         self.tokenizer = Tokenizer.from_file(str(self.src / "tokenizer" / "tokenizer.json"))
         self.episode_set = calibration_set(
-            self.data, episodes=self.episodes, seed=self.seed
+            self.data, episodes=self.episodes, max_shots=self.max_shots, seed=self.seed
         ).episodes
 
     @property
@@ -166,7 +167,6 @@ def _options(
         keep_nodes=keep,
         calibration_cache=cache,
         force=True,
-        extra={},
     )
 
 

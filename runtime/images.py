@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import FlamingoExportError
+
 __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
@@ -66,7 +68,7 @@ _RESIZE_MODES = ("shortest", "longest", "squash")
 _NATIVE_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
 
 
-class ImageError(ValueError):
+class ImageError(FlamingoExportError, ValueError):
     """An input image could not be used; the message names the input and the problem."""
 
 

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import FlamingoExportError
 from .spec import GraphSpec
 
 SCHEMA_VERSION = 2  # 2: decoder input logits_index
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("vision", "decoder")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # a graph's weights/activations, in the ONNX file
 
 
-class ManifestError(ValueError):
+class ManifestError(FlamingoExportError, ValueError):
     """The export folder does not match its manifest (or the manifest is invalid)."""
 
 
@@ -47,7 +49,7 @@ def safe_join(root: Path, relative: str) -> Path:
 @dataclass
 class GraphEntry:
     file: str
-    precision: str  # fp32 | fp16 | int8 | int4
+    precision: str  # one of PRECISIONS
     opset: int
     spec: GraphSpec
     external_data: list[str] = field(default_factory=list)

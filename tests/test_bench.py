@@ -88,7 +88,7 @@ def test_cli_bench_runtime_only(tiny_export: Callable) -> None:
             str(tiny_export("llama")),
             "--shots",
             "0,1",
-            "--new-tokens",
+            "--max-new-tokens",
             "3",
             "--repeats",
             "1",
@@ -128,7 +128,7 @@ def test_bench_against_other_exports(tiny_export: Callable, tmp_path: Path) -> N
     result = CliRunner().invoke(
         main,
         ["bench", str(int8), "--baseline-export", str(fp32), "--baseline-export", str(fp32),
-         "--shots", "1", "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
+         "--shots", "1", "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0",
          "--threads", "1", "--settle-ms", "0", "--json"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -87,9 +87,9 @@ def test_parity_usage_errors(tiny_export: Callable, fp16_export: Path) -> None:
     runner = CliRunner()
     ref = str(tiny_export("mpt"))
     result = runner.invoke(main, ["parity", ref])
-    assert result.exit_code == 2 and "give REFERENCE and OUT" in result.output
+    assert result.exit_code == 2 and "give REFERENCE and CANDIDATE" in result.output
     result = runner.invoke(main, ["parity", ref, str(fp16_export), "--lm", ref])
-    assert result.exit_code == 2 and "only OUT" in result.output
+    assert result.exit_code == 2 and "only CANDIDATE" in result.output
     result = runner.invoke(main, ["parity", ref, "--lm", ref])
     assert result.exit_code == 2 and "needs --lm, --vision and --checkpoint" in result.output
     result = runner.invoke(main, ["parity", ref, str(fp16_export), "--thresholds", "top5=1"])

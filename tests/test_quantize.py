@@ -369,7 +369,7 @@ def test_sensitivity_ranks_groups_and_suggests_keep_list(tiny_export: Callable) 
     assert group_of("/lm/lm_head/MatMul") == "/lm/lm_head"
     src = str(tiny_export("llama"))
     args = ["sensitivity", src, "--precision", "int4", "--episodes", "2"]
-    result = CliRunner().invoke(main, [*args, "--eval-decode-steps", "2", "--top", "2", "--json"])
+    result = CliRunner().invoke(main, [*args, "--decode-steps", "2", "--top", "2", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     groups = [r["group"] for r in data["groups"]]
@@ -392,7 +392,7 @@ def test_sensitivity_budget_picks_the_fewest_kept_groups_that_meet_it(
     out = tmp_path / "mixed"
     budget = 0.9995  # int4 everywhere on the tiny model: ~0.96-0.98
     args = ["sensitivity", str(src), "--precision", "int4", "--block-size", "32",
-            "--episodes", "2", "--eval-decode-steps", "2"]  # fmt: skip
+            "--episodes", "2", "--decode-steps", "2"]  # fmt: skip
     result = CliRunner().invoke(
         main, [*args, "--budget", f"decoder_cosine={budget}", "-o", str(out), "--json"]
     )

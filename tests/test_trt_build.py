@@ -246,7 +246,7 @@ def test_build_without_tensorrt_is_a_clear_error(tiny_export, tmp_path: Path) ->
     result = CliRunner().invoke(main, ["build", str(out), "--target", "orin-nano-8gb"])
     assert result.exit_code == 1 and "not importable" in result.output
     assert not (out / ENGINES_NAME).exists()
-    result = CliRunner().invoke(main, ["trt-run", str(out), "--prompt", "hi"])
+    result = CliRunner().invoke(main, ["run", str(out), "--engine", "tensorrt", "--prompt", "hi"])
     assert result.exit_code == 1 and "no engines.json" in result.output
 
 

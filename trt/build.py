@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.errors import FlamingoExportError
 from runtime.manifest import Manifest, load_manifest, safe_join, sha256_file
 from trt.engine import (
     ENGINE_FILES,
@@ -46,7 +47,7 @@ from .targets import Target, get_target
 TIMING_CACHE = "timing.cache"
 
 
-class BuildError(RuntimeError):
+class BuildError(FlamingoExportError, RuntimeError):
     """TensorRT refused the graph or the build failed."""
 
 

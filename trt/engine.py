@@ -51,6 +51,7 @@ from runtime.decoding import (
     logits_index,
     position_ids,
 )
+from runtime.errors import FlamingoExportError
 from runtime.manifest import Manifest, load_manifest, safe_join, sha256_file
 from runtime.spec import ModelDims, cross_attn_names, past_names, present_names
 
@@ -59,11 +60,11 @@ ENGINES_SCHEMA_VERSION = 1
 ENGINE_FILES = {"vision": "vision.engine", "decoder": "decoder.engine"}
 
 
-class EngineMismatchError(ValueError):
+class EngineMismatchError(FlamingoExportError, ValueError):
     """engines.json does not match the export, the engine files, TensorRT or the GPU."""
 
 
-class TensorRTUnavailableError(RuntimeError):
+class TensorRTUnavailableError(FlamingoExportError, RuntimeError):
     """tensorrt (or cuda-python) cannot be imported here."""
 
 

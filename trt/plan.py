@@ -37,10 +37,11 @@ from flamingo.config import (
     ResamplerConfig,
     VisionConfig,
 )
+from runtime.errors import FlamingoExportError
+from runtime.manifest import PRECISIONS
 
 from .targets import Target
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
 INT4_BLOCK = 128
 
 # The preset LMs' dims (their config.json on the Hub). Vocabulary: the LM's own 50432 rows, as
@@ -95,7 +96,7 @@ PRESET_LMS: dict[str, dict[str, Any]] = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(FlamingoExportError, ValueError):
     """Unknown preset/precision or invalid limits."""
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.errors import FlamingoExportError
 from runtime.spec import (
     BATCH,
     LOGITS_POSITIONS,
@@ -61,7 +62,7 @@ EXTEND_TOKENS = 64
 OPT_EXTEND_TOKENS = 16
 
 
-class ProfileError(ValueError):
+class ProfileError(FlamingoExportError, ValueError):
     """Limits cannot give valid optimization profiles (or a graph dim has no range)."""
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from runtime.errors import FlamingoExportError
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -34,6 +36,8 @@ JETPACKS: tuple[JetPack, ...] = (
     JetPack("6.1", "10.3.0", "12.6", "10"),
     JetPack("6.2", "10.3.0", "12.6", "10"),
 )
+# The parser rule sets `check` knows (trt.rules.RULES keys), oldest first.
+TRT_VERSIONS: tuple[str, ...] = tuple(dict.fromkeys(j.trt_rules for j in JETPACKS))
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ TARGETS: dict[str, Target] = {
 }
 
 
-class TargetError(ValueError):
+class TargetError(FlamingoExportError, ValueError):
     """Unknown target name."""
 
 
