@@ -192,7 +192,7 @@ def build_tokenizer(seed: int, vocab_size: int):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from fixtures.bpe import train_byte_bpe  # deterministic merges (ties broken by text)
+    from demo.bpe import train_byte_bpe  # deterministic merges (ties broken by text)
 
     rng = random.Random(f"flamingo-demo/tokenizer/{seed}")
     corpus = "\n".join(lm_document(rng) for _ in range(3000))
