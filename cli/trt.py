@@ -168,7 +168,7 @@ def build(
     that will run them)."""
     from runtime.manifest import ManifestError
     from trt.build import BuildError, build_engines
-    from trt.engine import TensorRTUnavailableError
+    from trt.device import TensorRTUnavailableError
     from trt.profiles import ProfileError
 
     try:
@@ -214,13 +214,17 @@ def trt_run(
     """Generate with the TensorRT engines of OUT (after `build`)."""
     import numpy as np
 
+    from runtime.engines import EngineMismatchError
     from runtime.generation import GenerationConfig
     from runtime.images import ImageError
     from runtime.manifest import ManifestError
-    from trt.engine import EngineMismatchError, TensorRTUnavailableError, trt_pipeline
+    from runtime.pipeline import FlamingoPipeline
+    from trt.device import TensorRTUnavailableError
+    from trt.engine import TrtFlamingo
 
     try:
-        pipe = trt_pipeline(export_dir, strict_device=not allow_other_device)
+        engine = TrtFlamingo(export_dir, strict_device=not allow_other_device)
+        pipe = FlamingoPipeline(export_dir, engine=engine)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
@@ -230,8 +234,6 @@ def trt_run(
         out = pipe.generate(prompt, [str(p) for p in images], config)
         result: dict[str, Any] = {"tensorrt": out.to_dict()}
         if compare_ort:
-            from runtime.pipeline import FlamingoPipeline
-
             ref = FlamingoPipeline(export_dir).generate(prompt, [str(p) for p in images], config)
             n = min(len(ref.logprobs), len(out.logprobs))
             drift = np.abs(np.array(ref.logprobs[:n]) - np.array(out.logprobs[:n]))

@@ -742,7 +742,7 @@ def check_dtypes(index: GraphIndex, rules: ParserRules) -> list[Finding]:
                     WARNING,
                     "INT64 inputs",
                     f"TensorRT {rules.version} binds INT64 inputs as INT32 ({shown}): the runtime "
-                    "must pass int32 (runtime/trt_engine.py does)",
+                    "must pass int32 (trt/engine.py does)",
                 )
             )
     return out
