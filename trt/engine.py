@@ -25,7 +25,6 @@ numpy device and onnxruntime executor of tests/trt_stand_in.py (tests/test_trt_b
 from __future__ import annotations
 
 import mmap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from runtime.decoding import (
-    MediaCounter,
+    BaseStepModel,
     RowsCrossKV,
     current_image_offsets,
     logits_index,
@@ -162,6 +161,10 @@ class TrtFlamingo(RowsCrossKV):
             item = vis.tensor_dtype(t.name).itemsize
             self.vision_out[t.name] = dev.alloc(imgs * per_image * item)
 
+    def performance_notes(self) -> list[str]:
+        """Nothing known to run badly: the engines were built for this GPU."""
+        return []
+
     def logits_buffer(self, nbytes: int) -> int:
         """Grow-only (the prefill logits are the largest; decode reuses the buffer)."""
         if nbytes > self.logits_capacity:
@@ -217,8 +220,8 @@ class _Piece:
     tokens: int
 
 
-class TrtStepModel:
-    """StepModel over the decoder engine; the KV cache never leaves the device.
+class TrtStepModel(BaseStepModel):
+    """DecoderStepModel over the decoder engine; the KV cache never leaves the device.
 
     Uses the buffers of its TrtFlamingo: creating a new step model ends the previous one.
     A step's new tokens run as one engine call when a profile covers them (prefill: past 0;
@@ -233,16 +236,13 @@ class TrtStepModel:
         past: dict[str, np.ndarray] | None = None,
         media_count: np.ndarray | None = None,
     ) -> None:
+        super().__init__(engine.media_token_id, num_images, media_count)
         self.engine = engine
         self.dec = engine.executors["decoder"]
         self.dev = engine.device
         dims = engine.dims
         self.dims = dims
-        self.batch = len(num_images)
         self._check_batch(self.batch)
-        self.media = MediaCounter(engine.media_token_id, num_images)
-        if media_count is not None:
-            self.media.count = np.asarray(media_count, dtype=np.int64).copy()
         entry = engine.engines.engines["decoder"]
         self.max_seq_len = engine.limits["max_seq_len"]
         self.prefill = entry.profile_index("prefill")
@@ -254,7 +254,6 @@ class TrtStepModel:
             self.extend_past = entry.dim_range("extend", "past_sequence")[2]
         else:
             self.extend, self.extend_tokens, self.extend_past = None, 0, 0
-        self.prefill_end: float | None = None  # perf_counter() after the first step
         first = next(iter(cross_kv.values()))
         self.media_keys = first.shape[2]
         most = engine.limits["max_images"] * dims.num_latents
@@ -403,8 +402,8 @@ class TrtStepModel:
         return self.engine.cross_local
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray, all_positions: bool) -> np.ndarray:
-        """Run ids (B, T) whose mask covers past + T; logits of the last (B, V) or of every new
-        position (B, T, V). Advances the device KV cache."""
+        """Run ids (B, T) whose mask covers past + T; float32 logits of the last position
+        (B, 1, V) or of every new position (B, T, V). Advances the device KV cache."""
         self._check_active()
         b, t = ids.shape
         if b != self.batch:
@@ -435,44 +434,15 @@ class TrtStepModel:
                 chunks.append(out)
         if all_positions:
             return np.concatenate(chunks, axis=1).astype(np.float32)
-        last = np.empty((b, vocab), dtype=logits_dtype)
+        last = np.empty((b, 1, vocab), dtype=logits_dtype)
         row = vocab * item
         self.dev.download_rows(last, ptr + (n - 1) * row, n * row, row, b)
         self.dev.synchronize()
         return last.astype(np.float32)
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """All-position logits (N, T, V) for the new tokens; advances the cache."""
-        ids = np.asarray(input_ids)
-        return self._forward(ids, np.asarray(attention_mask), all_positions=True)
-
-    def advance(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        """Run new tokens into the cache (last-position logits only, not read)."""
-        self._forward(np.asarray(input_ids), np.asarray(attention_mask), all_positions=False)
-
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """StepModel.step: last-position float32 logits. Leading ids already in the cache (the
-        mask is longer than past + new) are skipped, as in OrtStepModel."""
-        mask = np.asarray(attention_mask)
-        new = mask.shape[1] - self.past_len
-        if not 1 <= new <= input_ids.shape[1]:
-            raise ValueError(
-                f"attention mask of {mask.shape[1]} with {self.past_len} cached positions "
-                f"leaves {new} new tokens, but {input_ids.shape[1]} ids were given"
-            )
-        logits = self._forward(np.asarray(input_ids)[:, -new:], mask, all_positions=False)
-        if self.prefill_end is None:
-            self.prefill_end = time.perf_counter()
-        return logits
-
-    def reorder_cache(self, index: np.ndarray) -> None:
+    def _reorder(self, index: np.ndarray) -> None:
         """new_row[i] = row[index[i]] for the KV and cross-attention buffers, on the device."""
         self._check_active()
-        index = np.asarray(index, dtype=np.int64).reshape(-1)
-        if len(index) == self.batch and np.array_equal(index, np.arange(self.batch)):
-            return
-        if index.size and (index.min() < 0 or index.max() >= self.batch):
-            raise ValueError(f"reorder index out of range for batch {self.batch}")
         self._check_batch(len(index))
         dims, runs = self.dims, _runs(index)
         groups = (
@@ -487,6 +457,4 @@ class TrtStepModel:
                         self.dev.copy(buf.spare + dst * row, buf.current + src * row, n * row)
                 buf.flip()
         self.dev.synchronize()
-        self.media.reorder(index)
-        self.batch = len(index)
         self._local_offsets = None  # rows moved: the current-image K/V are copied again
