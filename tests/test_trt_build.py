@@ -29,8 +29,8 @@ from runtime.generation import GenerationConfig, generate
 from runtime.manifest import load_manifest
 from runtime.pipeline import FlamingoPipeline
 from runtime.spec import ModelDims
-from tests.trt_stand_in import stand_in_engine
-from trt.build import engines_manifest, make_build_plan
+from tests.trt_stand_in import DEVICE, fake_build, stand_in_engine
+from trt.build import make_build_plan
 from trt.device import TensorRTUnavailableError
 from trt.engine import TrtFlamingo
 from trt.profiles import (
@@ -44,7 +44,6 @@ from trt.profiles import (
 )
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
-DEVICE = DeviceInfo("Stand-in GPU", "8.7")
 
 # ---------------------------------------------------------------------------------------------
 # Profiles
@@ -137,22 +136,8 @@ def test_build_plan_covers_every_input_of_both_graphs(tiny_export) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fake_build(src: Path, dst: Path, **limits: int) -> Path:
-    """A copy of an export with placeholder engine files and a valid engines.json."""
-    shutil.copytree(src, dst)
-    manifest = load_manifest(dst)
-    plan = make_build_plan(manifest, "orin-nano-8gb", **limits)
-    for name in ("vision.engine", "decoder.engine"):
-        (dst / name).write_bytes(b"placeholder engine " + name.encode())
-    engines = engines_manifest(
-        dst, manifest, plan, tensorrt_version="10.3.0", device=DEVICE, strongly_typed=True
-    )
-    engines.write(dst)
-    return dst
-
-
 def test_engines_json_round_trip_and_schema(tiny_export, tmp_path: Path) -> None:
-    out = _fake_build(tiny_export("mpt"), tmp_path / "out", max_batch=2)
+    out = fake_build(tiny_export("mpt"), tmp_path / "out", max_batch=2)
     data = json.loads((out / ENGINES_NAME).read_text())
     assert data["schema_version"] == 1 and data["tensorrt_version"] == "10.3.0"
     assert data["device"] == {"name": "Stand-in GPU", "compute_capability": "8.7"}
@@ -169,7 +154,7 @@ def test_engines_json_round_trip_and_schema(tiny_export, tmp_path: Path) -> None
 
 
 def test_engines_json_validation_errors(tiny_export, tmp_path: Path) -> None:
-    out = _fake_build(tiny_export("mpt"), tmp_path / "out")
+    out = fake_build(tiny_export("mpt"), tmp_path / "out")
     path = out / ENGINES_NAME
     good = json.loads(path.read_text())
 
@@ -202,7 +187,7 @@ def test_engines_json_validation_errors(tiny_export, tmp_path: Path) -> None:
 def test_engines_must_match_the_export(tiny_export, tmp_path: Path) -> None:
     from runtime.engines import check_against_export
 
-    out = _fake_build(tiny_export("llama"), tmp_path / "out")
+    out = fake_build(tiny_export("llama"), tmp_path / "out")
     engines, manifest = load_engines_manifest(out), load_manifest(out)
     check_against_export(engines, manifest, out)
     engines.engines["vision"].source["vision.onnx"] = "0" * 64  # built from another export
@@ -219,7 +204,7 @@ def test_engines_must_match_the_export(tiny_export, tmp_path: Path) -> None:
 
 
 def test_engines_must_match_tensorrt_and_gpu(tiny_export, tmp_path: Path) -> None:
-    engines = load_engines_manifest(_fake_build(tiny_export("llama"), tmp_path / "out"))
+    engines = load_engines_manifest(fake_build(tiny_export("llama"), tmp_path / "out"))
     check_against_device(engines, "10.3.0", DEVICE)
     with pytest.raises(
         EngineMismatchError, match=r"built with TensorRT 10\.3\.0, this is TensorRT"
@@ -260,7 +245,7 @@ def _prompt(tok, text: str) -> np.ndarray:
 @pytest.mark.parametrize("family", ["llama", "mpt"])
 def test_step_model_matches_onnxruntime_greedy_and_beams(tiny_model, tiny_export, tmp_path, family):
     _, tok, _, _ = tiny_model(family)
-    out = _fake_build(tiny_export(family), tmp_path / "out", max_batch=3, max_seq_len=64)
+    out = fake_build(tiny_export(family), tmp_path / "out", max_batch=3, max_seq_len=64)
     trt = stand_in_engine(out)
     ort = OnnxFlamingo(out)
     pixels = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
@@ -294,7 +279,7 @@ def test_step_model_chunks_a_long_continuation_over_profiles(tiny_model, tiny_ex
     """A cached past then many new tokens: extend chunks while the past allows, then decode
     steps; all-position logits equal onnxruntime's single call."""
     _, tok, _, _ = tiny_model("gpt_neox")
-    out = _fake_build(tiny_export("gpt_neox"), tmp_path / "out", max_seq_len=24)  # chunk 12
+    out = fake_build(tiny_export("gpt_neox"), tmp_path / "out", max_seq_len=24)  # chunk 12
     trt, ort = stand_in_engine(out), OnnxFlamingo(out)
     pixels = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)
     kv = ort.rows_cross_kv(ort.encode_images(pixels), [[0]])
@@ -316,7 +301,7 @@ def test_step_model_chunks_a_long_continuation_over_profiles(tiny_model, tiny_ex
 
 def test_step_model_limits_are_clear_errors(tiny_model, tiny_export, tmp_path) -> None:
     _, tok, _, _ = tiny_model("llama")
-    out = _fake_build(tiny_export("llama"), tmp_path / "out", max_batch=1, max_images=2)
+    out = fake_build(tiny_export("llama"), tmp_path / "out", max_batch=1, max_images=2)
     trt = stand_in_engine(out)
     pixels = np.zeros((3, 3, 32, 32), dtype=np.float32)
     with pytest.raises(ValueError, match=r"3 images: the vision engine was built for 1\.\.2"):
@@ -339,7 +324,7 @@ def test_trt_pipeline_with_prefix_cache_matches_onnxruntime(tiny_model, tiny_exp
     stand-in engines gives onnxruntime's tokens and log-probs."""
     from PIL import Image
 
-    out = _fake_build(tiny_export("mpt"), tmp_path / "out", max_seq_len=256)
+    out = fake_build(tiny_export("mpt"), tmp_path / "out", max_seq_len=256)
     images = []
     for i, color in enumerate(("red", "blue", "green")):
         images.append(tmp_path / f"{i}.png")

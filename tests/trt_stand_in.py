@@ -2,12 +2,14 @@
 
 `HostDevice` implements trt.device.Device with numpy (same pointer arithmetic, bounds-checked)
 and `OrtExecutor` implements trt.device.Executor with onnxruntime computing on that memory;
-`stand_in_engine` builds a TrtFlamingo over both from a (fake-)built export folder. Only tests
-use them.
+`fake_build` writes placeholder engines and a valid engines.json into a copy of an export, and
+`stand_in_engine` builds a TrtFlamingo over both stand-ins from such a folder. Only tests use
+them.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from runtime.engine import OnnxFlamingo
-from runtime.engines import EngineEntry, load_engines_manifest
+from runtime.engines import DeviceInfo, EngineEntry, load_engines_manifest
+from runtime.manifest import load_manifest
+from trt.build import engines_manifest, make_build_plan
 from trt.engine import TrtFlamingo
+
+DEVICE = DeviceInfo("Stand-in GPU", "8.7")  # what fake_build records as the build's GPU
 
 
 class HostDevice:
@@ -126,3 +132,17 @@ def stand_in_engine(export_dir: Path) -> TrtFlamingo:
         for g in ("vision", "decoder")
     }
     return TrtFlamingo(export_dir, device=device, executors=executors)
+
+
+def fake_build(src: Path, dst: Path, **limits: int) -> Path:
+    """A copy of an export with placeholder engine files and a valid engines.json."""
+    shutil.copytree(src, dst)
+    manifest = load_manifest(dst)
+    plan = make_build_plan(manifest, "orin-nano-8gb", **limits)
+    for name in ("vision.engine", "decoder.engine"):
+        (dst / name).write_bytes(b"placeholder engine " + name.encode())
+    engines = engines_manifest(
+        dst, manifest, plan, tensorrt_version="10.3.0", device=DEVICE, strongly_typed=True
+    )
+    engines.write(dst)
+    return dst
