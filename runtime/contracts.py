@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .decoding import ImageFeatures
 from .generation import StepModel
 from .manifest import Manifest
 from .spec import GraphSpec, ModelDims
@@ -80,7 +81,7 @@ class Engine(Protocol):
         ...
 
     def rows_cross_kv(
-        self, features: dict[str, np.ndarray], rows: Sequence[Sequence[int]]
+        self, features: ImageFeatures, rows: Sequence[Sequence[int]]
     ) -> dict[str, np.ndarray]:
         """Per-row cross-attention K/V (runtime.decoding.rows_cross_kv)."""
         ...

@@ -16,6 +16,9 @@ import numpy as np
 
 from .spec import ModelDims, cross_attn_names
 
+# per K/V name, each image's K/V (H, L, Dh): the vision batch (N, H, L, Dh) or a list of them
+ImageFeatures = Mapping[str, np.ndarray | Sequence[np.ndarray]]
+
 
 class MediaCounter:
     """Which image each new token attends to, carried across prefill and decode steps.
@@ -87,7 +90,7 @@ def current_image_kv(
 
 
 def rows_cross_kv(
-    features: Mapping[str, Sequence[np.ndarray]],
+    features: ImageFeatures,
     rows: Sequence[Sequence[int]],
     dims: ModelDims,
     dtype: np.dtype,
@@ -119,7 +122,7 @@ class RowsCrossKV:
     float_dtype: np.dtype
 
     def rows_cross_kv(
-        self, features: Mapping[str, Sequence[np.ndarray]], rows: Sequence[Sequence[int]]
+        self, features: ImageFeatures, rows: Sequence[Sequence[int]]
     ) -> dict[str, np.ndarray]:
         """Per-row cross-attention K/V (see `rows_cross_kv`)."""
         return rows_cross_kv(features, rows, self.dims, self.float_dtype)

@@ -71,7 +71,7 @@ def _runs(index: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 class TrtFlamingo(RowsCrossKV):
-    """An export folder + its TensorRT engines, with OnnxFlamingo's surface."""
+    """An export folder + its TensorRT engines: a runtime.contracts.Engine."""
 
     def __init__(
         self,
@@ -207,7 +207,7 @@ class TrtFlamingo(RowsCrossKV):
         media_count: np.ndarray | None = None,
         io_binding: bool = True,
     ) -> TrtStepModel:
-        """OrtStepModel's signature: `past` (a cached prefix, host arrays) is uploaded once;
+        """Engine.step_model: `past` (a cached prefix, host arrays) is uploaded once;
         `io_binding` is accepted and ignored (the KV cache is always device-resident here)."""
         model = TrtStepModel(self, cross_kv, num_images, past, media_count)
         self._active = model
