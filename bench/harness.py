@@ -245,23 +245,6 @@ class RuntimeBackend:
         )
 
 
-class _TimedStep:
-    """StepModel wrapper recording when the first step (the prefill) returns."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.prefill_end: float | None = None
-
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        logits = self.inner.step(input_ids, attention_mask)
-        if self.prefill_end is None:
-            self.prefill_end = time.perf_counter()
-        return logits
-
-    def reorder_cache(self, index: np.ndarray) -> None:
-        self.inner.reorder_cache(index)
-
-
 class ReferenceBackend:
     """Our PyTorch reference: flamingo.model under the shared numpy search (flamingo.generate)."""
 
@@ -288,7 +271,7 @@ class ReferenceBackend:
             ids = np.array([self.runtime.encode(prompt)], dtype=np.int64)
             pixels = preprocess(images, self.runtime.pipe.preprocess_config)
             vision_x = torch.from_numpy(pixels)[None, :, None]
-            step = _TimedStep(TorchStepModel(self.model, vision_x, np.array([len(images)])))
+            step = TorchStepModel(self.model, vision_x, np.array([len(images)]))
             vision_end = time.perf_counter()
             result = search(step, ids, np.ones_like(ids), self.config)
         end = time.perf_counter()

@@ -13,13 +13,14 @@ Feeds are generated lazily, one at a time: the calibrator never holds more than 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from tokenizers import Tokenizer
 
-from runtime.engine import OnnxFlamingo
+from runtime.engine import OnnxFlamingo, ort_session_factory
 from runtime.images import PreprocessConfig, preprocess
 
 from .data import CalibrationError, Episode
@@ -29,14 +30,16 @@ Progress = Callable[[str], None]
 
 
 class _RecordingSession:
-    """An InferenceSession stand-in that keeps every feed it is given."""
+    """An InferenceSession wrapper that keeps every feed it is given while `recording`."""
 
     def __init__(self, session: Any) -> None:
         self._session = session
         self.feeds: list[Feed] = []
+        self.recording = False
 
     def run(self, output_names: Any, feed: Feed, *args: Any) -> Any:
-        self.feeds.append(dict(feed))
+        if self.recording:
+            self.feeds.append(dict(feed))
         return self._session.run(output_names, feed, *args)
 
     def __getattr__(self, name: str) -> Any:
@@ -49,12 +52,21 @@ class EpisodeRunner:
     def __init__(self, export_dir: Any, decode_steps: int = 8, image_batch: int = 4) -> None:
         if decode_steps < 0:
             raise CalibrationError(f"decode_steps must be >= 0, got {decode_steps}")
-        self.engine = OnnxFlamingo(export_dir, verify_hashes=False)
+        self._make_session = ort_session_factory()
+        self._recorder: _RecordingSession | None = None
+        self.engine = OnnxFlamingo(export_dir, verify_hashes=False, session_factory=self._session)
         self.tokenizer = Tokenizer.from_file(str(self.engine.root / "tokenizer" / "tokenizer.json"))
         self.preprocess = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         self.decode_steps = decode_steps
         self.image_batch = image_batch
         self._pixels: dict[int, np.ndarray] = {}
+
+    def _session(self, name: str, path: Path) -> Any:
+        """onnxruntime's session; the decoder's wrapped to record what the runtime feeds it."""
+        session = self._make_session(name, path)
+        if name == "decoder":
+            self._recorder = session = _RecordingSession(session)
+        return session
 
     def pixels(self, episode: Episode) -> np.ndarray | None:
         if not episode.images:
@@ -80,22 +92,16 @@ class EpisodeRunner:
 
     def decoder_feeds(self, episodes: list[Episode]) -> Iterator[Feed]:
         """Prefill + `decode_steps` greedy steps per episode, batch 1, real KV states."""
-        engine = self.engine
-        real = engine.sessions["decoder"]
-        recorder = _RecordingSession(real)
-        engine.sessions["decoder"] = recorder
+        engine, recorder = self.engine, self._recorder
+        assert recorder is not None
+        recorder.feeds, recorder.recording = [], True
         try:
             for episode in episodes:
                 px = self.pixels(episode)
                 n = 0 if px is None else len(px)
-                if px is None:  # text-only prompt: one all-zero image slot, never attended
-                    d = engine.dims
-                    shape = (1, d.xattn_heads, d.num_latents, d.xattn_dim_head)
-                    zeros = np.zeros(shape, dtype=engine.float_dtype)
-                    names = [x for x in engine.decoder_spec.input_names if x.startswith("cross_")]
-                    rows_kv = engine.rows_cross_kv(dict.fromkeys(names, zeros), [[]])
-                else:
-                    rows_kv = engine.rows_cross_kv(engine.encode_images(px), [list(range(n))])
+                # text-only prompt: one all-zero image slot, never attended
+                features = engine.encode_images(px) if px is not None else {}
+                rows_kv = engine.rows_cross_kv(features, [list(range(n))])
                 ids = np.array([self.tokenizer.encode(episode.prompt).ids], dtype=np.int64)
                 model = engine.step_model(rows_kv, np.array([n]), io_binding=False)
                 mask = np.ones_like(ids)
@@ -107,7 +113,7 @@ class EpisodeRunner:
                     logits = model.step(nxt, mask)
                     yield from self._drain(recorder)
         finally:
-            engine.sessions["decoder"] = real
+            recorder.recording = False
 
     @staticmethod
     def _drain(recorder: _RecordingSession) -> Iterator[Feed]:

@@ -27,11 +27,14 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from runtime.engine import OnnxFlamingo
+from runtime.contracts import SessionFactory
+from runtime.decoding import rows_cross_kv
+from runtime.engine import DEFAULT_PROVIDERS, OnnxFlamingo, ort_session_factory
 from runtime.errors import FlamingoExportError
 from runtime.generation import GenerationConfig, generate
 from runtime.images import PreprocessConfig, preprocess
@@ -107,6 +110,23 @@ class _ReferenceSession:
             self._warnings.simplefilter("ignore", RuntimeWarning)  # overflow is what we measure
             return list(self._evaluator.run(output_names, feed))
 
+    def get_inputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=n) for n in self._evaluator.input_names]
+
+    def get_outputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=n) for n in self._evaluator.output_names]
+
+
+def executor_sessions(executor: str, providers: Sequence[str] | None) -> SessionFactory | None:
+    """The OnnxFlamingo session factory of a parity executor (None: onnxruntime's default)."""
+    if executor not in EXECUTORS:
+        raise ParityError(f"executor {executor!r} is not one of {list(EXECUTORS)}")
+    if executor == "reference":
+        return lambda _name, path: _ReferenceSession(path)
+    if executor == "onnxruntime-unoptimized":
+        return ort_session_factory(providers or DEFAULT_PROVIDERS, optimize=False)
+    return None
+
 
 class OnnxBackend:
     """An export folder run with onnxruntime (CPU by default)."""
@@ -122,23 +142,9 @@ class OnnxBackend:
         graph declares, like a strongly typed TensorRT build; onnxruntime's CPU EP instead
         runs fp16 ops it lacks kernels for, or fuses, in fp32, which hides fp16 overflow).
         The reference executor is slow: small models only."""
-        if executor not in EXECUTORS:
-            raise ParityError(f"executor {executor!r} is not one of {list(EXECUTORS)}")
+        factory = executor_sessions(executor, providers)
         kw = {"providers": list(providers)} if providers else {}
-        self.engine = OnnxFlamingo(export_dir, **kw)
-        for name, entry in self.engine.manifest.graphs.items():
-            path = Path(export_dir) / entry.file
-            if executor == "reference":
-                self.engine.sessions[name] = _ReferenceSession(path)
-            elif executor == "onnxruntime-unoptimized":
-                import onnxruntime as ort
-
-                options = ort.SessionOptions()
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                providers_ = self.engine.sessions[name].get_providers()
-                self.engine.sessions[name] = ort.InferenceSession(
-                    str(path), options, providers=providers_
-                )
+        self.engine = OnnxFlamingo(export_dir, **kw, session_factory=factory)
         self.root = Path(export_dir)
         self.label = str(export_dir)
         self.manifest = self.engine.manifest
@@ -184,62 +190,14 @@ class TorchBackend:
         return out
 
     def decoder(self, features: dict[str, np.ndarray], n_images: int) -> Any:
-        return _TorchDecoder(self.model, features, n_images, self.dims)
+        from flamingo.generate import TorchStepModel
+
+        rows = [list(range(n_images))]
+        cross = rows_cross_kv(features, rows, self.dims, np.dtype(np.float32))
+        return TorchStepModel.from_cross_kv(self.model, cross, np.array([n_images]))
 
     def sizes(self) -> dict[str, int]:
         return {}
-
-
-class _TorchDecoder:
-    """StepModel over the reference LM with given image K/V; `run` returns all positions."""
-
-    def __init__(self, model: Any, features: dict[str, np.ndarray], n: int, dims: Any) -> None:
-        import torch
-
-        from runtime.decoding import MediaCounter
-
-        self.model = model
-        latents = dims.num_latents
-        self.cross_kv = []
-        for j in dims.xattn_layers:
-            pair = []
-            for name in cross_attn_names(j):
-                x = np.asarray(features[name], np.float32)[:n] if n else None
-                if x is None:
-                    shape = (1, dims.xattn_heads, latents, dims.xattn_dim_head)
-                    t = torch.zeros(shape)
-                else:  # (n, H, L, Dh) -> (1, H, n*L, Dh)
-                    t = torch.from_numpy(np.concatenate(list(x), axis=1)[None].copy())
-                pair.append(t)
-            self.cross_kv.append(tuple(pair))
-        self.media = MediaCounter(model.cfg.media_token_id, np.array([n]))
-        self.past = model.lang_model.empty_cache(1, torch.float32)
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        import torch
-
-        from runtime.decoding import position_ids
-
-        new = input_ids.shape[1]
-        with torch.no_grad():
-            logits, self.past = self.model.lang_model(
-                torch.from_numpy(np.ascontiguousarray(input_ids)),
-                torch.from_numpy(np.ascontiguousarray(attention_mask)),
-                torch.from_numpy(self.media(input_ids)),
-                self.cross_kv,
-                self.past,
-                torch.from_numpy(position_ids(attention_mask, new)),
-            )
-        return logits.float().numpy()
-
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        past = int(self.past[0][0].shape[2]) if self.past else 0
-        new = attention_mask.shape[1] - past
-        return self.run(input_ids[:, -new:], attention_mask)[:, -1]
-
-    def reorder_cache(self, index: np.ndarray) -> None:
-        if not np.array_equal(index, np.arange(len(index))):
-            raise NotImplementedError("parity runs batch 1 greedy only")
 
 
 # ------------------------------------------------------------------ metrics

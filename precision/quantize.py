@@ -62,6 +62,7 @@ from exporter.export import (
 )
 from runtime.manifest import PRECISIONS, GraphEntry, Manifest, load_manifest, safe_join
 from runtime.spec import GraphSpec
+from trt.graph_index import default_opset
 from trt.rules import check_graph
 
 Progress = Callable[[str], None]
@@ -302,10 +303,6 @@ def topological_sort(model: onnx.ModelProto) -> None:
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 # ------------------------------------------------------------------ precisions

@@ -2,16 +2,22 @@
 
 The media-location rule and the position ids are computed outside the graphs, once, here: the
 PyTorch reference's step model and the onnxruntime/TensorRT sessions all call these, so the
-backends can differ only in how they compute logits.
+backends can differ only in how they compute logits. `BaseStepModel` is the step models'
+shared part (new-token counting, run/advance/step, reorder bookkeeping); `rows_cross_kv`
+arranges image K/V per row for every engine and the pipeline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from .spec import ModelDims, cross_attn_names
+
+# per K/V name, each image's K/V (H, L, Dh): the vision batch (N, H, L, Dh) or a list of them
+ImageFeatures = Mapping[str, np.ndarray | Sequence[np.ndarray]]
 
 
 class MediaCounter:
@@ -84,25 +90,26 @@ def current_image_kv(
 
 
 def rows_cross_kv(
-    features: dict[str, np.ndarray],
+    features: ImageFeatures,
     rows: Sequence[Sequence[int]],
     dims: ModelDims,
     dtype: np.dtype,
 ) -> dict[str, np.ndarray]:
-    """Per-row cross-attention K/V for the decoder: row b attends over images rows[b] (indices
-    into the vision batch), concatenated in order and zero-padded to the longest row, in the
-    decoder's dtype (the vision graph may run at another precision)."""
+    """Per-row cross-attention K/V for the decoder (B, H, slots x num_latents, Dh): row b
+    attends over images rows[b] (indices into `features[name]`: the vision batch (N, H, L, Dh)
+    or a list of per-image (H, L, Dh)), concatenated in order and zero-padded to the longest
+    row, at least one slot (text-only rows attend to nothing), in the decoder's dtype (the
+    vision graph may run at another precision)."""
     most = max(1, max(len(r) for r in rows))
     latents = dims.num_latents
+    shape = (len(rows), dims.xattn_heads, most * latents, dims.xattn_dim_head)
     out = {}
     for j in dims.xattn_layers:
         for name in cross_attn_names(j):
-            per_image = features[name]  # (N, H, L, Dh)
-            _, h, _, dh = per_image.shape
-            buf = np.zeros((len(rows), h, most * latents, dh), dtype=dtype)
+            buf = np.zeros(shape, dtype=dtype)
             for b, images in enumerate(rows):
                 for slot, i in enumerate(images):
-                    buf[b, :, slot * latents : (slot + 1) * latents] = per_image[i]
+                    buf[b, :, slot * latents : (slot + 1) * latents] = features[name][i]
             out[name] = buf
     return out
 
@@ -115,7 +122,94 @@ class RowsCrossKV:
     float_dtype: np.dtype
 
     def rows_cross_kv(
-        self, features: dict[str, np.ndarray], rows: Sequence[Sequence[int]]
+        self, features: ImageFeatures, rows: Sequence[Sequence[int]]
     ) -> dict[str, np.ndarray]:
         """Per-row cross-attention K/V (see `rows_cross_kv`)."""
         return rows_cross_kv(features, rows, self.dims, self.float_dtype)
+
+
+def _int64(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+class BaseStepModel:
+    """What every decoder step model does the same way (runtime.contracts.DecoderStepModel).
+
+    Here: the media count carried across calls, `step`'s new-token counting (leading ids
+    already in the cache are skipped, so the search can pass the whole prompt over a cached
+    prefix), `run`/`advance`/`step` over one forward, `prefill_end`, and the reorder
+    bookkeeping (identity skipped, index checked, media counts and batch size moved). A backend
+    implements `_forward` (run new tokens, return logits) and `_reorder` (move its cache rows),
+    `past_length` and `past_arrays`.
+    """
+
+    def __init__(
+        self, media_token_id: int, num_images: np.ndarray, media_count: np.ndarray | None = None
+    ) -> None:
+        """`media_count`: images each row has already seen (a cached prefix's)."""
+        self.media = MediaCounter(media_token_id, num_images)
+        if media_count is not None:
+            self.media.count = np.asarray(media_count, dtype=np.int64).copy()
+        self.batch = len(self.media.num_images)
+        self.prefill_end: float | None = None  # perf_counter() after the first step
+
+    # ------------------------------------------------------------------ backend
+
+    @property
+    def past_length(self) -> int:
+        raise NotImplementedError
+
+    def past_arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, all_positions: bool
+    ) -> np.ndarray:
+        """Run new tokens (N, T) int64 under the mask (N, past + T) into the cache; logits
+        (N, T, V), or (N, 1, V) of the last position unless `all_positions` (may be a view
+        valid until the next call)."""
+        raise NotImplementedError
+
+    def _reorder(self, index: np.ndarray) -> None:
+        """new_row[i] = row[index[i]] for the backend's cache (index checked, not identity)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """All-position logits (N, T, V) for the new tokens; advances the cache."""
+        logits = self._forward(_int64(input_ids), _int64(attention_mask), all_positions=True)
+        return np.array(logits, copy=True)
+
+    def advance(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        """Run new tokens into the cache, computing the last position's logits only (a cached
+        prefix's logits are never read)."""
+        self._forward(_int64(input_ids), _int64(attention_mask), all_positions=False)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """StepModel.step: float32 logits (N, V) of the last position. Leading ids already in
+        the cache (the mask is longer than past + new by that many) are skipped, so a cached
+        prefix is never recomputed."""
+        mask = _int64(attention_mask)
+        new = mask.shape[1] - self.past_length
+        if not 1 <= new <= input_ids.shape[1]:
+            raise ValueError(
+                f"attention mask of {mask.shape[1]} with {self.past_length} cached positions "
+                f"leaves {new} new tokens, but {input_ids.shape[1]} ids were given"
+            )
+        ids = _int64(np.asarray(input_ids)[:, -new:])
+        logits = self._forward(ids, mask, all_positions=False)[:, -1].astype(np.float32)
+        if self.prefill_end is None:
+            self.prefill_end = time.perf_counter()
+        return logits
+
+    def reorder_cache(self, index: np.ndarray) -> None:
+        """StepModel.reorder_cache: new_row[i] = row[index[i]] (beam expansion and reorder)."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if len(index) == self.batch and np.array_equal(index, np.arange(self.batch)):
+            return
+        if index.size and (index.min() < 0 or index.max() >= self.batch):
+            raise ValueError(f"reorder index out of range for batch {self.batch}")
+        self._reorder(index)
+        self.media.reorder(index)
+        self.batch = len(index)

@@ -7,7 +7,6 @@ runtime.generation drives.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .contracts import Session, SessionFactory
 from .decoding import (
-    MediaCounter,
+    BaseStepModel,
     RowsCrossKV,
     current_image_kv,
     current_image_offsets,
@@ -56,14 +56,23 @@ def slow_on_cpu(manifest: Manifest) -> list[str]:
 
 
 def make_session(
-    path: Path, providers: Sequence[str], threads: int | None, spin: bool = True
+    path: Path,
+    providers: Sequence[str],
+    threads: int | None,
+    spin: bool = True,
+    optimize: bool = True,
 ) -> ort.InferenceSession:
+    """An onnxruntime session; `optimize=False` runs the graph as written (no fusions)."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     available = set(ort.get_available_providers())
     unknown = [p for p in providers if p not in available]
     if unknown:
@@ -74,7 +83,20 @@ def make_session(
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
-def check_session_io(session: ort.InferenceSession, spec: GraphSpec, where: str) -> None:
+def ort_session_factory(
+    providers: Sequence[str] = DEFAULT_PROVIDERS, threads: int | None = None, optimize: bool = True
+) -> SessionFactory:
+    """OnnxFlamingo's default sessions: `make_session` per graph, the vision graph's idle
+    workers not spinning (NO_SPIN_GRAPHS)."""
+
+    def make(name: str, path: Path) -> ort.InferenceSession:
+        spin = name not in NO_SPIN_GRAPHS
+        return make_session(path, providers, threads, spin=spin, optimize=optimize)
+
+    return make
+
+
+def check_session_io(session: Session, spec: GraphSpec, where: str) -> None:
     """The graph must expose exactly the inputs/outputs the manifest's spec declares."""
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
@@ -88,7 +110,8 @@ def check_session_io(session: ort.InferenceSession, spec: GraphSpec, where: str)
 
 
 class OnnxFlamingo(RowsCrossKV):
-    """An export folder ready to run: sessions, dims, special tokens."""
+    """An export folder ready to run (runtime.contracts.Engine): sessions, dims, special
+    tokens."""
 
     def __init__(
         self,
@@ -96,14 +119,21 @@ class OnnxFlamingo(RowsCrossKV):
         providers: Sequence[str] = DEFAULT_PROVIDERS,
         threads: int | None = None,
         verify_hashes: bool = True,
+        *,
+        session_factory: SessionFactory | None = None,
     ) -> None:
+        """`session_factory(graph name, ONNX path)` makes each graph's session instead of
+        onnxruntime with `providers` and `threads` (e.g. an unoptimized or reference executor,
+        a recording wrapper); its sessions are checked against the spec like the default's."""
         self.root = Path(export_dir)
         self.manifest: Manifest = load_manifest(self.root, verify_hashes=verify_hashes)
         self.dims = ModelDims.from_config(self.manifest.model)
-        self.sessions: dict[str, ort.InferenceSession] = {}
+        self.providers = tuple(providers)
+        make = session_factory or ort_session_factory(providers, threads)
+        self.sessions: dict[str, Session] = {}
         for name, entry in self.manifest.graphs.items():
             path = safe_join(self.root, entry.file)
-            session = make_session(path, providers, threads, spin=name not in NO_SPIN_GRAPHS)
+            session = make(name, path)
             check_session_io(session, entry.spec, str(path))
             self.sessions[name] = session
         self.vision_spec = self.manifest.graphs["vision"].spec
@@ -113,6 +143,16 @@ class OnnxFlamingo(RowsCrossKV):
         self.media_token_id: int = tokens["media_token_id"]
         self.eoc_token_id: int = tokens["eoc_token_id"]
         self.pad_token_id: int = tokens["pad_token_id"]
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """The export's max_images and max_seq_len."""
+        return self.manifest.limits
+
+    def performance_notes(self) -> list[str]:
+        """Why this export runs badly here: `slow_on_cpu` where the CPU EP runs the graphs."""
+        on_cpu = not self.providers or self.providers[0] == "CPUExecutionProvider"
+        return slow_on_cpu(self.manifest) if on_cpu else []
 
     def encode_images(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """(N, 3, S, S) preprocessed pixels -> {image_latents, cross_attn.{j}.key|value}."""
@@ -136,16 +176,16 @@ class OnnxFlamingo(RowsCrossKV):
 Past = dict[str, Any]  # name -> np.ndarray or ort.OrtValue (IOBinding outputs)
 
 
-class OrtStepModel:
+class OrtStepModel(BaseStepModel):
     """StepModel over the decoder graph; owns the self-attention KV cache between steps.
 
     It may start from a cached state (`past` of length S, `media_count` images already seen):
-    `step` then runs only the tokens the attention mask says are new, so the search can pass the
-    whole prompt. With IOBinding (default where available) each step's `present.*` OrtValues
-    are bound as the next step's `past_key_values.*` inputs and never copied through numpy;
-    the graph's Concat still builds present = past + new inside onnxruntime. `io_binding=False`
-    (or an onnxruntime without it) uses plain `session.run` with numpy arrays; both paths run
-    the same kernels on the same values, so their outputs are identical.
+    `step` then runs only the tokens the attention mask says are new (BaseStepModel). With
+    IOBinding (default where available) each step's `present.*` OrtValues are bound as the next
+    step's `past_key_values.*` inputs and never copied through numpy; the graph's Concat still
+    builds present = past + new inside onnxruntime. `io_binding=False` (or an onnxruntime
+    without it) uses plain `session.run` with numpy arrays; both paths run the same kernels on
+    the same values, so their outputs are identical.
     """
 
     def __init__(
@@ -157,22 +197,19 @@ class OrtStepModel:
         media_count: np.ndarray | None = None,
         io_binding: bool = True,
     ) -> None:
+        super().__init__(engine.media_token_id, num_images, media_count)
         self.engine = engine
         self.session = engine.sessions["decoder"]
         self.cross_kv = cross_kv
-        self.media = MediaCounter(engine.media_token_id, num_images)
-        if media_count is not None:
-            self.media.count = np.asarray(media_count, dtype=np.int64).copy()
         dims = engine.dims
-        batch = len(num_images)
         self.past_names = [n for i in range(dims.num_layers) for n in past_names(i)]
         if past is None:
-            shape = (batch, dims.num_kv_heads, 0, dims.head_dim)
+            shape = (self.batch, dims.num_kv_heads, 0, dims.head_dim)
             empty = np.zeros(shape, dtype=engine.float_dtype)
             past = {n: empty for n in self.past_names}
         self._past: Past = {n: past[n] for n in self.past_names}
         self.uses_position_ids = dims.uses_position_ids
-        self._source = np.arange(batch)  # original row of each current row (cross K/V owner)
+        self._source = np.arange(self.batch)  # original row of each current row (cross K/V owner)
         self._binding = None
         if io_binding and hasattr(self.session, "io_binding"):
             try:
@@ -184,7 +221,6 @@ class OrtStepModel:
         self.current_image_only = True
         self._local: tuple[dict, tuple, dict[str, np.ndarray]] | None = None
         self._output_names = engine.decoder_spec.output_names
-        self.prefill_end: float | None = None  # perf_counter() after the first step
 
     @property
     def uses_io_binding(self) -> bool:
@@ -256,39 +292,10 @@ class OrtStepModel:
             self._local = (self.cross_kv, current, local)
         return (media > 0).astype(np.int64), self._local[2]
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """All-position logits (N, T, V) for the new tokens; advances the cache."""
-        return np.array(self._forward(input_ids, attention_mask, all_positions=True), copy=True)
-
-    def advance(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        """Run new tokens into the cache, computing the last position's logits only (a cached
-        prefix's logits are never read)."""
-        self._forward(input_ids, attention_mask, all_positions=False)
-
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """StepModel.step; leading ids already in the cache (mask longer than past + new
-        tokens says how many are new) are skipped, so a cached prefix is never recomputed."""
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        new = mask.shape[1] - self.past_length
-        if not 1 <= new <= input_ids.shape[1]:
-            raise ValueError(
-                f"attention mask of {mask.shape[1]} with {self.past_length} cached positions "
-                f"leaves {new} new tokens, but {input_ids.shape[1]} ids were given"
-            )
-        ids = np.ascontiguousarray(input_ids[:, -new:], dtype=np.int64)
-        logits = self._forward(ids, mask, all_positions=False)[:, -1].astype(np.float32)
-        if self.prefill_end is None:
-            self.prefill_end = time.perf_counter()
-        return logits
-
-    def reorder_cache(self, index: np.ndarray) -> None:
-        index = np.asarray(index, dtype=np.int64)
-        if len(index) == len(self._source) and np.array_equal(index, np.arange(len(index))):
-            return
+    def _reorder(self, index: np.ndarray) -> None:
         self._past = {k: np.ascontiguousarray(v[index]) for k, v in self.past.items()}
         source = self._source[index]
         # beams of one prompt share its images: cross K/V moves only when rows change prompt
         if len(source) != len(self._source) or not np.array_equal(source, self._source):
             self.cross_kv = {k: v[index] for k, v in self.cross_kv.items()}
         self._source = source
-        self.media.reorder(index)

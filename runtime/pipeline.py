@@ -27,8 +27,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .cache import ImageKV, PrefixCache, PrefixState, VisionCache, pixel_digest
-from .engine import DEFAULT_PROVIDERS, OnnxFlamingo, slow_on_cpu
-from .generation import GenerationConfig, generate
+from .contracts import DecoderStepModel, Engine
+from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
+from .generation import GenerationConfig, GenerationResult, generate
 from .images import ImageInput, PreprocessConfig, preprocess
 from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match
 from .spec import cross_attn_names
@@ -128,23 +129,19 @@ class FlamingoPipeline:
         prefix_cache_bytes: int = 1 << 30,
         vision_cache_bytes: int = 256 << 20,
         io_binding: bool = True,
-        engine: Any | None = None,
+        engine: Engine | None = None,
     ) -> None:
-        """`engine` replaces the onnxruntime engine (e.g. trt.engine.TrtFlamingo): anything
-        with OnnxFlamingo's attributes and methods; its `limits` (if any) narrow the export's."""
-        self.engine = engine if engine is not None else OnnxFlamingo(export_dir, providers, threads)
-        sessions = getattr(self.engine, "sessions", {})
-        if (
-            "decoder" in sessions
-            and sessions["decoder"].get_providers()[0] == "CPUExecutionProvider"
-        ):
-            for note in slow_on_cpu(self.engine.manifest):
-                warnings.warn(f"{export_dir}: {note}", RuntimeWarning, stacklevel=2)
+        """`engine` replaces the onnxruntime engine (e.g. trt.engine.TrtFlamingo): any
+        runtime.contracts.Engine; its `limits` bound the prompts (the export's or lower)."""
+        self.engine: Engine = (
+            engine if engine is not None else OnnxFlamingo(export_dir, providers, threads)
+        )
+        for note in self.engine.performance_notes():
+            warnings.warn(f"{export_dir}: {note}", RuntimeWarning, stacklevel=2)
         self.tokenizer = Tokenizer.from_file(str(self.engine.root / "tokenizer" / "tokenizer.json"))
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
-        limits = getattr(self.engine, "limits", None) or self.engine.manifest.limits
-        self.max_seq_len = limits["max_seq_len"]
-        self.max_images = limits["max_images"]
+        self.max_seq_len = self.engine.limits["max_seq_len"]
+        self.max_images = self.engine.limits["max_images"]
         self.use_prefix_cache = prefix_cache
         self.use_vision_cache = vision_cache
         self.io_binding = io_binding
@@ -360,7 +357,7 @@ class FlamingoPipeline:
 
     def _decode_batch(
         self, rows: list[_Row], config: GenerationConfig, on_token: OnToken | None
-    ) -> tuple[Any, Any, list[int]]:
+    ) -> tuple[GenerationResult, DecoderStepModel, list[int]]:
         """Left-pad the rows, start the decoder from their cached states, run the search.
 
         Row b is [pads_b][prompt_b]; the common past length S is the largest every row can
@@ -410,17 +407,10 @@ class FlamingoPipeline:
         return past
 
     def _cross_kv(self, rows: list[list[ImageKV]]) -> dict[str, np.ndarray]:
-        """Per-row cross-attention K/V: each row's images concatenated, zero-padded to the
-        longest row (at least one slot: text-only rows attend to nothing)."""
-        dims = self.engine.dims
-        latents = dims.num_latents
-        most = max(1, max(len(r) for r in rows))
-        shape = (len(rows), dims.xattn_heads, most * latents, dims.xattn_dim_head)
-        out = {}
-        for name in self._xattn_names:
-            buf = np.zeros(shape, dtype=self.engine.float_dtype)
-            for b, kvs in enumerate(rows):
-                for slot, kv in enumerate(kvs):
-                    buf[b, :, slot * latents : (slot + 1) * latents] = kv[name]
-            out[name] = buf
-        return out
+        """Per-row cross-attention K/V from each row's images' K/V (runtime.decoding)."""
+        images = [kv for row in rows for kv in row]
+        per_image = {name: [kv[name] for kv in images] for name in self._xattn_names}
+        starts = np.cumsum([0] + [len(row) for row in rows])
+        return self.engine.rows_cross_kv(
+            per_image, [list(range(s, s + len(row))) for s, row in zip(starts, rows)]
+        )

@@ -181,3 +181,30 @@ def test_task_accuracy_compares_each_sides_greedy_answer_with_the_label(
     }  # fmt: skip
     wrong = [replace(e, answer="certainly not this") for e in episodes]
     assert measure(backend, backend, wrong, tok, decode_steps=4)["task"]["candidate"] == 0.0
+
+
+def test_parity_executors_make_every_session_and_agree(tiny_export: Callable) -> None:
+    """Each executor's sessions come from OnnxFlamingo's session factory (checked against the
+    spec), and an fp32 export computes the same logits under all three."""
+    import onnxruntime as ort
+
+    export = tiny_export("llama")
+    pixels = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    logits = {}
+    for executor in ("onnxruntime", "onnxruntime-unoptimized", "reference"):
+        backend = OnnxBackend(export, executor=executor)
+        sessions = backend.engine.sessions
+        assert list(sessions) == ["vision", "decoder"]
+        for session in sessions.values():
+            is_ort = isinstance(session, ort.InferenceSession)
+            assert is_ort == (executor != "reference")
+            if executor == "onnxruntime-unoptimized":
+                level = session.get_session_options().graph_optimization_level
+                assert level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ids = np.array([[backend.engine.media_token_id, 5, 6, 7]], dtype=np.int64)
+        step_model = backend.decoder(backend.encode(pixels), 1)
+        logits[executor] = step_model.run(ids, np.ones_like(ids))
+    for executor in ("onnxruntime-unoptimized", "reference"):
+        assert np.abs(logits[executor] - logits["onnxruntime"]).max() < 1e-5, executor
+    with pytest.raises(ParityError, match="executor 'tensorrt' is not one of"):
+        OnnxBackend(export, executor="tensorrt")

@@ -138,10 +138,15 @@ def test_run_command_streams_and_maps_flags(tiny_export, images, tmp_path) -> No
 
 
 def test_runtime_imports_and_runs_without_torch(tiny_export, images) -> None:
+    """Every runtime module imports with torch, transformers, tensorrt and cuda-python blocked
+    (runtime/engines.py reads engines.json without TensorRT); the pipeline runs."""
     code = f"""
-import sys
-sys.modules["torch"] = None
-sys.modules["transformers"] = None
+import importlib, pkgutil, sys
+for blocked in ("torch", "transformers", "tensorrt", "cuda"):
+    sys.modules[blocked] = None
+import runtime
+for module in pkgutil.iter_modules(runtime.__path__):
+    importlib.import_module("runtime." + module.name)
 from runtime.pipeline import FlamingoPipeline, TextStream
 from runtime.generation import GenerationConfig
 out = FlamingoPipeline({str(tiny_export("mpt"))!r}).generate(

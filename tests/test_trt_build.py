@@ -10,7 +10,6 @@ import json
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +18,21 @@ from click.testing import CliRunner
 
 from cli.main import main
 from runtime.engine import OnnxFlamingo
-from runtime.generation import GenerationConfig, generate
-from runtime.manifest import load_manifest
-from runtime.spec import ModelDims
-from trt.build import engines_manifest, make_build_plan
-from trt.engine import (
+from runtime.engines import (
     ENGINES_NAME,
     DeviceInfo,
-    EngineEntry,
     EngineMismatchError,
-    HostDevice,
-    TensorRTUnavailableError,
-    TrtFlamingo,
     check_against_device,
     load_engines_manifest,
-    trt_pipeline,
 )
+from runtime.generation import GenerationConfig, generate
+from runtime.manifest import load_manifest
+from runtime.pipeline import FlamingoPipeline
+from runtime.spec import ModelDims
+from tests.trt_stand_in import DEVICE, fake_build, stand_in_engine
+from trt.build import make_build_plan
+from trt.device import TensorRTUnavailableError
+from trt.engine import TrtFlamingo
 from trt.profiles import (
     DEFAULT_MAX_BATCH,
     EXTEND_TOKENS,
@@ -46,7 +44,6 @@ from trt.profiles import (
 )
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
-DEVICE = DeviceInfo("Stand-in GPU", "8.7")
 
 # ---------------------------------------------------------------------------------------------
 # Profiles
@@ -139,22 +136,8 @@ def test_build_plan_covers_every_input_of_both_graphs(tiny_export) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fake_build(src: Path, dst: Path, **limits: int) -> Path:
-    """A copy of an export with placeholder engine files and a valid engines.json."""
-    shutil.copytree(src, dst)
-    manifest = load_manifest(dst)
-    plan = make_build_plan(manifest, "orin-nano-8gb", **limits)
-    for name in ("vision.engine", "decoder.engine"):
-        (dst / name).write_bytes(b"placeholder engine " + name.encode())
-    engines = engines_manifest(
-        dst, manifest, plan, tensorrt_version="10.3.0", device=DEVICE, strongly_typed=True
-    )
-    engines.write(dst)
-    return dst
-
-
 def test_engines_json_round_trip_and_schema(tiny_export, tmp_path: Path) -> None:
-    out = _fake_build(tiny_export("mpt"), tmp_path / "out", max_batch=2)
+    out = fake_build(tiny_export("mpt"), tmp_path / "out", max_batch=2)
     data = json.loads((out / ENGINES_NAME).read_text())
     assert data["schema_version"] == 1 and data["tensorrt_version"] == "10.3.0"
     assert data["device"] == {"name": "Stand-in GPU", "compute_capability": "8.7"}
@@ -171,7 +154,7 @@ def test_engines_json_round_trip_and_schema(tiny_export, tmp_path: Path) -> None
 
 
 def test_engines_json_validation_errors(tiny_export, tmp_path: Path) -> None:
-    out = _fake_build(tiny_export("mpt"), tmp_path / "out")
+    out = fake_build(tiny_export("mpt"), tmp_path / "out")
     path = out / ENGINES_NAME
     good = json.loads(path.read_text())
 
@@ -202,9 +185,9 @@ def test_engines_json_validation_errors(tiny_export, tmp_path: Path) -> None:
 
 
 def test_engines_must_match_the_export(tiny_export, tmp_path: Path) -> None:
-    from trt.engine import check_against_export
+    from runtime.engines import check_against_export
 
-    out = _fake_build(tiny_export("llama"), tmp_path / "out")
+    out = fake_build(tiny_export("llama"), tmp_path / "out")
     engines, manifest = load_engines_manifest(out), load_manifest(out)
     check_against_export(engines, manifest, out)
     engines.engines["vision"].source["vision.onnx"] = "0" * 64  # built from another export
@@ -221,7 +204,7 @@ def test_engines_must_match_the_export(tiny_export, tmp_path: Path) -> None:
 
 
 def test_engines_must_match_tensorrt_and_gpu(tiny_export, tmp_path: Path) -> None:
-    engines = load_engines_manifest(_fake_build(tiny_export("llama"), tmp_path / "out"))
+    engines = load_engines_manifest(fake_build(tiny_export("llama"), tmp_path / "out"))
     check_against_device(engines, "10.3.0", DEVICE)
     with pytest.raises(
         EngineMismatchError, match=r"built with TensorRT 10\.3\.0, this is TensorRT"
@@ -255,63 +238,6 @@ def test_build_without_tensorrt_is_a_clear_error(tiny_export, tmp_path: Path) ->
 # ---------------------------------------------------------------------------------------------
 
 
-class OrtExecutor:
-    """Executor with TensorRT's contract, computing with onnxruntime on HostDevice memory.
-
-    Like TensorRT 8.x it binds int64 inputs as int32, and it refuses shapes outside the active
-    optimization profile (from engines.json), so a wrong profile choice fails here too.
-    """
-
-    def __init__(self, session, device: HostDevice, entry: EngineEntry, spec) -> None:
-        self.session, self.device, self.entry = session, device, entry
-        self.spec_dtypes = {t.name: np.dtype(t.dtype) for t in (*spec.inputs, *spec.outputs)}
-        self.bound = {n: (np.int32 if d == np.int64 else d) for n, d in self.spec_dtypes.items()}
-        self.inputs = spec.input_names
-        self.profile = 0
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.addresses: dict[str, int] = {}
-        self.calls: Counter[str] = Counter()
-
-    def tensor_dtype(self, name: str) -> np.dtype:
-        return np.dtype(self.bound[name])
-
-    def set_profile(self, index: int) -> None:
-        self.profile = index
-
-    def set_input_shape(self, name: str, shape: Sequence[int]) -> None:
-        lo, _, hi = self.entry.profiles[self.profile]["shapes"][name]
-        if not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
-            raise ValueError(f"{name} {tuple(shape)} outside profile {self.profile} [{lo}, {hi}]")
-        self.shapes[name] = tuple(shape)
-
-    def set_address(self, name: str, ptr: int) -> None:
-        self.addresses[name] = ptr
-
-    def execute(self) -> None:
-        feed = {}
-        for name in self.inputs:
-            dtype, shape = self.tensor_dtype(name), self.shapes[name]
-            nbytes = int(np.prod(shape)) * dtype.itemsize
-            raw = self.device.view(self.addresses[name], nbytes).view(dtype).reshape(shape)
-            feed[name] = raw.astype(self.spec_dtypes[name])
-        outputs = self.session.run(None, feed)
-        for o, value in zip(self.session.get_outputs(), outputs):
-            self.device.upload(self.addresses[o.name], value.astype(self.bound[o.name]))
-        self.calls[self.entry.profiles[self.profile]["name"]] += 1
-
-
-def _stand_in(out: Path) -> TrtFlamingo:
-    ort_engine = OnnxFlamingo(out)
-    device = HostDevice()
-    engines = load_engines_manifest(out)
-    graphs = ort_engine.manifest.graphs
-    executors = {
-        g: OrtExecutor(ort_engine.sessions[g], device, engines.engines[g], graphs[g].spec)
-        for g in ("vision", "decoder")
-    }
-    return TrtFlamingo(out, device=device, executors=executors)
-
-
 def _prompt(tok, text: str) -> np.ndarray:
     return np.array([tok(text)["input_ids"]], dtype=np.int64)
 
@@ -319,8 +245,8 @@ def _prompt(tok, text: str) -> np.ndarray:
 @pytest.mark.parametrize("family", ["llama", "mpt"])
 def test_step_model_matches_onnxruntime_greedy_and_beams(tiny_model, tiny_export, tmp_path, family):
     _, tok, _, _ = tiny_model(family)
-    out = _fake_build(tiny_export(family), tmp_path / "out", max_batch=3, max_seq_len=64)
-    trt = _stand_in(out)
+    out = fake_build(tiny_export(family), tmp_path / "out", max_batch=3, max_seq_len=64)
+    trt = stand_in_engine(out)
     ort = OnnxFlamingo(out)
     pixels = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     feats_t, feats_o = trt.encode_images(pixels), ort.encode_images(pixels)
@@ -353,8 +279,8 @@ def test_step_model_chunks_a_long_continuation_over_profiles(tiny_model, tiny_ex
     """A cached past then many new tokens: extend chunks while the past allows, then decode
     steps; all-position logits equal onnxruntime's single call."""
     _, tok, _, _ = tiny_model("gpt_neox")
-    out = _fake_build(tiny_export("gpt_neox"), tmp_path / "out", max_seq_len=24)  # chunk 12
-    trt, ort = _stand_in(out), OnnxFlamingo(out)
+    out = fake_build(tiny_export("gpt_neox"), tmp_path / "out", max_seq_len=24)  # chunk 12
+    trt, ort = stand_in_engine(out), OnnxFlamingo(out)
     pixels = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)
     kv = ort.rows_cross_kv(ort.encode_images(pixels), [[0]])
     rng = np.random.default_rng(3)
@@ -375,8 +301,8 @@ def test_step_model_chunks_a_long_continuation_over_profiles(tiny_model, tiny_ex
 
 def test_step_model_limits_are_clear_errors(tiny_model, tiny_export, tmp_path) -> None:
     _, tok, _, _ = tiny_model("llama")
-    out = _fake_build(tiny_export("llama"), tmp_path / "out", max_batch=1, max_images=2)
-    trt = _stand_in(out)
+    out = fake_build(tiny_export("llama"), tmp_path / "out", max_batch=1, max_images=2)
+    trt = stand_in_engine(out)
     pixels = np.zeros((3, 3, 32, 32), dtype=np.float32)
     with pytest.raises(ValueError, match=r"3 images: the vision engine was built for 1\.\.2"):
         trt.encode_images(pixels)
@@ -398,9 +324,7 @@ def test_trt_pipeline_with_prefix_cache_matches_onnxruntime(tiny_model, tiny_exp
     stand-in engines gives onnxruntime's tokens and log-probs."""
     from PIL import Image
 
-    from runtime.pipeline import FlamingoPipeline
-
-    out = _fake_build(tiny_export("mpt"), tmp_path / "out", max_seq_len=256)
+    out = fake_build(tiny_export("mpt"), tmp_path / "out", max_seq_len=256)
     images = []
     for i, color in enumerate(("red", "blue", "green")):
         images.append(tmp_path / f"{i}.png")
@@ -408,7 +332,7 @@ def test_trt_pipeline_with_prefix_cache_matches_onnxruntime(tiny_model, tiny_exp
     prompt = "<image>Output:a red one<|endofchunk|><image>Output:a blue one<|endofchunk|>"
     prompt += "<image>Output:"
     ort = FlamingoPipeline(out)
-    trt = trt_pipeline(out, engine=_stand_in(out))
+    trt = FlamingoPipeline(out, engine=stand_in_engine(out))
     assert trt.max_seq_len == 256
     config = ort.default_config(max_new_tokens=6)
     for _ in range(2):  # the second call reuses the cached demonstrations
@@ -453,7 +377,7 @@ def test_real_build_and_parity_with_onnxruntime(tiny_export, tmp_path: Path) -> 
 
 
 def test_tensorrt_import_error_names_the_install(monkeypatch) -> None:
-    from trt.engine import import_tensorrt
+    from trt.device import import_tensorrt
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(TensorRTUnavailableError, match="JetPack"):

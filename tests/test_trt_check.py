@@ -290,3 +290,13 @@ def test_check_cli_errors_are_clean(tiny_export, tmp_path: Path) -> None:
     assert result.exit_code != 0 and "exceeds the export's max_seq_len" in result.output
     result = runner.invoke(main, ["check", str(out), "--trt-version", "9"])
     assert result.exit_code == 2  # click: not one of 8.5, 8.6, 10
+
+
+def test_check_cli_offers_every_version_with_parser_tables() -> None:
+    """`--trt-version` lists the versions trt/parser_tables.py describes (trt.targets keeps them
+    free of onnx, so that `flamingo-export` starts without importing it)."""
+    from cli.trt import check
+    from trt.parser_tables import RULES
+
+    (option,) = [p for p in check.params if p.name == "trt_version"]
+    assert list(option.type.choices) == list(RULES)

@@ -30,17 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.engines import ENGINE_FILES, ENGINES_NAME, DeviceInfo, EngineEntry, EnginesManifest
 from runtime.errors import FlamingoExportError
 from runtime.manifest import Manifest, load_manifest, safe_join, sha256_file
-from trt.engine import (
-    ENGINE_FILES,
-    ENGINES_NAME,
-    DeviceInfo,
-    EngineEntry,
-    EnginesManifest,
-    import_tensorrt,
-)
 
+from .device import CudaDevice, import_tensorrt
 from .profiles import Limits, Profile, graph_profiles
 from .targets import Target, get_target
 
@@ -259,8 +253,6 @@ def build_engines(
     """Build both engines into the export folder (see the module docstring)."""
     say = progress or (lambda _msg: None)
     trt = import_tensorrt()
-    from trt.engine import CudaDevice
-
     root = Path(export_dir)
     manifest = load_manifest(root)
     plan = make_build_plan(manifest, target, max_batch, max_images, max_seq_len)

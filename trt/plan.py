@@ -10,7 +10,7 @@ Perceiver resampler + the preset's LM and cross-attention layout) or an export's
   is accuracy-sensitive and, when tied, is also the embedding table).
 * self-attention KV cache at max_batch x max_seq_len, twice: the TensorRT runtime binds the
   present of step t as the past of step t+1, so each layer has two max-size buffers
-  (runtime/trt_engine.py). Activations and KV are fp32 for fp32, fp16 otherwise.
+  (trt/engine.py). Activations and KV are fp32 for fp32, fp16 otherwise.
 * cross-attention K/V: per image 2 x layers x 8 heads x 64 latents x 64; the vision engine's
   output for max_images, plus the decoder's per-row inputs (max_batch rows, twice for beam
   reordering on the device), plus each row's current image, what decode steps bind.

@@ -1,7 +1,7 @@
 """Deployment targets in one table: memory, what the OS keeps, compute capability, TensorRT.
 
 `plan` budgets memory against a target, `build` takes its workspace limit and records it in
-engines.json, `check` defaults to the TensorRT version its newest JetPack ships. The memory
+engines.json; `default_trt` is the TensorRT its newest JetPack ships (what to `check`). The memory
 numbers are assumptions stated here once (not measured in this repository): on Jetson the CPU
 and GPU share one LPDDR5 pool, so the OS, the firmware carve-outs and the CUDA/TensorRT runtime
 come out of the same bytes as the weights and the KV cache.
@@ -21,23 +21,9 @@ from runtime.errors import FlamingoExportError
 GiB = 1 << 30
 MiB = 1 << 20
 
-
-@dataclass(frozen=True)
-class JetPack:
-    version: str
-    tensorrt: str  # exact TensorRT release shipped
-    cuda: str
-    trt_rules: str  # key of trt.rules.RULES that describes its ONNX parser
-
-
-JETPACKS: tuple[JetPack, ...] = (
-    JetPack("5.1.x", "8.5.2", "11.4", "8.5"),
-    JetPack("6.0", "8.6.2", "12.2", "8.6"),
-    JetPack("6.1", "10.3.0", "12.6", "10"),
-    JetPack("6.2", "10.3.0", "12.6", "10"),
-)
-# The parser rule sets `check` knows (trt.rules.RULES keys), oldest first.
-TRT_VERSIONS: tuple[str, ...] = tuple(dict.fromkeys(j.trt_rules for j in JETPACKS))
+# The TensorRT ONNX parsers `check` knows (trt.parser_tables.RULES keys, oldest first): what
+# JetPack 5.1 (8.5), 6.0 (8.6) and 6.1/6.2 (10.3) ship. Kept here, free of onnx, for the CLI.
+TRT_VERSIONS: tuple[str, ...] = ("8.5", "8.6", "10")
 
 
 @dataclass(frozen=True)
@@ -50,7 +36,7 @@ class Target:
     workspace_bytes: int  # default TensorRT workspace (tactic scratch) limit for `build`
     compute_capability: str | None  # None: whatever GPU `build` runs on
     jetpacks: tuple[str, ...]  # JetPack releases for this board ("" for x86)
-    default_trt: str  # trt.rules.RULES key `check` uses by default for this target
+    default_trt: str  # trt.parser_tables.RULES key `check` uses by default for this target
     bandwidth_gb_s: float  # DRAM bandwidth: bounds memory-bound decode (tokens/s)
     shared_memory: bool  # CPU and GPU share the DRAM (engine load peaks count twice)
     reserve_note: str
