@@ -18,7 +18,7 @@ only the published package and transformers.
   keys are an error.
 
 Install: ``pip install --no-deps open-flamingo==2.0.1`` (its own requirements pin torch 2.0.1).
-Compatibility with transformers 4.57 is checked by ``tests/test_oracle_fixture.py``.
+Compatibility with transformers 4.57 is checked by ``tests/flamingo/test_oracle_fixture.py``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ same baseline; it uses nothing of our reference model or loaders, only the publi
 Compatibility with transformers 4.57.6 (the package targets 4.28-4.33). Checked for LLaMA,
 GPT-NeoX, MPT (transformers' native ``MptForCausalLM``) and OPT, with forward, greedy and
 3-beam ``generate`` on left-padded batches of interleaved multi-image prompts
-(``tests/test_oracle_fixture.py`` keeps checking it). **Nothing breaks, so there is no shim**:
+(``tests/flamingo/test_oracle_fixture.py`` keeps checking it). **Nothing breaks, so there is
+no shim**:
 
 - decoder layers now return a tensor (LLaMA) or a tuple (GPT-NeoX, MPT, OPT); ``FlamingoLayer``
   passes the layer's return value through untouched, so either works;

@@ -9,7 +9,7 @@ implementations, `CudaDevice` (cuda-python: `cudaMalloc`, `cudaMemcpyAsync`,
 one user-managed activation block: `create_execution_context(ExecutionContextAllocationStrategy
 .USER_MANAGED)` + `set_device_memory` on 10.x, `create_execution_context_without_device_memory`
 + `device_memory` on 8.x), are written from the TensorRT Python API and CUDA runtime
-documentation and not run in this repository; tests/trt_stand_in.py implements both protocols
+documentation and not run in this repository; tests/trt/stand_in.py implements both protocols
 with numpy and onnxruntime. tensorrt and cuda-python are imported only when asked for.
 """
 

@@ -19,7 +19,7 @@ export folder (runtime/engines.py: checked against the export, TensorRT and the 
 
 Device memory and engine execution sit behind trt/device.py's `Device` and `Executor`
 protocols. Not run against a GPU in this repository: the buffer protocol is tested with the
-numpy device and onnxruntime executor of tests/trt_stand_in.py (tests/test_trt_build.py).
+numpy device and onnxruntime executor of tests/trt/stand_in.py (tests/trt/test_trt_build.py).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class TrtFlamingo(RowsCrossKV):
         strict_device: bool = True,
     ) -> None:
         """Real use: no device/executors (TensorRT and cuda-python are imported, engines.json
-        checked against this GPU). Tests pass stand-ins (tests/trt_stand_in.py)."""
+        checked against this GPU). Tests pass stand-ins (tests/trt/stand_in.py)."""
         self.root = Path(export_dir)
         self.manifest: Manifest = load_manifest(self.root, verify_hashes=verify_hashes)
         self.engines = load_engines_manifest(self.root, verify_hashes=verify_hashes)

@@ -29,7 +29,7 @@ from runtime.generation import GenerationConfig, generate
 from runtime.manifest import load_manifest
 from runtime.pipeline import FlamingoPipeline
 from runtime.spec import ModelDims
-from tests.trt_stand_in import DEVICE, fake_build, stand_in_engine
+from tests.trt.stand_in import DEVICE, fake_build, stand_in_engine
 from trt.build import make_build_plan
 from trt.device import TensorRTUnavailableError
 from trt.engine import TrtFlamingo

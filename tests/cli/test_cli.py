@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _visible_commands() -> dict[str, click.Command]:

@@ -19,7 +19,7 @@ from runtime.contracts import DecoderStepModel, Engine, Session
 from runtime.decoding import rows_cross_kv
 from runtime.engine import OnnxFlamingo, ort_session_factory
 from runtime.manifest import ManifestError
-from tests.trt_stand_in import fake_build, stand_in_engine
+from tests.trt.stand_in import fake_build, stand_in_engine
 
 
 def _members(protocol: type) -> dict[str, Any]:

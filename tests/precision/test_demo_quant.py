@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "demo"
 EVAL = ["--data", "demo-eval", "--episodes", "200", "--max-shots", "4", "--decode-steps", "4"]
 # (quantize flags, size bar as a fraction of the fp32 export)

@@ -28,7 +28,7 @@ from runtime.images import (
     preprocess,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CFG = PreprocessConfig()
 
 

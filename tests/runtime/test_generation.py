@@ -24,7 +24,7 @@ from runtime.generation import (  # noqa: E402
     process_scores,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOCAB = 97
 PAD = 0
 
