@@ -196,8 +196,8 @@ def auto_mix(
         raise QuantizeError(
             f"a task_delta budget needs labelled episodes; --data {evaluation.data} has none"
         )
-    # the ranking's order (cosine first) even for a top-1 budget: ordered by each group's own
-    # top-1 the demo decoder at int4 needed 8 of 9 groups kept for top1=0.999, by cosine 4
+    # the ranking's order (cosine first) even for a top-1 budget: a top-1-first order had to
+    # keep more groups on the demo decoder (docs/measurements.md)
     order = [r["group"] for r in ranking["groups"]]
     tried: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="flamingo-auto-mix-") as tmp:
