@@ -1,44 +1,13 @@
 """`flamingo-export bench`: latency, throughput and memory of an export on few-shot prompts.
 
-Why a bench of its own: the export's claim is speed on edge devices, and the numbers that matter
-are per phase (vision per image, prefill, decode per token), per prompt size (0-16 shots) and
-with/without the prefix cache, measured against the PyTorch code it replaces *in the same run*
-(same machine, same load, same threads), so the ratios survive a noisy shared machine.
-
-Method (what every number means):
-* prompts: OpenFlamingo's caption template, k demos `<image>Output:{caption}<|endofchunk|>`
-  (joined by "\\n") and the query `<image>Output:`; synthetic random RGB images (square,
-  `image_size` px, so the open_clip preprocessing resizes and crops them);
-* greedy, exactly `new_tokens` new tokens: the stop token is disabled for timing;
-* runtime "uncached": prefix and vision caches off, every image and token computed;
-  "cached": the caches are cleared, the demos warmed once (warm-up, not timed), then each timed
-  query has a new query image, so only the query's image and tokens are computed;
-* reference: our PyTorch model under the shared search (flamingo.generate); oracle: the
-  published open_flamingo 2.0.1 `Flamingo.generate` (HF generate, use_cache=True). Neither has a
-  prefix cache; both are timed from raw images (preprocessing + tokenization included, as in
-  the runtime);
-* phases: vision = tokenize + preprocess + image encoder (+ cache lookups; the cached case
-  still preprocesses and hashes every image to find its entries, and encodes only the query's,
-  so its per-image figure is per *encoded* image), prefill = up to the first token's logits,
-  decode = the other new_tokens - 1 steps; medians over `repeats` timed runs after `warmup`
-  runs per case; cases run round-robin per repeat so background load hits every backend
-  alike; torch threads = onnxruntime intra-op threads; each run starts after a `settle_ms`
-  pause, since a backend's idle worker threads keep spinning for a while after its run and
-  would otherwise steal the cores of the next backend (measured: torch vision after an
-  onnxruntime run 345 ms, after a 0.5 s pause 304 ms, alone 299 ms);
-* other exports (`--baseline-export`, e.g. the fp32 export beside an int8 one) run as
-  baselines like the PyTorch ones: uncached, same prompts, ratios runtime / that export;
-* memory: the estimated peak RSS had the backend run alone (the process holds all backends
-  at once): RSS at bench start (+ the torch/transformers imports for the baselines) + the
-  backend's load (RSS growth while loading it) + what its earlier runs left held (allocator
-  arenas, the runtime's caches) + the run's working memory (Linux high-water mark, reset at
-  the run's start, minus RSS at its start); max over the timed runs;
-* a loaded machine distorts multi-threaded timings most (an OpenMP barrier waits for a thread
-  the scheduler parked): the report records the load average at start and end and flags
-  `oversubscribed` when load + threads exceed the CPUs;
-* ratios are runtime / baseline, the median of the per-repeat ratios (repeat r of both ran back
-  to back, so pairing cancels slow swings of the machine's load): below 1 is faster for times
-  and smaller for memory, above 1 is faster for tokens_per_s.
+Per phase (vision per image, prefill, decode per token), per prompt size (0-16 shots) and
+with/without the prefix cache, against the PyTorch reference, the published open_flamingo
+`generate` or other exports *in the same run* (same machine, load and threads), so the ratios
+survive a noisy shared machine. Greedy, exactly `new_tokens` tokens (stop token off); medians of
+`repeats` round-robin runs, each after a `settle_ms` pause; ratios are medians of per-repeat
+runtime / baseline ratios; memory is the estimated peak RSS had each backend run alone. Times in
+ms, memory in bytes. Bad options or missing baseline files are a `BenchError`. What every number
+means: docs/bench.md.
 """
 
 from __future__ import annotations
@@ -99,7 +68,7 @@ class BenchOptions:
     threads: int | None = None  # None: the CPUs this process may use
     image_size: int = 256  # synthetic image side before preprocessing
     seed: int = 0
-    settle_ms: float = 250.0  # pause before each run (see the module docstring)
+    settle_ms: float = 250.0  # pause before each run: idle threads spin on (docs/bench.md)
 
     def validate(self) -> None:
         if not self.shots or any(k < 0 for k in self.shots):
@@ -205,7 +174,7 @@ class Sample:
     cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     work_rss_bytes: int = 0  # high-water mark during the run minus RSS at its start
-    peak_rss_bytes: int = 0  # estimated peak had the backend run alone (module docstring)
+    peak_rss_bytes: int = 0  # estimated peak had the backend run alone (docs/bench.md)
 
 
 class RuntimeBackend:

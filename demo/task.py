@@ -1,27 +1,14 @@
 """Synthetic few-shot task of the demo model: which attribute is asked is only known in context.
 
-Every image is a procedural Pillow drawing of 1-4 identical shapes with five attributes::
-
-    colour    red green blue yellow purple
-    shape     circle square triangle cross
-    count     one two three four
-    position  left middle right          (the vertical strip the shapes sit in)
-    size      small large
-
-An episode picks one attribute at random and shows k demonstrations
-``<image>Output:{answer}<|endofchunk|>`` (OpenFlamingo's caption template, demos joined by
-``"\\n"`` as in its evaluate.py) then the query ``<image>Output:``. The prompt never names the
-attribute, so the same image is answered ``red``, ``circle``, ``three``, ``left`` or ``small``
-depending on what the demonstrations answered: with 0 shots the best possible score is about
-1/5 (a model that sees the image perfectly but must guess the attribute). Answer words are
-distinct across attributes, so one demonstration identifies the attribute.
-
-Held out for evaluation: four (colour, shape) pairs never drawn in training (neither for the
-vision tower, nor the language model's captions, nor the Flamingo episodes), and images drawn
-from their own seeded stream. Evaluation queries always show a held-out pair.
-
-Everything is a pure function of a seed (``random.Random`` seeded with strings, which is
-independent of ``PYTHONHASHSEED``), so images and episodes are identical across runs.
+Every image is a procedural Pillow drawing of 1-4 identical shapes with five attributes
+(``ATTRIBUTES``: colour, shape, count, position, size). An episode picks one attribute at random
+and shows k demonstrations ``<image>Output:{answer}<|endofchunk|>`` (OpenFlamingo's caption
+template, demos joined by ``"\\n"`` as in its evaluate.py), then the query ``<image>Output:``.
+The prompt never names the attribute, so with 0 shots the best possible score is about 1/5;
+answer words are distinct across attributes, so one demonstration identifies it. Held out for
+evaluation: four (colour, shape) pairs (``HELD_OUT_PAIRS``) that no training stage draws, and
+images from their own seeded stream. Everything is a pure function of a seed
+(``random.Random`` seeded with strings, independent of ``PYTHONHASHSEED``).
 """
 
 from __future__ import annotations

@@ -1,48 +1,15 @@
 """Train the embedded demo model: the Flamingo recipe at toy scale on the synthetic few-shot task.
 
-``python -m demo.train --out models/demo [--steps-scale F] [--json]`` runs, seeded:
-
-1. a byte-level BPE tokenizer (``tokenizers``, LLaMA conventions: ``<s>`` prepended, no pad)
-   trained on text of the domain;
-2. a small LLaMA (transformers ``LlamaForCausalLM``) pretrained on that text: captions,
-   attribute statements and ``Output:{answer}`` lists whose answers share one attribute. The
-   lists are where the LM learns to continue "in the same category as the earlier answers",
-   the in-context skill every few-shot prompt relies on (it appears after ~250 steps);
-3. a small CLIP ViT (QuickGELU, open_clip parameter names: our reference ``VisionTransformer``)
-   trained contrastively against a small text tower (open_clip's text-tower names) on
-   image/caption pairs. Half of each batch are minimal pairs (one attribute changed, shape most
-   often): with plain random batches colour and size dominate and, in a 250-step trial,
-   position and shape stayed near chance on held-out pairs;
-4. both frozen, the Flamingo part: Perceiver resampler, gated cross-attention before every
-   decoder layer and the (tied) token embeddings, trained with ``flamingo.model.Flamingo`` on
-   8-shot episodes (each answer of an episode is a k-shot prediction, k = 0..8) with
-   OpenFlamingo's loss (every token but padding, the first and ``<image>``);
-5. evaluation at 0/1/2/4/8 shots on held-out images and (colour, shape) pairs.
-
-Files written to ``--out`` are the formats users have, loaded by ``load_flamingo``::
-
-    lm/                          HF LLaMA: config.json, model.safetensors, tokenizer files
-    open_clip_model.safetensors  open_clip CLIP state dict (visual.* and the text tower)
-    open_clip_config.json        open_clip model config (head_width, quick_gelu, preprocess)
-    checkpoint.safetensors       OpenFlamingo layout: perceiver.*, lang_encoder.model.layers.{i}
-                                 .gated_cross_attn_layer.*, resized lang_encoder.model.embed_tokens
-                                 and its tied alias lang_encoder.lm_head.weight
-    demo.json                    what was trained: config, seconds and losses per stage, accuracy
-
-``--eval-only --model DIR [--json]`` prints the shot/accuracy table of a trained model.
-
-Departures from OpenFlamingo (all read back from the files by our loaders):
-
-- the resampler has depth 2 instead of 6 and 32 latents instead of 64, still 8 heads x 64:
-  about 50 instead of 250 M multiply-adds per image, the largest part of a training step on
-  2 CPU cores (and 8 x 8 = 64 patches need no more);
-- the token embeddings are tied (like OpenFlamingo's MPT LMs), so the trained `<|endofchunk|>`
-  row is also its output row; OpenFlamingo freezes untied output embeddings, which would leave
-  that logit at its initial value;
-- the tanh gates (scalars starting at 0) learn 10x faster than the rest (`gate_lr_scale`), a
-  toy-scale speed-up for a run of 500 steps.
-
-LM and vision stay frozen during step 4, as in OpenFlamingo; that reaches the accuracy goal.
+``python -m demo.train --out models/demo [--steps-scale F] [--json]`` runs, seeded: a byte-level
+BPE tokenizer; a small LLaMA pretrained on the domain's text (its answer lists teach the
+in-context "same category" skill); a small CLIP ViT trained contrastively, half of each batch
+minimal pairs; then, both frozen as in OpenFlamingo, the Perceiver resampler, gated
+cross-attention before every decoder layer and the tied token embeddings on 8-shot episodes
+with OpenFlamingo's loss; evaluation at 0/1/2/4/8 shots on held-out pairs. ``--eval-only
+--model DIR`` prints the table. The files are the formats users have, loaded by
+``load_flamingo``. Departures from OpenFlamingo, all read back from the files: resampler depth 2
+with 32 latents, tied token embeddings, tanh gates at ``gate_lr_scale`` x the learning rate.
+The recipe step by step, the files written and the reasons: docs/demo.md.
 """
 
 from __future__ import annotations
@@ -168,8 +135,8 @@ _SEPARATORS = ("\n", "\n\n", ". ", ".\n", " ; ", " | ", "\n- ", ", then\n", " an
 def lm_document(rng: random.Random) -> str:
     """One pretraining document: an answer list of one attribute (70%), captions or statements.
 
-    The lists are where the LM learns in-context "same category as the earlier answers"; it
-    emerges after ~200-300 steps at lr 1e-3 (at 3e-3 it did not within 300 steps).
+    The lists are where the LM learns in-context "same category as the earlier answers"
+    (how fast, by learning rate: docs/measurements.md).
     """
     kind = rng.random()
     if kind < 0.7:
@@ -411,6 +378,7 @@ def train_clip(clip: Clip, cfg: DemoConfig, log: Callable[[str], None]) -> list[
     for step in range(cfg.clip_steps):
         set_lr(opt, lr_at(step, cfg.clip_steps, cfg.clip_lr))
         # half the batch: minimal pairs (one attribute changed), so every attribute must be seen
+        # (with plain random batches position and shape stayed near chance: docs/measurements.md)
         base = [sample_scene(rng, "train") for _ in range(cfg.clip_batch // 2)]
         changed = rng.choices(tuple(ATTRIBUTES), weights=VARIANT_WEIGHTS, k=len(base))
         scenes = base + [sample_variant(rng, s, "train", a) for s, a in zip(base, changed)]

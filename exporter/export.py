@@ -207,9 +207,10 @@ def export_graph(
 ) -> list[str]:
     """torch.onnx (TorchScript exporter: it writes opset 17) -> checked ONNX file at path.
 
-    Memory: a graph under 2 GB is built in memory by torch (~3 copies of its weights at the
-    peak); above, torch writes each tensor straight to its own file. Only then is there
-    anything to consolidate, so a self-contained graph is never parsed back whole here.
+    Memory: a graph under 2 GB is built in memory by torch (several copies of its weights at
+    the peak: docs/measurements.md); above, torch writes each tensor straight to its own file.
+    Only then is there anything to consolidate, so a self-contained graph is never parsed back
+    whole here.
     """
     before = set(path.parent.iterdir())
     with warnings.catch_warnings():

@@ -95,9 +95,8 @@ def reshape_keep_dims(x: torch.Tensor, *shape: int) -> torch.Tensor:
     """Reshape where 0 keeps that dim of x (ONNX Reshape semantics), e.g. (0, 0, H, -1).
 
     Why: tracing `view(b, t, h, d)` with dynamic b, t records Shape -> Gather -> Unsqueeze ->
-    Concat for every call, ~9 nodes per head split. At batch 1 a decode step is its weight
-    reads plus a few us per node: the bench model's step ran 922 nodes, its MatMuls alone took
-    14.6 of its ~19 ms; with these helpers it runs 606."""
+    Concat for every call, ~9 nodes per head split, and at batch 1 a decode step costs its
+    weight reads plus a few microseconds per executed node (docs/measurements.md)."""
     if torch.onnx.is_in_onnx_export():
         return _ReshapeKeepDims.apply(x, shape)
     return _ReshapeKeepDims.forward(None, x, shape)

@@ -1,48 +1,17 @@
 """MosaicGPT (``model_type: mosaic_gpt``) -> transformers-native MPT: config and tensor names.
 
-OpenFlamingo-3B-vitl-mpt1b's language model is ``mosaicml/mpt-1b-redpajama-200b`` (OpenFlamingo
-loads the copy ``anas-awadalla/mpt-1b-redpajama-200b``, same config.json). It ships the *pre-MPT*
-"MosaicGPT" remote code, not the MPT-7B code that transformers' ``MptForCausalLM`` mirrors. This
-module maps it onto the native MPT layout without running that remote code, and refuses, naming
-the config key or tensor, whatever native MPT cannot compute.
+OpenFlamingo-3B-vitl-mpt1b's LM, ``mosaicml/mpt-1b-redpajama-200b`` (OpenFlamingo loads the copy
+``anas-awadalla/mpt-1b-redpajama-200b``), ships the pre-MPT "MosaicGPT" remote code, not the
+MPT-7B code transformers' ``MptForCausalLM`` mirrors. This maps it onto the native MPT layout
+without running that code, and refuses with a ``ValueError`` naming the config key or tensor
+whatever native MPT cannot compute: learned positions, biases, logit scale, prefix-LM,
+mlp_ratio != 4, alibi_bias_max != 8, non-power-of-two head counts. QK LayerNorm
+(``attn_qk_ln``) passes only with ``allow_qk_ln``, for an MPT layer that implements it.
 
-Sources (read, not copied):
-
-* Hub files of mosaicml/mpt-1b-redpajama-200b ("Upload MosaicGPT", 2023-04-19): config.json,
-  configuration_mosaic_gpt.py (8.87 kB), attention.py (13.8 kB), gpt_blocks.py,
-  low_precision_layernorm.py, mosaic_gpt.py, param_init_fns.py (15.9 kB). Their source is the
-  ``examples/llm/src/models`` package of github.com/mosaicml/examples at main commit
-  eee3b250120d4a498c4933cea2f413486321e915 (2023-04-11; the last main commit touching it before
-  the upload): configuration_mosaic_gpt.py (8870 B), layers/attention.py (13846 B) and
-  utils/param_init_fns.py (15936 B) there match the Hub sizes. (Inferred from sizes and dates,
-  the Hub files themselves were not readable here; the Hub copy imports LPLayerNorm from its own
-  low_precision_layernorm.py instead of composer.)
-  The ALiBi slope change "Updt Alibi to be HF/FT compatible" (examples#307, fbfdf68f, 2023-04-25)
-  landed after the upload.
-* config.json of the Hub repo, quoted at huggingface.co/anas-awadalla/mpt-1b-redpajama-200b/blame/
-  72e87cd6411de85f17b803671848c2d0530887f1/config.json (see ``MPT_1B_REDPAJAMA_200B_CONFIG``).
-* Model card: "It uses ALiBi and does not use positional embeddings. It uses QK LayerNorm. It does
-  not use biases." Transformer: 24 layers, 16 heads, width 2048.
-* LPLayerNorm: mosaicml/llm-foundry llmfoundry/models/layers/norm.py @ c4f8c754 (same class
-  as composer's low_precision_layernorm). It only changes dtypes under autocast and is
-  ``F.layer_norm`` otherwise.
-* transformers 4.57 models/mpt/modeling_mpt.py: MptBlock, MptAttention, build_mpt_alibi_tensor.
-
-MosaicGPT forward (examples@eee3b25), per block, pre-LN, sequential residual:
-``x += out_proj(attn(ln_1(x)))``, then ``x += mlp_down(gelu_erf(mlp_up(ln_2(x))))``. attn: ``qkv =
-Wqkv(h)``, clamp to +-attn_clip_qkv when set (before the split), ``q, k, v = qkv.chunk(3)``, if
-attn_qk_ln: ``q = q_ln(q)``, ``k = k_ln(k)`` (a LayerNorm over the full d_model-wide q and k,
-before the head split and before the KV cache), scores ``q k^T * softmax_scale`` (default
-1/sqrt(d_model/n_heads)) plus the ALiBi bias ``slope_h * (j - (S_k - 1))`` with ``slope_h =
-2^-(h * alibi_bias_max / n_heads)``, h = 1..n_heads, causal mask, softmax. Finally
-``ln_f``, ``logits = x @ wte.weight^T`` (tied, no lm_head tensor), times logit_scale when set.
-All LayerNorms use eps 1e-5. ``no_bias: true`` deletes every ``bias`` parameter of the model
-after init, the LayerNorms' included, so no ``*.bias`` tensor is saved.
-
-Native MPT (MptBlock) computes the same except: it has no q_ln/k_ln, no biases, no learned
-positions, no logit scale, no prefix-LM mask, MLP fixed at 4x, ALiBi with alibi_bias_max fixed at 8
-(MptModel.forward does not pass the config value), and ALiBi slopes for a head count that is not
-a power of two interleaved HF-style (equal to the formula above only for power-of-two counts).
+Sources: mosaicml/examples @ eee3b25 ``examples/llm/src/models`` (what the Hub upload of
+2023-04-19 ships, inferred from file sizes), the Hub config.json (blame @ 72e87cd), the model
+card, llm-foundry's LPLayerNorm @ c4f8c754, transformers 4.57 ``models/mpt/modeling_mpt.py``.
+Provenance in full, the MosaicGPT forward and where native MPT differs: docs/mosaic_gpt.md.
 """
 
 from __future__ import annotations

@@ -3,19 +3,7 @@ from local files, the way ``open_flamingo/src/factory.py`` does, minus open_clip
 
 It is the reference of the parity tests and the open_flamingo peer of ``flamingo-export bench``,
 so it uses nothing of our reference model or loaders (``flamingo.model``, ``flamingo.loaders``):
-only the published package and transformers.
-
-- ``open_flamingo/__init__`` imports ``open_clip`` (which needs torchvision); an empty module
-  stands in, since only ``create_model_and_transforms`` uses it;
-- the vision encoder is transformers' ``CLIPVisionModelWithProjection`` behind a ``.visual``
-  whose forward returns ``(pooled, patch_tokens)`` as open_clip <= 2.22's
-  ``VisionTransformer(output_tokens=True)`` did: patch tokens before ``ln_post``;
-- the LM is ``AutoModelForCausalLM`` (no ``trust_remote_code``) extended with
-  ``FlamingoLMMixin``, its decoder-layer attribute found by the package's own
-  ``_infer_decoder_layers_attr_name``; the tokenizer gets ``<|endofchunk|>``, ``<image>`` (and
-  ``<PAD>``) and pads on the left, as OpenFlamingo's evaluation does;
-- the checkpoint (plain, DDP-wrapped or safetensors) loads with ``strict=False``; unexpected
-  keys are an error.
+only the published package and transformers (how it is assembled: ``load_open_flamingo``).
 
 Install: ``pip install --no-deps open-flamingo==2.0.1`` (its own requirements pin torch 2.0.1).
 Compatibility with transformers 4.57 is checked by ``tests/flamingo/test_oracle_fixture.py``.

@@ -3,20 +3,9 @@
 Quantization ranges are only as good as the activations they are measured on, so calibration
 prompts look like what the runtime will see: OpenFlamingo few-shot prompts (demonstrations
 ``<image>Output:{caption}<|endofchunk|>`` or the VQA template, then an open query), 0 to
-``max_shots`` demonstrations each. Three sources:
-
-* ``DATA``: a JSONL file (or a folder holding exactly one) of ``{image, caption}`` or
-  ``{image, question, answer}`` records, image paths relative to the file. Images that fail to
-  decode are skipped and counted; if none decodes it is an error.
-* ``random``: synthetic images (random shapes on random backgrounds) with random captions and
-  questions, for smoke tests and models without data at hand.
-* ``demo``: episodes of the demo model's task (``demo.task``, training split), used
-  when importable; ``demo-eval``: its held-out evaluation set (held-out colour-shape pairs as
-  queries, exactly ``max_shots`` shots, episode i the same as in the README's accuracy table
-  when ``seed`` is ``demo_task.EVAL_SEED``). Calibrate on ``demo``, measure on ``demo-eval``.
-
-Every episode carries its query's label (caption, VQA answer, demo answer) for task accuracy.
-
+``max_shots`` demonstrations each, from a JSONL ``DATA`` file, ``random`` synthetic images or
+the demo task (``demo`` to calibrate, ``demo-eval`` to measure): see ``calibration_set``. Every
+episode carries its query's label (caption, VQA answer, demo answer) for task accuracy.
 Everything is a pure function of ``seed`` (``random.Random`` seeded with strings).
 """
 
@@ -250,7 +239,20 @@ def calibration_set(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> CalibrationSet:
-    """The calibration episodes for `source`: a DATA path, 'random', 'demo' or 'demo-eval'."""
+    """The calibration episodes for `source`: a DATA path, 'random', 'demo' or 'demo-eval'.
+
+    * DATA: a JSONL file (or a folder holding exactly one) of ``{image, caption}`` or
+      ``{image, question, answer}`` records, image paths relative to the file. Images that fail
+      to decode are skipped and counted; if none decodes it is an error.
+    * ``random``: synthetic images (random shapes on random backgrounds) with random captions
+      and questions, for smoke tests and models without data at hand.
+    * ``demo``: episodes of the demo model's task (``demo.task``, training split);
+      ``demo-eval``: its held-out evaluation set (held-out colour-shape pairs as queries,
+      exactly ``max_shots`` shots, episode i the same as in the README's accuracy table when
+      ``seed`` is ``demo_task.EVAL_SEED``).
+
+    Raises ``CalibrationError`` for an empty request or unusable data.
+    """
     if episodes < 1:
         raise CalibrationError(f"the calibration set is empty: {episodes} episodes asked")
     if max_shots < 0:

@@ -2,22 +2,10 @@
 
 A quantized graph is only usable if its outputs still pick the same tokens, and a naive fp16
 ViT can look fine until its cosine is measured (TensorRT-LLM #3223), so parity is measured per
-graph, on few-shot episodes (precision.data, own seed):
-
-* vision: every output (latents, each cross-attention K/V) on the same pixels: cosine, max and
-  mean abs error;
-* decoder: the candidate decoder fed the reference's own inputs (image K/V, tokens) under
-  teacher forcing on the reference's greedy tokens (prefill, then decode steps on its own KV):
-  logits cosine, max/mean abs error, top-1 agreement of next-token predictions;
-* pipeline: the same with the candidate's own vision K/V (what a user gets), plus the greedy
-  exact-match rate of free-running generations;
-* task accuracy where the episodes carry labels (the demo task, a JSONL of captions or Q/A):
-  exact match of each side's free-running greedy answer (text before ``<|endofchunk|>``,
-  whitespace-stripped) with the label; the gate bounds the candidate's accuracy minus the
-  reference's (``task_delta``);
-* file sizes per graph and their ratio to the reference.
-
-Thresholds per precision (``DEFAULT_THRESHOLDS``, overridable) gate the result.
+graph, on few-shot episodes (precision.data, own seed): vision outputs, the decoder under
+teacher forcing, the whole pipeline, task accuracy where episodes carry labels, and file sizes
+(what each means: ``measure``). Thresholds per precision (``DEFAULT_THRESHOLDS``, overridable)
+gate the result.
 """
 
 from __future__ import annotations
@@ -290,7 +278,21 @@ def measure(
     decode_steps: int = 16,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """All parity numbers for `candidate` against `reference` over the episodes."""
+    """All parity numbers for `candidate` against `reference` over the episodes.
+
+    * vision: every output (latents, each cross-attention K/V) on the same pixels: cosine, max
+      and mean abs error;
+    * decoder: the candidate decoder fed the reference's own inputs (image K/V, tokens) under
+      teacher forcing on the reference's greedy tokens (prefill, then `decode_steps` steps on
+      its own KV): logits cosine, max/mean abs error, top-1 agreement of next-token predictions;
+    * pipeline: the same with the candidate's own vision K/V (what a user gets), plus the
+      greedy exact-match rate of free-running generations;
+    * task accuracy where the episodes carry labels: exact match of each side's free-running
+      greedy answer (text before ``<|endofchunk|>``, whitespace-stripped) with the label; the
+      gate bounds the candidate's accuracy minus the reference's (``task_delta``).
+
+    File sizes are `size_table`'s. Raises ``ParityError`` if the two are different models.
+    """
     if reference.dims != candidate.dims:
         raise ParityError("reference and candidate are different models (dims differ)")
     say = progress or (lambda _m: None)

@@ -1,38 +1,17 @@
 """Quantize an fp32 export folder into a new, complete export folder (fp16, int8, int4).
 
 Precision is decided in the ONNX file (TensorRT 10 deprecates weak typing, 11 drops the
-FP16/INT8 builder flags), so each precision is a graph rewrite whose result onnxruntime runs
-as is and TensorRT builds strongly typed:
-
-* fp16: weights and activations fp16 (onnxruntime.transformers.float16), graph I/O fp16, with
-  the numerically sensitive parts kept fp32 (``DEFAULT_FP16_KEEP``): norm statistics, since
-  x**2 overflows fp16 above |x| = 256 and LLM hidden states carry outliers that large.
-  Measured (benchmarks/quantize_bench.py fp16-keep, ops run in their declared dtypes): with
-  hidden-state outliers every family's all-fp16 graph loses every token, keeping the norm
-  statistics restores exact top-1; Softmax and logits in fp32 (optional) change nothing more.
-  The manifest's spec records every I/O dtype; the runtime feeds what it says.
-* int8 (``int8_mode="w8a8"``, default): explicit Q/DQ (onnxruntime quantize_static, QDQ
-  format), symmetric (zero point 0), per-channel weights, per-tensor activations calibrated on
-  few-shot episodes run through the fp32 export (minmax, percentile or entropy). Only weight
-  GEMMs (MatMul/Gemm/Conv with a constant weight) are quantized; attention's activation x
-  activation MatMuls and Softmax stay float. Embedding tables (also the tied LM head) are int8
-  weight-only, per row. This is the form TensorRT builds into int8 tensor-core GEMMs.
-* int8 ``int8_mode="weight-only"``: per-channel symmetric int8 weights behind a
-  DequantizeLinear (axis 1) into each weight MatMul, activations float, no calibration. At
-  batch 1 a decode step reads every weight once, so it is memory-bound and the 4x smaller
-  weights are what makes it faster; onnxruntime's CPU EP fuses DQ -> MatMul into MatMulNBits
-  (int8 compute) at session load, while it leaves W8A8 MatMuls whose output is not quantized
-  as DequantizeLinear + float MatMul, dequantizing every weight on every step (measured on
-  this repository's 144M bench model, 1 thread: fp32 26 ms/token, w8a8 138, weight-only 10).
-  TensorRT 10 builds it as weight-only GEMMs.
-* int4: weight-only, blockwise (block 32/64/128), symmetric: blocked DequantizeLinear (opset
-  21, INT4 initializer) before each weight MatMul, parsed by TensorRT 10+; or onnxruntime's
-  MatMulNBits contrib op (``int4_format="matmulnbits"``), which TensorRT cannot parse: the
-  manifest marks that graph onnxruntime-only. Embeddings are int8 per row as in int8.
-
-The result is written like an export: into a temporary folder beside OUT, renamed at the end,
-with the tokenizer copied and a manifest holding per-graph precision, opset, I/O dtypes,
-quantization settings and the sha256 of every file.
+FP16/INT8 builder flags): each precision is a graph rewrite that onnxruntime runs as is and
+TensorRT builds strongly typed; the manifest's spec records every I/O dtype.
+* fp16: norm statistics stay fp32 (``DEFAULT_FP16_KEEP``): x**2 overflows fp16 above
+  |x| = 256, and LLM hidden states carry outliers that large.
+* int8 ``w8a8`` (default): symmetric Q/DQ, per-channel weights, per-tensor activations
+  calibrated on few-shot episodes; weight GEMMs only. TensorRT's int8 GEMM form.
+* int8 ``weight-only``: per-channel int8 weights behind DequantizeLinear, no calibration; the
+  CPU form (onnxruntime fuses it into MatMulNBits, and runs W8A8 slower than fp32).
+* int4: weight-only, blockwise (32/64/128): blocked DequantizeLinear (opset 21, TensorRT 10+)
+  or MatMulNBits (onnxruntime only). int8 and int4 keep embeddings int8 per row.
+Written atomically like an export. Each form in detail: docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -72,7 +51,7 @@ INT4_FORMATS = ("qdq", "matmulnbits")
 INT8_MODES = ("w8a8", "weight-only")
 BLOCK_SIZES = (32, 64, 128)
 FP16_KEEP_CHOICES = ("norm", "softmax", "logits")
-# What stays fp32 in fp16 graphs by default: norm statistics only (measured, see above).
+# What stays fp32 in fp16 graphs by default: norm statistics only (docs/measurements.md).
 DEFAULT_FP16_KEEP = ("norm",)
 INT4_OPSET = 21  # blocked DequantizeLinear and INT4 tensors
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")

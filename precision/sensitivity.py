@@ -3,16 +3,12 @@
 Quantization error is rarely spread evenly: one layer (often the LM head, the first block or a
 cross-attention block) can account for most of the lost agreement. This quantizes one group of
 weight nodes at a time (a decoder layer, a cross-attention block, a ViT block, a perceiver
-layer, the LM head), everything else left fp32, and measures parity against the fp32 export
-on the same episodes. The groups that cost the most are the keep-list candidates: pass them to
-`quantize --keep-node` to leave them fp32.
-
-int8 ranges are calibrated once and reused from a calibration cache for every group.
-
-`auto_mix` turns the ranking into the cheapest mix that meets an accuracy budget: keep the k
-most sensitive groups at the source precision, everything else quantized, and find the
-smallest k whose parity passes the budget (parity's gate, e.g. ``top1 >= 0.99`` or
-``task_delta >= -0.01``) by bisection over k; every evaluated k is reported.
+layer, the LM head), everything else left fp32, and measures parity against the fp32 export on
+the same episodes (int8 ranges calibrated once, then reused from a calibration cache). The
+groups that cost the most are the keep-list candidates for `quantize --keep-node`. `auto_mix`
+turns the ranking into the cheapest mix that meets an accuracy budget (parity's gate, e.g.
+``top1 >= 0.99`` or ``task_delta >= -0.01``): the smallest k of most sensitive groups kept at
+the source precision, found by bisection over k; every evaluated k is reported.
 """
 
 from __future__ import annotations
@@ -196,8 +192,8 @@ def auto_mix(
         raise QuantizeError(
             f"a task_delta budget needs labelled episodes; --data {evaluation.data} has none"
         )
-    # the ranking's order (cosine first) even for a top-1 budget: ordered by each group's own
-    # top-1 the demo decoder at int4 needed 8 of 9 groups kept for top1=0.999, by cosine 4
+    # the ranking's order (cosine first) even for a top-1 budget: a top-1-first order had to
+    # keep more groups on the demo decoder (docs/measurements.md)
     order = [r["group"] for r in ranking["groups"]]
     tried: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="flamingo-auto-mix-") as tmp:

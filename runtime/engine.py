@@ -30,17 +30,16 @@ DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
 # Graphs whose idle intra-op workers must not spin: the vision graph runs once per query and is
-# followed at once by the decoder, whose own workers then compete with the vision pool's
-# spinning ones for the cores (measured, 144M bench model, 2 threads, 4-shot prompt: prefill
-# 109.5 -> 72.6 ms, decode unchanged; the decoder keeps spinning: its steps run back to back,
-# and without spinning decode went 277 -> 294 ms).
+# followed at once by the decoder, whose own workers would compete with the vision pool's
+# spinning ones for the cores. The decoder keeps spinning: its steps run back to back
+# (docs/measurements.md).
 NO_SPIN_GRAPHS = frozenset({"vision"})
 
 
 # An int8 W8A8 decoder (Q/DQ on activations) is the form TensorRT builds into int8 GEMMs;
 # onnxruntime's CPU EP fuses only the MatMuls whose output is re-quantized and runs the rest as
-# DequantizeLinear + float MatMul, dequantizing every weight at every step (measured on the
-# 144M bench model: decode 5.6-5.8x slower than fp32; weight-only int8 0.4x).
+# DequantizeLinear + float MatMul, dequantizing every weight at every step, so it decodes slower
+# than fp32 there, weight-only int8 faster (docs/measurements.md).
 W8A8_ON_CPU = (
     "the decoder is int8 W8A8 (quantize --int8-mode w8a8), made for TensorRT: onnxruntime's "
     "CPU EP runs it slower than fp32 (decode ~5.7x on the bench model); on CPU quantize with "

@@ -1,41 +1,13 @@
 """Decoding strategies (greedy, sampling, beam search) written once, in numpy only.
 
-The PyTorch reference model and the torch-free onnxruntime runtime must produce identical
-generations, and the reference must match Hugging Face ``generate`` (transformers 4.57.6, what the
-OpenFlamingo oracle calls). Keeping the search here, behind a tiny ``StepModel`` protocol, means
-both backends share one implementation and only differ in how they compute logits. This module
-must stay importable with nothing but numpy installed: no torch / transformers imports anywhere.
-
-Semantics mirrored from transformers 4.57.6 (``GenerationMixin._sample`` / ``_beam_search`` and
-``_get_logits_processor``):
-
-* Processor order: ``no_repeat_ngram_size`` first, then (sampling only) temperature -> top-k ->
-  top-p, filtered entries set to ``-inf``. The n-gram ban looks at the *whole* row, i.e. the
-  prompt including its left-padding ids, exactly like HF for decoder-only models.
-* Greedy / sampling apply the processors to the raw float32 logits. Rows that hit an eos keep
-  being fed ``pad_token_id`` until every row is done or ``max_new_tokens`` is reached.
-* Beam search applies the processors to ``log_softmax(logits)``, adds the running beam scores and
-  keeps the top ``max(2, 1 + n_eos) * num_beams`` candidates. Candidates that hit eos *or* the
-  length limit are "finished"; only those ranked within the first ``num_beams`` may enter the
-  finished pool, scored ``sum_logprob / generated_len ** length_penalty`` where
-  ``generated_len`` counts the new tokens incl. the eos (not the prompt). The loop stops when no
-  batch item can improve (heuristic below), or with ``early_stopping=True`` once every pool is
-  full, or at ``max_new_tokens``. The improvement heuristic divides the best running score by
-  the current generated length (``"never"`` with ``length_penalty > 0``: by ``max_new_tokens``).
-  A batch item whose heuristic says "cannot improve" has its finished pool frozen while the
-  others continue. All beam bookkeeping is float32 with HF's ``-1e9`` masks so scores round like
-  HF's. (HF would return prompt+padding for a pool slot never filled; this returns ``[]`` with
-  score -1e9. That needs fewer than num_beams hypotheses ever finishing, which cannot happen
-  once the length limit finishes every candidate.)
-* top-p's cumulative mass is computed in float64 (HF: float32); they can only disagree when a
-  cumulative sum lands within float32 rounding of ``1 - top_p``.
-* Ties: ``argmax`` and the internal top-k both resolve ties to the lowest index. ``torch.topk``
-  does not document its tie order; with float32 logits from a real model exact ties are
-  negligible.
-* Sampling uses ``np.random.Generator(np.random.PCG64(seed))`` with Gumbel-max (Gumbel-top-k
-  for beam sampling, equivalent to ``torch.multinomial`` without replacement). It cannot
-  reproduce torch's random stream, but is reproducible per seed and draws from the same
-  distribution.
+The PyTorch reference and the torch-free runtimes plug in behind the two-method ``StepModel``
+protocol, so their generations can only differ by logits. The search reproduces Hugging Face
+``generate`` of transformers 4.57.6 (``GenerationMixin._sample`` / ``_beam_search``,
+``_get_logits_processor``; what the OpenFlamingo oracle calls): processor order, float32 beam
+bookkeeping with HF's -1e9 masks, the length-normalised finished pool and its stopping rule.
+Known differences (float64 top-p mass, ties to the lowest index, a seeded PCG64 Gumbel-max
+sampler instead of torch's random stream) and the rule-by-rule walk-through: docs/generation.md.
+Importable with numpy alone: no torch / transformers imports anywhere.
 """
 
 from __future__ import annotations

@@ -1,35 +1,13 @@
-"""Torch-free image loading and OpenFlamingo / open_clip eval preprocessing.
+"""Torch-free image loading and OpenFlamingo / open_clip eval preprocessing (numpy, Pillow).
 
-This module runs on edge devices, so it depends on numpy and Pillow only (never torch or
-torchvision).  :func:`preprocess` reproduces the eval transform that OpenFlamingo gets from
-``open_clip.create_model_and_transforms`` for CLIP ViT-L/14::
-
-    Resize(image_size, interpolation=BICUBIC)   # PIL image, shortest side -> image_size
-    CenterCrop(image_size)
-    _convert_to_rgb                             # image.convert("RGB")
-    ToTensor()                                  # uint8 HWC -> float32 CHW / 255
-    Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-
-The steps run in that order and on the image in its *decoded* mode, exactly as open_clip
-does, because the order is observable:
-
-* ``P`` (palette) and ``1`` images are resized by Pillow with NEAREST whatever filter is
-  asked for (Pillow forces it for those modes), so they are resized as palette indices and
-  only then mapped to RGB.
-* ``RGBA`` / ``LA`` images are resized with premultiplied alpha; the final
-  ``convert("RGB")`` then simply drops alpha.  Transparent areas are therefore NOT composited
-  onto a background: they keep whatever colour is stored under them (black after a
-  premultiplied resize).  That is what open_clip feeds the model, so we do the same.
-
-Deliberate, documented differences from open_clip (which sees ``Image.open(path)``):
-
-* EXIF orientation is applied (``ImageOps.exif_transpose``) so phone photos are upright.
-  Images without an orientation tag are unaffected.
-* 16/32-bit integer images (modes ``I;16*`` and ``I``) are scaled to 8 bits with
-  ``round(v / 257)`` (exactly maps 0..65535 onto 0..255).  Pillow's plain ``convert`` --
-  what open_clip does -- clips every value above 255 to white, which destroys 16-bit PNGs.
-* Float data (``F`` images, float arrays) must lie in [0, 1] and is mapped with
-  ``round(v * 255)``.
+:func:`preprocess` reproduces the CLIP ViT-L/14 eval transform OpenFlamingo gets from
+``open_clip.create_model_and_transforms``: Resize(shortest side, BICUBIC) -> CenterCrop ->
+``convert("RGB")`` -> ToTensor -> Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), in that order
+and on the image in its decoded mode, because the order is observable (palette images resize as
+indices, RGBA with premultiplied alpha and no compositing). Deliberate differences: EXIF
+orientation is applied, 16/32-bit integer images are scaled by ``round(v / 257)`` instead of
+clipped, float data must lie in [0, 1]. An unusable image is an :class:`ImageError` naming it.
+Details and reasons: docs/preprocessing.md.
 """
 
 from __future__ import annotations

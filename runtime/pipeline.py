@@ -11,7 +11,7 @@ Few-shot prompts repeat their demonstrations, so their work is cached (runtime/c
   cached prefix that matches token-for-token and image-for-image and prefills only the rest.
 A snapshot depends on nothing but its tokens and images (never on the query, the batch or the
 search settings), which is what makes reuse exact. Results with and without caches agree to
-float rounding (the split prefill sums in a different order): same tokens, log-probs ~1e-6.
+float rounding (the split prefill sums in a different order): same tokens, log-probs within 1e-5.
 """
 
 from __future__ import annotations

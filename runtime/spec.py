@@ -1,22 +1,18 @@
 """The graph contract: names, dtypes and (symbolic) shapes of every input and output.
 
-Declared once as data and read by the exporter (input/output names, dynamic axes), the runtime
-(what to feed, what comes back), the TensorRT profile builder and the tests. Only numbers go in:
-no torch, no onnx.
-
-Two graphs:
+Declared once as data and read by the exporter (names, dynamic axes), the runtime (what to feed,
+what comes back), the TensorRT profile builder and the tests. No torch, no onnx.
 - vision: `pixel_values` (num_images, 3, S, S) -> `image_latents` (num_images, L, Dv) and, for
-  every gated cross-attention layer j (in decoder-layer order), `cross_attn.{j}.key|value`
-  (num_images, H, L, Dh). K/V over image latents are computed here, once per image, never per
-  generated token.
-- decoder: `input_ids`, `attention_mask` (batch, past + new), `position_ids` (rotary families),
-  `media_index` (which image each token attends to, 0 = none), `logits_index` (which of the new
-  positions get logits, HF's `logits_to_keep` as indices), `cross_attn.{j}.key|value`
-  (batch, H, media_keys, Dh) = the row's images' K/V concatenated, `past_key_values.{i}.key|value`
-  -> `logits` (batch, logits_positions, vocab), `present.{i}.key|value`. One graph for prefill
-  and decode. Generation asks for the last position only: a prefill then costs no LM-head
-  work for the other prompt tokens (T x vocab x width MACs: ~13 GFLOP for a 62-token 4-shot
-  prompt at OpenFlamingo-3B's 50k vocab and 2048 width) and returns (batch, 1, vocab).
+  every gated cross-attention layer j (decoder-layer order), `cross_attn.{j}.key|value`
+  (num_images, H, L, Dh): image K/V computed once per image, never per generated token.
+- decoder, one graph for prefill and decode: `input_ids`, `attention_mask` (batch, past + new),
+  `position_ids` (rotary families), `media_index` (which image each token attends to, 0 =
+  none), `logits_index` (which new positions get logits: HF's `logits_to_keep` as indices),
+  `cross_attn.{j}.key|value` (batch, H, media_keys, Dh: the row's images' K/V concatenated),
+  `past_key_values.{i}.key|value` -> `logits` (batch, logits_positions, vocab),
+  `present.{i}.key|value`. Generation asks for the last position only, so a prefill does no
+  LM-head work for the other prompt tokens (T x vocab x width MACs: ~13 GFLOP for a 62-token
+  prompt at OpenFlamingo-3B's 50k x 2048 head).
 """
 
 from __future__ import annotations

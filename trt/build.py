@@ -2,23 +2,11 @@
 
 Written from the TensorRT Python API documentation (Builder, NetworkDefinitionCreationFlag,
 OnnxParser.parse_from_file, IBuilderConfig: set_memory_pool_limit, add_optimization_profile,
-create_timing_cache/set_timing_cache, progress_monitor; IProgressMonitor; not run here: no GPU,
-no TensorRT in this repository's CI). Choices:
-
-* Precision comes from the ONNX graph (ANCHORS: TensorRT 10 deprecates weak typing, 11 drops
-  the FP16/INT8 flags). Where `NetworkDefinitionCreationFlag.STRONGLY_TYPED` exists (TensorRT
-  >= 9.1/10) the network is strongly typed; on 8.5/8.6 the builder flags are set from the
-  graph's precision (fp16 -> FP16, int8 -> INT8 + FP16; int4 needs TensorRT 10). TF32 is
-  cleared for fp32 graphs so TensorRT computes what onnxruntime computes on that file.
-* The ONNX parser reads the model from its path, so external data (`<graph>.onnx.data`) is
-  found beside it without loading the model into Python.
-* Optimization profiles come from trt/profiles.py (vision: one; decoder: prefill, decode).
-* One timing cache, `OUT/timing.cache`, is loaded if present and saved after each engine: a
-  rebuild on the same device reuses the kernel timings.
-* Atomic: the old engines.json is removed first, engines are written to temporary files and
-  renamed, engines.json (sha256 of the engines and of their source ONNX files, TensorRT version,
-  device, profiles) is written last. An interrupted build leaves no engines.json, and the
-  runtime refuses to load without one.
+create_timing_cache/set_timing_cache, progress_monitor; IProgressMonitor); not run here: no GPU,
+no TensorRT in this repository's CI. Precision comes from the ONNX graph (ANCHORS: TensorRT 10
+deprecates weak typing, 11 drops the FP16/INT8 flags), profiles from trt/profiles.py; one timing
+cache per folder; the build is atomic (how: `build_engine`, `build_engines`; the steps on a
+device: docs/jetson.md). A graph the parser refuses is a `BuildError` with its messages.
 """
 
 from __future__ import annotations
@@ -174,7 +162,15 @@ def build_engine(
     say: Callable[[str], None],
 ) -> tuple[int, bytes, bool]:
     """Build one ONNX graph into out_path (atomically); (engine bytes, updated timing cache,
-    strongly typed?)."""
+    strongly typed?).
+
+    Where `NetworkDefinitionCreationFlag.STRONGLY_TYPED` exists (TensorRT >= 9.1/10) the network
+    is strongly typed; on 8.5/8.6 the builder flags are set from the graph's precision (fp16 ->
+    FP16, int8 -> INT8 + FP16; int4 needs TensorRT 10). TF32 is cleared for fp32 graphs so
+    TensorRT computes what onnxruntime computes on that file. The parser reads the model from
+    its path, so external data (`<graph>.onnx.data`) is found beside it without loading the
+    model into Python. A timing cache from another device or TensorRT is replaced by a fresh one.
+    """
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -250,7 +246,16 @@ def build_engines(
     max_seq_len: int | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> EnginesManifest:
-    """Build both engines into the export folder (see the module docstring)."""
+    """Build both engines into the export folder; returns what engines.json records.
+
+    Profiles come from trt/profiles.py (vision: one; decoder: prefill, extend, decode). One
+    timing cache, `OUT/timing.cache`, is loaded if present and saved after each engine, so a
+    rebuild on the same device reuses the kernel timings. Atomic: the old engines.json is
+    removed first, engines are written to temporary files and renamed, and engines.json (sha256
+    of the engines and of their source ONNX files, TensorRT version, device, profiles) is written
+    last: an interrupted build leaves no engines.json, and the runtime refuses to load without
+    one.
+    """
     say = progress or (lambda _msg: None)
     trt = import_tensorrt()
     root = Path(export_dir)

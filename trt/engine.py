@@ -1,25 +1,15 @@
 """TensorRT execution of an export folder's engines, with the KV cache resident on the device.
 
 `flamingo-export build` writes `vision.engine`, `decoder.engine` and `engines.json` into the
-export folder (runtime/engines.py: checked against the export, TensorRT and the GPU at load).
-
-* `TrtFlamingo`: the runtime.contracts.Engine surface over TensorRT (encode_images,
-  rows_cross_kv, step_model, token ids, specs, limits), so `runtime.pipeline` and
-  `runtime.generation` drive it unchanged: `FlamingoPipeline(export_dir,
-  engine=TrtFlamingo(export_dir))`.
-* `TrtStepModel`: the runtime.contracts.DecoderStepModel contract. Device buffers are
-  allocated once, at the engines' max_batch x max_seq_len: per layer two K and two V buffers. A
-  call reads the past from one and TensorRT writes the present (past + new, what the graph
-  outputs) into the other; the next call binds that buffer as its past. A (batch, heads,
-  length, head_dim) tensor is contiguous in either buffer, so nothing is copied, and nothing
-  goes to the host per decode step except the last position's logits. Beam reordering copies
-  rows device-to-device. New tokens go to the decoder's "prefill" (past 0), "extend" (a short
-  chunk after a cached prefix) or "decode" (one token) profile; what no profile covers is run
-  in chunks.
-
-Device memory and engine execution sit behind trt/device.py's `Device` and `Executor`
-protocols. Not run against a GPU in this repository: the buffer protocol is tested with the
-numpy device and onnxruntime executor of tests/trt/stand_in.py (tests/trt/test_trt_build.py).
+export folder (runtime/engines.py checks them against the export, TensorRT and the GPU at load).
+`TrtFlamingo` is the runtime.contracts.Engine over them, so `runtime.pipeline` and
+`runtime.generation` drive it unchanged: `FlamingoPipeline(export_dir,
+engine=TrtFlamingo(export_dir))`. `TrtStepModel` is its DecoderStepModel: device buffers
+allocated once at max_batch x max_seq_len, two per layer for K and two for V, bound in turn as
+past and present so nothing is copied and only the last position's logits reach the host per
+decode step (the buffer layout: docs/jetson.md, "The runtime's device memory"). Device memory
+and execution sit behind trt/device.py's protocols; not run against a GPU here: the buffer
+logic is tested with the stand-ins of tests/trt/stand_in.py (tests/trt/test_trt_build.py).
 """
 
 from __future__ import annotations

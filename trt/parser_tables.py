@@ -1,25 +1,17 @@
 """What TensorRT's ONNX parser imports, per TensorRT version: the tables trt/rules.py checks.
 
-Transcribed without TensorRT (CI and this repository's machines have none): what the
-onnx-tensorrt parser of TensorRT 8.5 (JetPack 5.1), 8.6 (JetPack 6.0) and 10.x (JetPack 6.1/6.2
-ship 10.3) documents it imports. Sources, read and transcribed as facts (op names, opset ranges,
-types, restrictions), not copied:
-
-* onnx/onnx-tensorrt `docs/operators.md` on branch 8.5-GA (fdeeaca, 2023-02-01), 8.6-GA
-  (ee0b139, 2024-04-04) and 10.1-GA (96e7811, 2024-06-17; its header reads "TensorRT 10.0
-  supports operators in the inclusive range of opset 9 to opset 20").
-* onnx/onnx-tensorrt `docs/Changelog.md`: 8.6 EA "Added support for GroupNormalization,
-  LayerNormalization, IsInf", 8.6 EA "TopK with dynamic K", 9.0 EA "INT64 ... The ONNX parser no
-  longer automatically casts INT64 to INT32" and "ONNX local functions", 9.0 GA "FP8 and BF16",
-  10.0 EA "INT4 quantization", 10.3 GA "tensor axes inputs for Slice".
-* The parsers' importers: 8.5-GA `builtin_op_importers.cpp` has no LayerNormalization importer;
-  an op without importer goes to `FallbackPluginImporter`, which looks for a *plugin* named after
-  the op and fails with "Plugin not found" (kUNSUPPORTED_NODE). Q/DQ importers (8.6-GA, 10.1-GA)
-  refuse non-zero zero points ("TensorRT only supports symmetric quantization") and UINT8.
-
-"10" means the 10.0-10.3 parser (the Jetson floor, JetPack 6.1/6.2). Later 10.x parse more (opset
-22 from 10.9, 24 from 10.13, the opset-23 `Attention` op without past/present KV): a graph that
-passes "10" passes those too; the reverse is not checked.
+Transcribed without TensorRT (none on CI or this repository's machines), as facts (op names,
+opset ranges, types, restrictions), not copied, for the parsers of TensorRT 8.5 (JetPack 5.1),
+8.6 (JetPack 6.0) and 10.x (JetPack 6.1/6.2 ship 10.3). Sources: onnx/onnx-tensorrt
+`docs/operators.md` on branches 8.5-GA (fdeeaca, 2023-02-01), 8.6-GA (ee0b139, 2024-04-04) and
+10.1-GA (96e7811, 2024-06-17: "TensorRT 10.0 supports operators in the inclusive range of opset
+9 to opset 20"); its `docs/Changelog.md` (8.6 EA: GroupNormalization, LayerNormalization, IsInf,
+TopK with dynamic K; 9.0 EA: INT64 no longer cast to INT32, ONNX local functions; 9.0 GA: FP8,
+BF16; 10.0 EA: INT4; 10.3 GA: tensor axes inputs for Slice); the importers (8.5-GA has no
+LayerNormalization importer, so the fallback fails with "Plugin not found"; the 8.6-GA/10.1-GA
+Q/DQ importers refuse non-zero zero points and UINT8). "10" means the 10.0-10.3 parser (the
+Jetson floor). Later 10.x parse more (opset 22 from 10.9, 24 from 10.13, the opset-23 `Attention`
+op without past/present KV): a graph that passes "10" passes those too; the reverse is unchecked.
 """
 
 from __future__ import annotations

@@ -2,25 +2,16 @@
 
 Counted from first principles (dims -> parameters -> bytes), for a released preset (ViT-L/14 +
 Perceiver resampler + the preset's LM and cross-attention layout) or an export's manifest:
-
-* weights per precision. fp32/fp16: every tensor at 4/2 bytes. int8: Linear weights 1 byte +
-  one fp32 scale per output channel (per-channel symmetric Q/DQ). int4: Linear weights 4 bits
-  + one fp16 scale per block of 128 inputs (blocked DequantizeLinear, TensorRT 10). In int8/int4
-  the embeddings, LM head, norms, biases, conv patch embedding and latents stay fp16 (the head
-  is accuracy-sensitive and, when tied, is also the embedding table).
-* self-attention KV cache at max_batch x max_seq_len, twice: the TensorRT runtime binds the
-  present of step t as the past of step t+1, so each layer has two max-size buffers
-  (trt/engine.py). Activations and KV are fp32 for fp32, fp16 otherwise.
-* cross-attention K/V: per image 2 x layers x 8 heads x 64 latents x 64; the vision engine's
-  output for max_images, plus the decoder's per-row inputs (max_batch rows, twice for beam
-  reordering on the device), plus each row's current image, what decode steps bind.
-* activations: the largest single-layer working set of the decoder at the prefill profile's
-  max shape (logits for every position, hidden states, q/k/v, unfused attention scores, MLP) or
-  of the vision graph at max_images, whichever is larger (the two engines share one
-  activation block), plus the full TensorRT workspace limit of the target.
-* the target's runtime overhead and OS reserve (exporter/targets.py states the assumptions).
-
-All estimates, none measured on a device here.
+* weights: fp32/fp16 4/2 bytes per tensor; int8 Linear weights 1 byte + an fp32 scale per
+  output channel; int4 4 bits + an fp16 scale per block of 128 inputs. In int8/int4 the
+  embeddings, LM head, norms, biases, patch embedding and latents stay fp16.
+* self-attention KV cache at max_batch x max_seq_len, twice (trt/engine.py binds two buffers
+  per layer); cross-attention K/V: the vision output for max_images, the decoder's per-row
+  inputs (twice, for beam reordering) and each row's current image.
+* activations: the largest single-layer working set of either graph (they share one block)
+  plus the target's TensorRT workspace; the target's runtime overhead and OS reserve
+  (trt/targets.py states the assumptions).
+All estimates, none measured on a device here (docs/jetson.md, "Memory: what fits").
 """
 
 from __future__ import annotations

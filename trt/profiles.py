@@ -3,28 +3,9 @@
 Every dynamic axis in `runtime/spec.py` is named; a TensorRT engine needs, for every input, a
 min/opt/max shape per optimization profile. This module turns the export manifest's limits
 (`max_images`, `max_seq_len`) plus `max_batch` into those ranges, for `check` (is every symbolic
-dim covered?) and `build` (the profiles themselves). Pure data: no onnx, no TensorRT.
-
-Why the decoder gets three profiles (prefill, extend, decode) instead of one:
-
-1. Consistency. The decoder ties three dims together: `total_sequence = past_sequence +
-   sequence`. TensorRT times kernels at the opt shapes and sizes activation memory from the max
-   shapes; a single profile spanning every phase (past 0..max-1, sequence 1..max) has a max
-   corner past+sequence = 2*max-1 that `total_sequence <= max` contradicts, and widening total
-   to 2*max-1 would make TensorRT reserve attention-score and KV-Concat memory for a shape that
-   never runs. Each profile here is consistent at min, opt and max (checked by
-   `check_consistency`).
-2. Kernels. Decode runs once per generated token and is a matrix-vector product (sequence 1);
-   prefill is a matrix-matrix product over the prompt. One opt shape cannot serve both; decode
-   dominates generation time on a Jetson.
-
-* prefill: past 0, any prompt length (a fresh prompt).
-* extend: a short chunk after a cached prefix (the pipeline's prefix cache: few-shot
-  demonstrations computed once, then only the query): past 1..max-C, sequence 1..C, total
-  2..max, C = EXTEND_TOKENS. Longer continuations are run in chunks by the runtime.
-* decode: one new token after any past.
-
-Values chosen for opt are documented on `OPT_*`.
+dim covered?) and `build` (the profiles themselves). Pure data: no onnx, no TensorRT. The vision
+graph gets one profile, the decoder three (prefill, extend, decode: why in `decoder_profiles`
+and docs/jetson.md, "Optimization profiles"); the opt values are documented on `OPT_*`.
 """
 
 from __future__ import annotations
@@ -162,8 +143,18 @@ def vision_profiles(dims: ModelDims, limits: Limits) -> list[Profile]:
 
 
 def decoder_profiles(dims: ModelDims, limits: Limits) -> list[Profile]:
-    """prefill (past 0), extend (short chunk after a cached prefix), decode (one new token);
-    see the module docstring for why. extend is left out when max_seq_len < 4."""
+    """prefill (past 0, any prompt), extend (past 1..max-C, sequence 1..C, C = EXTEND_TOKENS:
+    a short chunk after a cached prefix), decode (one new token after any past). Longer
+    continuations are run in chunks by the runtime. extend is left out when max_seq_len < 4.
+
+    Why not one profile: the decoder ties `total_sequence = past_sequence + sequence`, and one
+    range over every phase has a max corner (past max-1 + sequence max) that contradicts
+    `total_sequence <= max`; widening total to 2*max-1 would make TensorRT reserve memory for a
+    shape that never runs (it sizes activations from max). Each profile is consistent at min,
+    opt and max (`check_consistency`). And decode, run once per generated token, is a
+    matrix-vector product that wants other kernels (timed at opt) than prefill's matrix-matrix
+    one; decode dominates generation time on a Jetson.
+    """
     b, s, latents = limits.max_batch, limits.max_seq_len, dims.num_latents
     opt_images = min(OPT_IMAGES, limits.max_images)
     media = DimRange(latents, opt_images * latents, limits.max_images * latents)
