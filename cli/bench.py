@@ -15,21 +15,12 @@ from .options import (
     model_named,
     model_options,
     output_options,
+    parse_shots,
     pop_model_args,
     progress_printer,
     require_model_files,
     user_errors,
 )
-
-
-def _parse_shots(_ctx: Any, _param: Any, value: str) -> tuple[int, ...]:
-    try:
-        shots = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not shots or any(k < 0 for k in shots):
-        raise click.BadParameter(f"expected non-negative integers, got {value!r}")
-    return shots
 
 
 @click.command("bench")
@@ -38,7 +29,7 @@ def _parse_shots(_ctx: Any, _param: Any, value: str) -> tuple[int, ...]:
     "--shots",
     default="0,4,8,16",
     show_default=True,
-    callback=_parse_shots,
+    callback=parse_shots,
     help="Demonstrations per prompt, comma-separated.",
 )
 @click.option(

@@ -9,6 +9,7 @@ import sys
 import click
 
 from . import bench, model, precision, run, trt
+from . import eval as evaluation
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,7 +18,7 @@ def main() -> None:
     """Export Flamingo (OpenFlamingo) models to ONNX/TensorRT and run few-shot inference."""
 
 
-for module in (model, run, precision, trt, bench):
+for module in (model, run, precision, trt, bench, evaluation):
     for command in module.COMMANDS:
         main.add_command(command)
 

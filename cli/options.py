@@ -75,6 +75,17 @@ def user_errors(*also: type[Exception]) -> Decorator:
     return decorate
 
 
+def parse_shots(_ctx: Any, _param: Any, value: str) -> tuple[int, ...]:
+    """`--shots` callback: comma-separated non-negative demonstration counts."""
+    try:
+        shots = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not shots or any(k < 0 for k in shots):
+        raise click.BadParameter(f"expected non-negative integers, got {value!r}")
+    return shots
+
+
 EXPORT_DIR = click.argument(
     "export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path)
 )

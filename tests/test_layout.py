@@ -23,7 +23,20 @@ ALLOWED = {
     "bench": {"runtime", "flamingo"},
     "serving": {"runtime", "trt"},
     "fixtures": {"runtime", "flamingo", "demo"},
-    "cli": {"runtime", "flamingo", "exporter", "precision", "trt", "bench", "serving", "demo"},
+    # evaluation runs exports torch-free; flamingo only lazily (RICES with a CLIP model, the
+    # reference loop of tests and benchmark), demo for the demo task's episodes (torch-free)
+    "evaluation": {"runtime", "flamingo", "demo"},
+    "cli": {
+        "runtime",
+        "flamingo",
+        "exporter",
+        "precision",
+        "trt",
+        "bench",
+        "serving",
+        "demo",
+        "evaluation",
+    },
 }
 
 

@@ -1,0 +1,458 @@
+"""Plan once, run every export, score: OpenFlamingo's evaluation loop on `FlamingoPipeline`.
+
+`plan` fixes, per shot count and trial, the test items in evaluation order, their
+demonstrations and prompts (`evaluation.sampling`, `evaluation.rices`, `TaskSpec.prompt`);
+`run_export` answers them with one export (each query alone: a row's answer does not depend on
+its batch, and a repeated demonstration prefix is prefilled once by the pipeline's prefix
+cache, a repeated image encoded once by its vision cache), post-processes and scores them.
+Several exports get the same plan, so their scores differ by the engines alone.
+
+Generation tasks decode the new tokens as OpenFlamingo's `tokenizer.batch_decode(...,
+skip_special_tokens=True)` does, including transformers' `clean_up_tokenization` when the
+export's tokenizer_config.json asks for it. Hateful Memes scores each class name's tokens
+after the prompt (mean log-probability, `get_rank_classifications` with normalize_length) in
+one left-padded prefill of one row per class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.decoding import rows_cross_kv
+from runtime.generation import log_softmax
+from runtime.images import preprocess
+
+from . import metrics
+from .datasets import TaskData
+from .rices import Retriever
+from .sampling import sample_demonstrations, select_items
+from .tasks import TASKS, EvaluationError, TaskSpec, effective_shots
+
+__all__ = [
+    "EvalOptions",
+    "EvaluationResult",
+    "ExportResult",
+    "Query",
+    "Trial",
+    "TrialResult",
+    "class_logprobs",
+    "plan",
+    "plan_demo",
+    "run_export",
+]
+
+Progress = Callable[[str], None]
+DEFAULT_SEED = 42  # evaluate.py's --trial_seeds default
+
+
+@dataclass
+class EvalOptions:
+    """evaluate.py's trial arguments. Trial t uses seed `seed + t`; `num_samples <= 0` is every
+    test item; `query_set_size` is ignored with `rices`."""
+
+    shots: tuple[int, ...] = (0, 4, 8, 16, 32)
+    trials: int = 1
+    seed: int = DEFAULT_SEED
+    num_samples: int = -1
+    query_set_size: int = 2048
+    rices: bool = False
+
+    def validate(self) -> None:
+        if not self.shots or any(s < 0 for s in self.shots):
+            raise EvaluationError(f"shots must be >= 0, got {list(self.shots)}")
+        if self.trials < 1:
+            raise EvaluationError(f"--trials must be >= 1, got {self.trials}")
+        if not self.rices and self.query_set_size < 1:
+            raise EvaluationError(f"--query-set-size must be >= 1, got {self.query_set_size}")
+
+
+@dataclass
+class Query:
+    """One test item with its demonstrations: the prompt and images the model gets, and what
+    its prediction is scored against (`reference`: demo answer, class label, else the id)."""
+
+    id: Any
+    prompt: str
+    images: list[Any]
+    reference: Any = None
+    group: str | None = None  # demo: the attribute asked
+
+
+@dataclass
+class Trial:
+    shots: int
+    trial: int
+    seed: int
+    queries: list[Query]
+
+
+@dataclass
+class TrialResult:
+    shots: int
+    trial: int
+    seed: int
+    score: float
+    predictions: list[dict[str, Any]]
+    seconds: float
+    breakdown: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in ("shots", "trial", "seed", "score", "seconds")}
+        if self.breakdown:
+            out["breakdown"] = self.breakdown
+        out["predictions"] = self.predictions
+        return out
+
+
+@dataclass
+class ExportResult:
+    export: str
+    precision: str
+    trials: list[TrialResult]
+
+    def scores(self) -> dict[int, dict[str, Any]]:
+        """Per shot count: every trial's score, their mean and standard deviation (NaN-aware,
+        as evaluate.py's np.nanmean / np.nanstd)."""
+        out: dict[int, dict[str, Any]] = {}
+        for t in self.trials:
+            out.setdefault(t.shots, {"trials": []})["trials"].append(t.score)
+        for row in out.values():
+            values = np.array(row["trials"], dtype=np.float64)
+            finite = not np.isnan(values).all()
+            row["mean"] = float(np.nanmean(values)) if finite else float("nan")
+            row["stddev"] = float(np.nanstd(values)) if finite else float("nan")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "export": self.export,
+            "precision": self.precision,
+            "scores": {str(k): v for k, v in self.scores().items()},
+            "trials": [t.to_dict() for t in self.trials],
+        }
+
+
+@dataclass
+class EvaluationResult:
+    task: str
+    metric: str
+    protocol: dict[str, Any]
+    exports: list[ExportResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "protocol": self.protocol,
+            "exports": [e.to_dict() for e in self.exports],
+        }
+
+
+# ------------------------------------------------------------------ planning
+
+
+def _item_id(task: TaskSpec, sample: dict[str, Any]) -> Any:
+    key = {"caption": "image_id", "vqa": "question_id"}.get(task.kind, "id")
+    return sample[key]
+
+
+def _query(
+    task: TaskSpec, sample: dict[str, Any], demos: list[dict[str, Any]], shots: int
+) -> Query:
+    prompt, images = task.prompt(sample, demos, shots)
+    reference = sample.get("class_name") if task.kind == "classification" else None
+    return Query(_item_id(task, sample), prompt, images, reference)
+
+
+def _check_images(queries: Sequence[Query]) -> None:
+    for q in queries:
+        for image in q.images:
+            if isinstance(image, Path) and not image.is_file():
+                raise EvaluationError(f"image file not found: {image} (item {q.id!r})")
+
+
+def plan(data: TaskData, options: EvalOptions, retriever: Retriever | None = None) -> list[Trial]:
+    """The trials of an OpenFlamingo task: per shot count (outer) and trial, the items in
+    evaluation order with their demonstrations (random from the query set, or RICES)."""
+    options.validate()
+    task = data.task
+    if options.rices and retriever is None:
+        raise EvaluationError("RICES needs a retriever (image features)")
+    trials = []
+    for shots in options.shots:
+        k = effective_shots(task.kind, shots)
+        for t in range(options.trials):
+            seed = options.seed + t
+            query_set_size = None if options.rices else options.query_set_size
+            order, query_set = select_items(
+                len(data.test), len(data.train), options.num_samples, query_set_size, seed
+            )
+            samples = [data.test[i] for i in order]
+            if options.rices:
+                found = retriever.find([s["image"] for s in samples], k)  # type: ignore[union-attr]
+                demos = [[data.train[i] for i in row] for row in found]
+            else:
+                picks = sample_demonstrations(len(query_set), k, len(samples), seed)  # type: ignore[arg-type]
+                demos = [[data.train[query_set[j]] for j in row] for row in picks]  # type: ignore[index]
+            queries = [_query(task, s, d, shots) for s, d in zip(samples, demos)]
+            _check_images(queries)
+            trials.append(Trial(shots, t, seed, queries))
+    return trials
+
+
+def plan_demo(options: EvalOptions) -> list[Trial]:
+    """The demo task's trials: held-out episodes `demo.task.eval_episodes(num_samples, seed,
+    shots)` (the README accuracy table: 200 episodes, seed 1234), demonstrations and query
+    drawn together, the same queries at every shot count."""
+    from demo.task import eval_episodes
+
+    options.validate()
+    task = TASKS["demo"]
+    if max(options.shots) > 8:
+        raise EvaluationError("the demo task's episodes have at most 8 demonstrations")
+    count = 200 if options.num_samples <= 0 else options.num_samples
+    trials = []
+    for shots in options.shots:
+        for t in range(options.trials):
+            seed = options.seed + t
+            queries = []
+            for i, episode in enumerate(eval_episodes(count, seed, shots)):
+                demos = [
+                    {"image": s.render(), "caption": s.answer(episode.attribute)}
+                    for s in episode.demos
+                ]
+                prompt, images = task.prompt({"image": episode.query.render()}, demos, shots)
+                queries.append(Query(i, prompt, images, episode.answer, episode.attribute))
+            trials.append(Trial(shots, t, seed, queries))
+    return trials
+
+
+# ------------------------------------------------------------------ running
+
+
+def _cleanup(text: str) -> str:
+    """transformers' `clean_up_tokenization` (decode with clean_up_tokenization_spaces)."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                          (" 're", "'re")):  # fmt: skip
+        text = text.replace(before, after)
+    return text
+
+
+def _cleans_up(pipe: Any) -> bool:
+    path = Path(pipe.engine.root) / "tokenizer" / "tokenizer_config.json"
+    try:
+        return bool(json.loads(path.read_text()).get("clean_up_tokenization_spaces", False))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def class_logprobs(
+    pipe: Any, prompt: str, images: Sequence[Any], class_ids: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """(C,) mean log-probability of each class name's tokens after `prompt`: one row per
+    class (prompt + class tokens, left-padded), one prefill."""
+    engine = pipe.engine
+    context = pipe.tokenizer.encode(prompt).ids
+    rows = [context + list(ids) for ids in class_ids]
+    total = max(len(r) for r in rows)
+    input_ids = np.full((len(rows), total), engine.pad_token_id, dtype=np.int64)
+    mask = np.zeros_like(input_ids)
+    for c, row in enumerate(rows):
+        input_ids[c, total - len(row) :] = row
+        mask[c, total - len(row) :] = 1
+    features = engine.encode_images(preprocess(list(images), pipe.preprocess_config))
+    every = [list(range(len(images)))] * len(rows)
+    cross = rows_cross_kv(features, every, engine.dims, engine.float_dtype)
+    model = engine.step_model(cross, np.full(len(rows), len(images)))
+    logits = model.run(input_ids, mask)  # (C, T, V)
+    out = []
+    for c, ids in enumerate(class_ids):
+        positions = np.arange(total - len(ids) - 1, total - 1)  # logits predicting each token
+        logprobs = log_softmax(logits[c, positions])
+        out.append(float(np.mean(logprobs[np.arange(len(ids)), list(ids)])))
+    return np.array(out, dtype=np.float32)
+
+
+def _classify(
+    pipe: Any, task: TaskSpec, queries: Sequence[Query], say: Progress
+) -> list[dict[str, Any]]:
+    class_ids = [pipe.tokenizer.encode(c, add_special_tokens=False).ids for c in task.class_names]
+    positive = max(task.class_names)
+    out = []
+    for n, q in enumerate(queries, start=1):
+        lp = class_logprobs(pipe, q.prompt, q.images, class_ids)
+        best = int(np.argmax(lp))
+        top = float(np.exp(lp[best] - np.logaddexp.reduce(lp.astype(np.float64))))
+        p_positive = top if task.class_names[best] == positive else 1 - top
+        out.append({"id": q.id, "prediction": task.class_names[best], "score": p_positive})
+        _tick(n, len(queries), say)
+    return out
+
+
+def _tick(n: int, total: int, say: Progress) -> None:
+    if n % 50 == 0 and n < total:
+        say(f"  {n}/{total} queries")
+
+
+def _generate(
+    pipe: Any, task: TaskSpec, queries: Sequence[Query], say: Progress
+) -> list[dict[str, Any]]:
+    config = pipe.default_config(
+        max_new_tokens=task.max_new_tokens,
+        num_beams=task.num_beams,
+        length_penalty=task.length_penalty,
+    )
+    clean = _cleans_up(pipe)
+    post = task.postprocess or (lambda s: s)
+    out = []
+    for n, q in enumerate(queries, start=1):
+        text = pipe.generate(q.prompt, q.images, config).text
+        out.append({"id": q.id, "prediction": post(_cleanup(text) if clean else text)})
+        _tick(n, len(queries), say)
+    return out
+
+
+def score(
+    task: TaskSpec, data: TaskData | None, queries: Sequence[Query], predictions: list[dict]
+) -> tuple[float, dict[str, float]]:
+    """(score, breakdown) of one trial's predictions with the task's metric."""
+    if task.kind == "caption":
+        pairs = [(p["id"], p["prediction"]) for p in predictions]
+        return metrics.cider(pairs, data.files["annotations_json_path"]), {}  # type: ignore[union-attr]
+    if task.kind == "vqa":
+        pairs = [(p["id"], p["prediction"]) for p in predictions]
+        path = data.files["test_annotations_json_path"]  # type: ignore[union-attr]
+        return metrics.vqa_accuracy(pairs, path), {}
+    if task.kind == "classification":
+        positive = max(task.class_names)
+        labels = [int(q.reference == positive) for q in queries]
+        return metrics.roc_auc(labels, [p["score"] for p in predictions]), {}
+    answers = [q.reference for q in queries]
+    texts = [p["prediction"] for p in predictions]
+    breakdown = {}
+    for group in sorted({q.group for q in queries if q.group}):
+        rows = [i for i, q in enumerate(queries) if q.group == group]
+        breakdown[group] = metrics.exact_match([texts[i] for i in rows], [answers[i] for i in rows])
+    return metrics.exact_match(texts, answers), breakdown
+
+
+def run_export(
+    pipe: Any,
+    task: TaskSpec,
+    trials: Sequence[Trial],
+    data: TaskData | None = None,
+    progress: Progress | None = None,
+) -> list[TrialResult]:
+    """Answer and score every planned trial with one export's pipeline."""
+    say = progress or (lambda _: None)
+    results = []
+    for trial in trials:
+        start = time.perf_counter()
+        run = _classify if task.kind == "classification" else _generate
+        predictions = run(pipe, task, trial.queries, say)
+        value, breakdown = score(task, data, trial.queries, predictions)
+        seconds = time.perf_counter() - start
+        say(
+            f"{task.name} {trial.shots} shots, trial {trial.trial} (seed {trial.seed}): "
+            f"{task.metric} {_fmt(value)} over {len(trial.queries)} queries ({seconds:.1f} s)"
+        )
+        results.append(
+            TrialResult(trial.shots, trial.trial, trial.seed, value, predictions,
+                        round(seconds, 3), breakdown)
+        )  # fmt: skip
+    return results
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.2f}"
+
+
+def precision_label(pipe: Any) -> str:
+    """fp32 / fp16 / int8 (w8a8 or weight-only) / int4 of an export, per graph if they differ."""
+    manifest = pipe.engine.manifest
+    graphs = {name: g.precision for name, g in manifest.graphs.items()}
+    decoder = manifest.quantization.get("decoder")
+    if graphs.get("decoder") == "int8" and isinstance(decoder, dict) and decoder.get("mode"):
+        graphs["decoder"] = f"int8 {decoder['mode']}"
+    values = set(graphs.values())
+    if len(values) == 1:
+        return values.pop()
+    return " / ".join(f"{name} {p}" for name, p in graphs.items())
+
+
+def evaluate(
+    exports: Sequence[str | Path],
+    task: str,
+    data_dir: str | Path | None,
+    options: EvalOptions,
+    open_pipeline: Callable[[Path], Any],
+    rices_vision: str | Path | None = None,
+    progress: Progress | None = None,
+) -> EvaluationResult:
+    """The whole evaluation: check tools and data, plan once, run every export in turn.
+
+    `open_pipeline(export_dir)` gives a `FlamingoPipeline` (or a compatible object);
+    `rices_vision`: None / "export" (the first export's features) or a CLIP model file.
+    """
+    from .datasets import load_task_data
+    from .rices import clip_features, export_features
+    from .tasks import ok_vqa_utils
+
+    say = progress or (lambda _: None)
+    if task not in TASKS:
+        raise EvaluationError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    spec = TASKS[task]
+    options.validate()
+    if spec.kind == "caption":
+        metrics.require_cider()
+    if spec.name == "okvqa":
+        ok_vqa_utils()
+    if spec.kind == "demo" and (options.rices or data_dir is not None):
+        raise EvaluationError("the demo task draws its own episodes: no --data, no --rices")
+    if spec.kind != "demo" and data_dir is None:
+        raise EvaluationError(f"task {task!r} needs --data DIR (its files: {spec.files})")
+    data = load_task_data(spec, data_dir) if spec.kind != "demo" else None  # type: ignore[arg-type]
+    exports = [Path(e) for e in exports]
+    pipes: dict[int, Any] = {0: open_pipeline(exports[0])}
+    rices_source = None
+    retriever = None
+    if options.rices:
+        if rices_vision in (None, "export"):
+            rices_source = f"export features ({exports[0]}: mean image_latents)"
+            source = export_features(pipes[0])
+        else:
+            rices_source = f"CLIP encode_image ({rices_vision})"
+            source = clip_features(rices_vision)  # type: ignore[arg-type]
+        say(f"RICES: {len(data.train)} train image features from {rices_source}")  # type: ignore[union-attr]
+        retriever = Retriever(source, [s["image"] for s in data.train])  # type: ignore[union-attr]
+    trials = plan(data, options, retriever) if data is not None else plan_demo(options)
+    results = []
+    for i, export in enumerate(exports):
+        pipe = pipes.pop(i, None) or open_pipeline(export)
+        label = precision_label(pipe)
+        say(f"{export} ({label}): {len(trials)} trial(s) of {spec.name}")
+        results.append(ExportResult(str(export), label, run_export(pipe, spec, trials, data, say)))
+        del pipe
+    protocol = {
+        "source": "open_flamingo 2.0.1 eval/evaluate.py" if spec.kind != "demo" else "demo/task.py",
+        "shots": list(options.shots),
+        "trial_seeds": [options.seed + t for t in range(options.trials)],
+        "num_samples": len(trials[0].queries),
+        "query_set_size": None if options.rices or data is None else options.query_set_size,
+        "demonstrations": "rices" if options.rices else "random" if data is not None else "episode",
+        "rices_features": rices_source,
+        "num_beams": spec.num_beams,
+        "max_new_tokens": spec.max_new_tokens if spec.kind != "classification" else None,
+        "length_penalty": spec.length_penalty if spec.kind != "classification" else None,
+        "data": str(data_dir) if data_dir is not None else None,
+    }
+    return EvaluationResult(spec.name, spec.metric, protocol, results)
