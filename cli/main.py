@@ -351,6 +351,7 @@ from cli.precision import register as register_quant  # noqa: E402  quantize, pa
 
 register_quant(main)
 main.add_command(__import__("bench.harness", fromlist=["bench"]).bench)  # bench
+main.add_command(__import__("cli.serve", fromlist=["serve"]).serve)  # serve (OpenAI API)
 
 if __name__ == "__main__":
     sys.exit(main())
