@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 
 def rendezvous(key: str, replica: str) -> bytes:
@@ -15,10 +15,11 @@ def rendezvous(key: str, replica: str) -> bytes:
     return hashlib.sha256(f"{key}/{replica}".encode()).digest()
 
 
-class DemonstrationAffinityRouter(FIFOMixin, RequestRouter):
+class DemonstrationAffinityRouter(RequestRouter):
     """Ranks the running replicas by rendezvous hash of the request's `affinity_key` (the
     demonstrations' hash): the first is tried first, the rest if it is full. Requests without
-    demonstrations may go to any replica."""
+    demonstrations may go to any replica. No FIFOMixin: it hands a found replica to the oldest
+    pending request, which would send a request to another request's replica."""
 
     async def choose_replicas(
         self,
