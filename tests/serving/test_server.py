@@ -257,6 +257,7 @@ def test_metrics_and_a_client_that_goes_away(server, episodes) -> None:
         assert name in text, name
 
 
+@pytest.mark.slow
 def test_full_queue_answers_429(server_factory, demo_export: Path, episodes) -> None:
     tight = server_factory(demo_export, "--max-queue", "1", "--max-batch-size", "1",
                            "--threads", "1")  # fmt: skip
