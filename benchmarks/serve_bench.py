@@ -29,7 +29,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,11 +102,11 @@ def sequential(export: Path, work: Workload, n: int, threads: int) -> dict[str, 
     start = time.perf_counter()
     for i in range(n):
         t0 = time.perf_counter()
-        first: list[float] = []
-        out = pipe.generate(*work.prompt(i), on_token=lambda *_: first or first.append(
+        stamps: list[float] = []
+        out = pipe.generate(*work.prompt(i), on_token=lambda *_, s=stamps: s.append(
             time.perf_counter()))  # fmt: skip
         latencies.append(time.perf_counter() - t0)
-        ttfts.append(first[0] - t0)
+        ttfts.append(stamps[0] - t0)
         answers.append(out.text)
         tokens += len(out.token_ids)
     wall = time.perf_counter() - start
@@ -251,8 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rss-requests", type=int, default=5000)
     parser.add_argument("--rss-warmup", type=int, default=800)
     parser.add_argument("--server-args", default="", help="extra `serve` flags, e.g. batch size")
-    parser.add_argument("--server-threads", type=int, default=None,
-                        help="the server's onnxruntime threads (default: --threads)")
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=None,
+        help="the server's onnxruntime threads (default: --threads)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -325,8 +328,9 @@ def print_table(report: dict[str, Any]) -> None:
     m = report["machine"]
     print(f"{m['date']}  {m['cpu']}  {m['cores']} cores, {m['threads']} threads")
     print(f"command: {report['command']}")
-    head = "| | clients | req/s | gen tok/s | p50 ms | p95 ms | TTFT p50 ms | TTFT p95 ms | errors |"
-    print(head)
+    print(
+        "| | clients | req/s | gen tok/s | p50 ms | p95 ms | TTFT p50 ms | TTFT p95 ms | errors |"
+    )
     print("|---" * 9 + "|")
     rows = [("pipeline, sequential", "1", report["sequential"])]
     rows += [("server", c, s) for c, s in report["server"].items()]
@@ -340,9 +344,11 @@ def print_table(report: dict[str, Any]) -> None:
               f"requests after {r['warmup_requests']} warm-up ({100 * r['growth']:+.2f}%), "
               f"{r['errors']} errors, {r['requests_per_s']:.1f} req/s")  # fmt: skip
     g = report["goals"]
-    print(f"goals: throughput {g['throughput_x']:.2f}x (>= 2), TTFT p95 {g['ttft_p95_x']:.2f}x "
-          f"a lone request's (<= 3), errors {g['errors']} (0)"
-          + (f", RSS growth {100 * g['rss_growth']:+.2f}% (<= 5%)" if "rss_growth" in g else ""))
+    print(
+        f"goals: throughput {g['throughput_x']:.2f}x (>= 2), TTFT p95 {g['ttft_p95_x']:.2f}x "
+        f"a lone request's (<= 3), errors {g['errors']} (0)"
+        + (f", RSS growth {100 * g['rss_growth']:+.2f}% (<= 5%)" if "rss_growth" in g else "")
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Fixtures of the serving tests: the demo export, episodes as files, real server processes.
+"""Fixtures of the serving tests: episodes as files, real server processes (the demo export is
+tests/conftest.py's `demo_export`).
 
 Servers are `flamingo-export serve` subprocesses bound to 127.0.0.1 on a free port, stopped by
 their PID (SIGINT, then SIGKILL of that PID if it hangs).
@@ -20,25 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / "models" / "demo"
-
-
-@pytest.fixture(scope="session")
-def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cli.main import main
-
-    out = tmp_path_factory.mktemp("serve-demo") / "demo"
-    result = CliRunner().invoke(
-        main,
-        ["export", "--lm", str(MODEL / "lm"),
-         "--vision", str(MODEL / "open_clip_model.safetensors"),
-         "--checkpoint", str(MODEL / "checkpoint.safetensors"), "--output", str(out)],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @dataclass
