@@ -281,7 +281,13 @@ def main(argv: list[str] | None = None) -> None:
         clients(port, work, list(range(min(n, work.k))), 1, None)  # warm the prefix cache
         report["server"] = {}
         for c in (int(x) for x in args.concurrency.split(",")):
-            report["server"][str(c)] = clients(port, work, list(range(n)), c, expected)
+            batches = metric(port, "flamingo_engine_batches_total")
+            rows = metric(port, "flamingo_engine_rows_total")
+            level = clients(port, work, list(range(n)), c, expected)
+            level["mean_batch"] = (metric(port, "flamingo_engine_rows_total") - rows) / max(
+                1.0, metric(port, "flamingo_engine_batches_total") - batches
+            )
+            report["server"][str(c)] = level
         if args.rss_requests:
             report["rss"] = rss_phase(proc.pid, port, args)
     finally:
@@ -331,13 +337,15 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         "| | clients | req/s | gen tok/s | p50 ms | p95 ms | TTFT p50 ms | TTFT p95 ms | errors |"
     )
-    print("|---" * 9 + "|")
+    print("|---" * 10 + "|")
     rows = [("pipeline, sequential", "1", report["sequential"])]
     rows += [("server", c, s) for c, s in report["server"].items()]
     for name, c, s in rows:
-        print(f"| {name} | {c} | {s['requests_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
-              f"{s['latency_p50_ms']:.1f} | {s['latency_p95_ms']:.1f} | {s['ttft_p50_ms']:.1f} | "
-              f"{s['ttft_p95_ms']:.1f} | {s['errors']} |")  # fmt: skip
+        print(
+            f"| {name} | {c} | {s['requests_per_s']:.1f} | {s['tokens_per_s']:.1f} | "
+            f"{s['latency_p50_ms']:.1f} | {s['latency_p95_ms']:.1f} | {s['ttft_p50_ms']:.1f} | "
+            f"{s['ttft_p95_ms']:.1f} | {s['errors']} | {s.get('mean_batch', 1):.1f} |"
+        )
     if "rss" in report:
         r = report["rss"]
         print(f"RSS {r['rss_before_mb']:.1f} -> {r['rss_after_mb']:.1f} MB over {r['requests']} "

@@ -169,8 +169,11 @@ def serve(
         _need("ray", "ray", "--ray")
         from serving.ray_deploy import run_ray
 
-        run_ray(factory, app_settings, engine_settings, replicas, host, port, ray_address,
-                cpus_per_replica=float(threads or 1))  # fmt: skip
+        try:
+            run_ray(factory, app_settings, engine_settings, replicas, host, port, ray_address,
+                    cpus_per_replica=float(threads or 1))  # fmt: skip
+        except Exception as e:  # a replica that cannot load, a cluster that cannot be reached
+            raise click.ClickException(f"cannot serve {export_dir} on Ray: {e}") from e
         return
     try:
         serve_local(factory, app_settings, engine_settings, host, port, log_level)

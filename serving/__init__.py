@@ -12,8 +12,9 @@ packages it imports `runtime` only. One module per job, imports only downward:
   thread, streaming events (text deltas, finish, usage) back to asyncio;
 * `metrics`: the Prometheus metrics of `/metrics`;
 * `app`: the FastAPI app (routes, API key, body limit, SSE), over a local engine or Ray;
-* `ray_deploy`: the same app on Ray Serve, N engine replicas, demonstration-affine routing
-  (the `ray` extra, imported only there).
+* `server`: the app on uvicorn with one local engine (`flamingo-export serve`);
+* `ray_deploy`, `ray_router`: the same app on Ray Serve, N engine replicas, routed by
+  demonstrations (the `ray` extra, imported only there).
 
 The mapping from chat to prompt and every limit are written down in docs/serving.md.
 """

@@ -13,6 +13,8 @@ from click.testing import CliRunner
 
 from cli.main import main
 
+from .conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 OURS = ("flamingo", "exporter", "precision", "trt", "bench", "cli", "demo", "fixtures")
 
@@ -57,3 +59,14 @@ def test_serve_refuses_missing_tensorrt_and_bad_options(demo_export: Path) -> No
     assert replicas.exit_code == 2 and "--replicas and --ray-address need --ray" in replicas.output
     batch = runner.invoke(main, ["serve", export, "--max-batch-size", "0"])
     assert batch.exit_code == 2 and "max_batch_size must be >= 1" in batch.output
+
+
+def test_serve_stops_with_the_error_when_the_export_cannot_load(tmp_path: Path) -> None:
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", "serve", str(tmp_path), "--port", str(port)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"cannot serve {tmp_path}" in result.stderr and "manifest" in result.stderr
+    assert "Traceback" not in result.stderr
