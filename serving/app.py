@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import protocol
 from .chat import affinity_key, chat_to_prompt
 from .engine import Event, GenerateRequest, SamplingParams
-from .media import image_bytes
+from .media import MediaImage, load_url
 from .metrics import Metrics
 from .protocol import APIError
 
@@ -134,8 +134,8 @@ def create_app(
         authorize(request)
         return JSONResponse(protocol.models_list(settings.model_id, created))
 
-    def resolve(url: object, param: str) -> bytes:
-        return image_bytes(url, param, settings.allowed_media_dir)
+    def resolve(url: object, param: str) -> MediaImage:
+        return load_url(url, param, settings.allowed_media_dir)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -153,7 +153,7 @@ def create_app(
         images = [resolve(url, f"images[{i}]") for i, url in enumerate(req.images)]
         return await generate("completion", req, req.prompt, images)
 
-    async def generate(kind: str, req: Any, prompt: str, images: list[bytes]) -> Response:
+    async def generate(kind: str, req: Any, prompt: str, images: list[MediaImage]) -> Response:
         require_ready()
         start = time.perf_counter()
         params = SamplingParams(
@@ -167,7 +167,8 @@ def create_app(
             stop=tuple(req.stops()),
             ignore_eos=req.ignore_eos,
         )
-        gen_req = GenerateRequest(prompt, images, params, affinity_key(prompt, images))
+        key = affinity_key(prompt, [m.data for m in images])
+        gen_req = GenerateRequest(prompt, [m.image for m in images], params, key)
         events = backend.generate(gen_req).__aiter__()
         first = await events.__anext__()
         if first["type"] == "error":

@@ -32,18 +32,19 @@ from runtime.prompts import EOC_TOKEN, Demonstration, build_few_shot_prompt, cou
 
 from .protocol import APIError
 
-ResolveImage = Callable[[object, str], bytes]  # (url, param) -> image bytes
+ResolveImage = Callable[[object, str], Any]  # (url, param) -> the image (serving.media)
 
 
 @dataclass
 class _UserTurn:
-    image: bytes | None
+    image: Any  # None: a text-only turn
     text: str | None
     param: str  # messages[i].content
 
 
-def chat_to_prompt(messages: Sequence[Any], resolve: ResolveImage) -> tuple[str, list[bytes]]:
-    """`(prompt, images)` for a chat conversation; a 400 naming the message otherwise."""
+def chat_to_prompt(messages: Sequence[Any], resolve: ResolveImage) -> tuple[str, list[Any]]:
+    """`(prompt, images)` for a chat conversation (the images as `resolve` returns them, in
+    marker order); a 400 naming the message otherwise."""
     users: list[_UserTurn] = []
     answers: list[str] = []
     for i, message in enumerate(messages):
@@ -87,7 +88,7 @@ def _user_turn(content: Any, param: str, resolve: ResolveImage) -> _UserTurn:
     else:
         raise APIError(400, f"'{param}' must be a string or a list of parts", param=param)
     texts: list[str] = []
-    image: bytes | None = None
+    image = None
     for k, part in enumerate(parts):
         where = f"{param}[{k}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -126,7 +127,7 @@ def _assistant_text(content: Any, param: str) -> str:
     raise APIError(400, f"'{param}' must be a string or a list of text parts", param=param)
 
 
-def _build(users: list[_UserTurn], answers: list[str]) -> tuple[str, list[bytes]]:
+def _build(users: list[_UserTurn], answers: list[str]) -> tuple[str, list[Any]]:
     query = users[-1]
     if query.image is None:
         raise APIError(400, f"'{query.param}': the query needs an image", param=query.param)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.generation import GenerationConfig
+from runtime.images import ImageInput
 from runtime.pipeline import FlamingoPipeline, Generation, TextStream
 from runtime.prompts import count_media
 
@@ -79,10 +80,11 @@ class SamplingParams:
 
 @dataclass
 class GenerateRequest:
-    """A prompt with `<image>` markers, its images (encoded bytes, marker order), the search."""
+    """A prompt with `<image>` markers, its images (marker order; anything
+    runtime.images.load_image reads), the search."""
 
     prompt: str
-    images: list[bytes]
+    images: list[ImageInput]
     params: SamplingParams = field(default_factory=SamplingParams)
     affinity_key: str = ""
 
@@ -138,7 +140,7 @@ class Job:
     def __init__(
         self,
         prompt: str,
-        images: list[bytes],
+        images: list[ImageInput],
         config: GenerationConfig,
         outputs: list[_Output],
         emit: Callable[[Event], None],

@@ -1,25 +1,35 @@
-"""Image URLs of a request -> image bytes that decode, or a 400 naming the field.
+"""Image URLs of a request -> decoded images (and their bytes), or a 400 naming the field.
 
 Accepted: `data:image/<type>;base64,<data>` and, only when the server was given an allowed
 folder, `file://` URLs whose resolved path (symlinks followed) lies inside it. Nothing is ever
-fetched from the network. Decoding uses `runtime.images.load_image`, the pipeline's own loader,
-so an image that passes here is one the pipeline can read.
+fetched from the network. Decoding uses `runtime.images.load_image`, the pipeline's own loader:
+the decoded image is what the pipeline gets (decoded once), the bytes are what the
+demonstrations' affinity key hashes.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from PIL import Image
 
 from runtime.images import ImageError, load_image
 
 from .protocol import APIError
 
 
-def image_bytes(url: object, param: str, allowed_dir: Path | None) -> bytes:
-    """The bytes behind one image URL, checked to decode (400 naming `param` otherwise)."""
+@dataclass(frozen=True)
+class MediaImage:
+    data: bytes  # as sent (encoded)
+    image: Image.Image  # decoded by runtime.images.load_image
+
+
+def load_url(url: object, param: str, allowed_dir: Path | None) -> MediaImage:
+    """The image behind one URL, decoded (400 naming `param` otherwise)."""
     if not isinstance(url, str) or not url:
         raise APIError(400, f"'{param}' must be a non-empty string URL", param=param)
     if url.startswith("data:"):
@@ -36,10 +46,9 @@ def image_bytes(url: object, param: str, allowed_dir: Path | None) -> bytes:
     else:
         raise APIError(400, f"'{param}': expected a data: or file:// URL", param=param)
     try:
-        load_image(data, name=param)
+        return MediaImage(data, load_image(data, name=param))
     except ImageError as e:
         raise APIError(400, f"image does not decode: {e}", param=param) from None
-    return data
 
 
 def _data_url(url: str, param: str) -> bytes:
