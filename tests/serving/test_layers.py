@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from cli.main import main
@@ -70,3 +71,51 @@ def test_serve_stops_with_the_error_when_the_export_cannot_load(tmp_path: Path) 
     assert result.returncode == 1, result.stderr
     assert f"cannot serve {tmp_path}" in result.stderr and "manifest" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _asgi_get(app: object, path: str) -> tuple[int, bytes]:
+    """One GET through the ASGI app, without a server."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [], "scheme": "http", "server": ("127.0.0.1", 1), "client": None,
+             "root_path": ""}  # fmt: skip
+    asyncio.run(app(scope, receive, send))  # type: ignore[operator]
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], body
+
+
+def test_health_is_503_until_the_engine_is_loaded(demo_export: Path) -> None:
+    import json
+
+    from runtime.manifest import ManifestError
+    from runtime.pipeline import FlamingoPipeline
+    from serving.app import AppSettings, create_app
+    from serving.engine import Engine
+
+    engine = Engine(lambda: FlamingoPipeline(demo_export, threads=1))
+    app = create_app(engine, AppSettings(model_id="demo"))
+    status, body = _asgi_get(app, "/health")
+    assert status == 503 and json.loads(body)["status"] == "loading"
+    engine.load()
+    try:
+        status, body = _asgi_get(app, "/health")
+        assert status == 200 and json.loads(body) == {"status": "ok", "model": "demo"}
+        status, body = _asgi_get(app, "/v1/nothing")
+        assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+    finally:
+        engine.close()
+    failing = Engine(lambda: FlamingoPipeline(demo_export / "missing"))
+    with pytest.raises(ManifestError):
+        failing.load()
+    status, body = _asgi_get(create_app(failing, AppSettings(model_id="x")), "/health")
+    assert status == 503 and "missing" in json.loads(body)["error"]
