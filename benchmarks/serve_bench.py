@@ -335,7 +335,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"{m['date']}  {m['cpu']}  {m['cores']} cores, {m['threads']} threads")
     print(f"command: {report['command']}")
     print(
-        "| | clients | req/s | gen tok/s | p50 ms | p95 ms | TTFT p50 ms | TTFT p95 ms | errors |"
+        "| | clients | req/s | gen tok/s | p50 ms | p95 ms | TTFT p50 ms | TTFT p95 ms | errors "
+        "| mean batch |"
     )
     print("|---" * 10 + "|")
     rows = [("pipeline, sequential", "1", report["sequential"])]

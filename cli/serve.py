@@ -60,7 +60,7 @@ def _need(module: str, extra: str, what: str) -> None:
 @click.option(
     "--max-batch-size",
     type=int,
-    default=8,
+    default=16,
     show_default=True,
     help="Most requests (rows) micro-batched into one generate_batch.",
 )
@@ -74,9 +74,9 @@ def _need(module: str, extra: str, what: str) -> None:
 @click.option(
     "--batch-wait-ms",
     type=float,
-    default=5.0,
+    default=10.0,
     show_default=True,
-    help="Longest wait for batch-mates once a request is taken.",
+    help="Under load, longest wait for batch-mates (a lone request never waits).",
 )
 @click.option(
     "--api-key",

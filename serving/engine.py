@@ -10,13 +10,14 @@ boundary unchanged):
     {"type": "finish", "choice", "finish_reason", "tokens"}
     {"type": "usage", "prompt_tokens", "completion_tokens", "cached_tokens"}  last event
 
-The batch thread takes the oldest waiting job and, for at most `batch_wait_ms`, every waiting
-job whose `GenerationConfig` is equal (`generate_batch` takes one config for all rows), up to
-`max_batch_size` rows. Seeded sampled jobs run alone: the search draws one random stream for the
-whole batch, so a seed gives the same answer alone or batched only at batch size 1 (until
-per-row random streams exist). Vision and prefix caches are the pipeline's, shared by every
-request. The event loop never runs inference; a request whose consumer goes away (a client that
-disconnects) stops its rows through `generate_batch(should_stop=...)`.
+The batch thread takes the oldest waiting job and every waiting job whose `GenerationConfig`
+is equal (`generate_batch` takes one config for all rows), up to `max_batch_size` rows; under
+load (the last batch had company, or more jobs wait) it waits up to `batch_wait_ms` for more,
+a lone request is never held back. Seeded sampled jobs run alone: the search draws one random
+stream for the whole batch, so a seed gives the same answer alone or batched only at batch
+size 1 (until per-row random streams exist). Vision and prefix caches are the pipeline's,
+shared by every request. The event loop never runs inference; a request whose consumer goes
+away (a client that disconnects) stops its rows through `generate_batch(should_stop=...)`.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ DEFAULT_MAX_TOKENS = 20  # `flamingo-export run --max-new-tokens`'s default
 class EngineSettings:
     """Queue and batching limits of one engine (one pipeline)."""
 
-    max_batch_size: int = 8  # rows per generate_batch call
+    max_batch_size: int = 16  # rows per generate_batch call
     max_queue: int = 64  # waiting rows; beyond: 429
-    batch_wait_ms: float = 5.0  # longest wait for batch-mates once a job is taken
+    batch_wait_ms: float = 10.0  # longest wait for batch-mates under load
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -387,6 +388,7 @@ class Engine:
 
     def _loop(self) -> None:
         wait_s = self.settings.batch_wait_ms / 1e3
+        last_rows = 0
         while True:
             with self._cond:
                 while not self._pending and not self._closed:
@@ -398,13 +400,15 @@ class Engine:
                     self.counters["cancelled_jobs"] += 1
                     continue
                 batch = [first]
-                deadline = time.monotonic() + wait_s
+                busy = last_rows > 1 or bool(self._pending)
+                deadline = time.monotonic() + (wait_s if busy else 0.0)
                 while first.batchable and len(batch) < self.settings.max_batch_size:
                     self._take_matching(first.config, batch)
                     left = deadline - time.monotonic()
                     if len(batch) >= self.settings.max_batch_size or left <= 0:
                         break
                     self._cond.wait(left)
+            last_rows = len(batch)
             self._run(batch)
 
     def _take_matching(self, config: GenerationConfig, batch: list[Job]) -> None:

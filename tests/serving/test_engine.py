@@ -62,9 +62,11 @@ def test_engine_batches_equal_configs_and_runs_seeded_sampling_alone(
     engine.load()
     try:
         prompts = [_prompt(episodes(i)) for i in range(4)]
+        # a long request (other config) keeps the batch thread busy while the 4 queue up
+        busy = GenerateRequest(*prompts[0], SamplingParams(max_tokens=400, ignore_eos=True))
         greedy = [GenerateRequest(p, i) for p, i in prompts]
-        events = asyncio.run(_texts(engine, greedy))
-        assert engine.counters["batches"] == 1 and engine.counters["rows"] == 4
+        events = asyncio.run(_texts(engine, [busy, *greedy]))[1:]
+        assert engine.counters["batches"] == 2 and engine.counters["rows"] == 5
         pipe = engine.pipe
         assert pipe is not None
         for (p, i), ev in zip(prompts, events):
@@ -73,7 +75,7 @@ def test_engine_batches_equal_configs_and_runs_seeded_sampling_alone(
         seeded = SamplingParams(temperature=1.5, seed=11, max_tokens=6, ignore_eos=True)
         p, i = prompts[0]
         events = asyncio.run(_texts(engine, [GenerateRequest(p, i, seeded)] * 3))
-        assert engine.counters["batches"] == 1 + 3  # each seeded request alone
+        assert engine.counters["batches"] == 2 + 3  # each seeded request alone
         config = pipe.default_config(
             max_new_tokens=6, do_sample=True, temperature=1.5, seed=11, eos_token_ids=()
         )
