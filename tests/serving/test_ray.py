@@ -2,9 +2,10 @@
 replicas answer correctly, the same demonstrations reach one replica (prefix-cache hits), and
 after a replica process is killed Ray replaces it and requests are answered again.
 
-What Ray does when a replica dies (observed with Ray 2.60): the controller notices the dead
-actor, starts a new replica (a new PID); requests routed to the dead one meanwhile fail with 5xx
-and are answered once the replacement is up (this test retries until then).
+What Ray does when a replica dies (Ray 2.60): the controller notices the dead actor and starts
+a new replica (a new PID); a request routed to the dead one before the routers learn of it may
+fail (the ingress answers 500), later ones are answered (this test retries until a live replica
+answers and both replicas are back).
 """
 
 from __future__ import annotations
