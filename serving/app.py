@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -137,21 +138,29 @@ def create_app(
     def resolve(url: object, param: str) -> MediaImage:
         return load_url(url, param, settings.allowed_media_dir)
 
+    # Parsing and image decoding run on a worker thread: a large body or image never stalls
+    # the event loop (Pillow and json release it only partly, but other requests go on).
+    def read_chat(body: bytes) -> tuple[Any, str, list[MediaImage]]:
+        req = protocol.parse_request(protocol.ChatCompletionRequest, protocol.parse_json(body))
+        prompt, images = chat_to_prompt(req.messages, resolve)
+        return req, prompt, images
+
+    def read_completion(body: bytes) -> tuple[Any, str, list[MediaImage]]:
+        req = protocol.parse_request(protocol.CompletionRequest, protocol.parse_json(body))
+        images = [resolve(url, f"images[{i}]") for i, url in enumerate(req.images)]
+        return req, req.prompt, images
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
-        data = protocol.parse_json(await request.body())
-        req = protocol.parse_request(protocol.ChatCompletionRequest, data)
-        prompt, images = chat_to_prompt(req.messages, resolve)
+        req, prompt, images = await run_in_threadpool(read_chat, await request.body())
         return await generate("chat", req, prompt, images)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         authorize(request)
-        data = protocol.parse_json(await request.body())
-        req = protocol.parse_request(protocol.CompletionRequest, data)
-        images = [resolve(url, f"images[{i}]") for i, url in enumerate(req.images)]
-        return await generate("completion", req, req.prompt, images)
+        req, prompt, images = await run_in_threadpool(read_completion, await request.body())
+        return await generate("completion", req, prompt, images)
 
     async def generate(kind: str, req: Any, prompt: str, images: list[MediaImage]) -> Response:
         require_ready()
