@@ -49,6 +49,7 @@ import numpy as np
 __all__ = [
     "GenerationConfig",
     "GenerationResult",
+    "ShouldStop",
     "StepModel",
     "generate",
     "log_softmax",
