@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import bench, model, precision, run, trt
+from . import bench, model, precision, run, serve, trt
 from . import eval as evaluation
 
 
@@ -18,7 +18,7 @@ def main() -> None:
     """Export Flamingo (OpenFlamingo) models to ONNX/TensorRT and run few-shot inference."""
 
 
-for module in (model, run, precision, trt, bench, evaluation):
+for module in (model, run, serve, precision, trt, bench, evaluation):
     for command in module.COMMANDS:
         main.add_command(command)
 

@@ -21,11 +21,14 @@ import numpy as np
 __all__ = [
     "GenerationConfig",
     "GenerationResult",
+    "ShouldStop",
     "StepModel",
     "generate",
     "log_softmax",
     "process_scores",
 ]
+
+ShouldStop = Callable[[int], bool]
 
 _NEG = np.float32(-1.0e9)  # HF's "very large negative" beam mask value (float32-exact)
 
@@ -189,12 +192,17 @@ def generate(
     attention_mask: np.ndarray,
     config: GenerationConfig,
     on_token: Callable[[int, int], None] | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> GenerationResult:
     """Decode continuations of a left-padded prompt batch with HF 4.57 ``generate`` semantics.
 
     Greedy / sampling stream ``on_token(row, token_id)`` as tokens are chosen. Beam search only
     knows its winners at the end, so it calls ``on_token(out_row, token_id)`` once per token of
     every returned sequence after the search (``out_row = row * num_return_sequences + j``).
+
+    ``should_stop(row)`` (e.g. a client that went away) is asked after every step: greedy /
+    sampling finish that row as if it had hit eos (the others go on); beam search stops when
+    every row asks (its result is then whatever the finished pool holds).
     """
     config.validate()
     input_ids = np.asarray(input_ids, dtype=np.int64)
@@ -208,8 +216,8 @@ def generate(
         scores = [0.0] * len(empty) if config.num_beams > 1 else None
         return GenerationResult(empty, [[] for _ in empty], scores)
     if config.num_beams == 1:
-        return _greedy_or_sample(model, input_ids, attention_mask, config, on_token)
-    return _beam_search(model, input_ids, attention_mask, config, on_token)
+        return _greedy_or_sample(model, input_ids, attention_mask, config, on_token, should_stop)
+    return _beam_search(model, input_ids, attention_mask, config, on_token, should_stop)
 
 
 def _rng(config: GenerationConfig) -> np.random.Generator:
@@ -229,6 +237,7 @@ def _greedy_or_sample(
     attention_mask: np.ndarray,
     config: GenerationConfig,
     on_token: Callable[[int, int], None] | None,
+    should_stop: ShouldStop | None = None,
 ) -> GenerationResult:
     """HF ``_sample``: processors on raw logits, argmax or categorical draw, pad finished rows."""
     n_rows = input_ids.shape[0]
@@ -249,7 +258,7 @@ def _greedy_or_sample(
             tokens = np.argmax(keys, axis=-1)
         else:
             tokens = np.argmax(scores, axis=-1)
-        if eos.size:
+        if eos.size or should_stop is not None:
             tokens = np.where(unfinished, tokens, config.pad_token_id)
         for r in np.flatnonzero(unfinished):
             tok = int(tokens[r])
@@ -260,6 +269,10 @@ def _greedy_or_sample(
         history = np.concatenate([history, tokens[:, None].astype(np.int64)], axis=1)
         if eos.size:
             unfinished &= ~np.isin(tokens, eos)
+        if should_stop is not None:
+            for r in np.flatnonzero(unfinished):
+                if should_stop(int(r)):
+                    unfinished[r] = False
         if step + 1 == config.max_new_tokens or not unfinished.any():
             break
         mask = np.concatenate([mask, np.ones((n_rows, 1), dtype=mask.dtype)], axis=1)
@@ -273,6 +286,7 @@ def _beam_search(
     attention_mask: np.ndarray,
     config: GenerationConfig,
     on_token: Callable[[int, int], None] | None,
+    should_stop: ShouldStop | None = None,
 ) -> GenerationResult:
     """Vectorised HF 4.57 ``_beam_search`` (+ beam sampling), arrays shaped (batch, beam, ...)."""
     n_batch, prompt_len = input_ids.shape
@@ -385,6 +399,8 @@ def _beam_search(
         exists_open_beam = not (bool(np.all(is_sent_finished)) and early is True)
         valid_continuations = not bool(np.all(hits))
         if not (improvement_possible and exists_open_beam and valid_continuations):
+            break
+        if should_stop is not None and all(should_stop(b) for b in range(n_batch)):
             break
 
         model.reorder_cache((batch_ix * n_beams + running_parent).reshape(-1))

@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 from .cache import ImageKV, PrefixCache, PrefixState, VisionCache, pixel_digest
 from .contracts import DecoderStepModel, Engine
 from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
-from .generation import GenerationConfig, GenerationResult, generate
+from .generation import GenerationConfig, GenerationResult, ShouldStop, generate
 from .images import ImageInput, PreprocessConfig, preprocess
 from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match
 from .spec import cross_attn_names
@@ -164,12 +164,14 @@ class FlamingoPipeline:
         images: Sequence[ImageInput],
         config: GenerationConfig | None = None,
         on_token: OnToken | None = None,
+        should_stop: ShouldStop | None = None,
     ) -> Generation:
         """Greedy/beam/sampled continuation of an interleaved prompt (OpenFlamingo semantics).
 
-        `on_token(0, token_id)` streams tokens (greedy/sampling: as chosen; beams: at the end).
+        `on_token(0, token_id)` streams tokens (greedy/sampling: as chosen; beams: at the end);
+        `should_stop(0)` -> True ends the generation early (runtime.generation.generate).
         """
-        return self.generate_batch([prompt], [images], config, on_token)[0]
+        return self.generate_batch([prompt], [images], config, on_token, should_stop)[0]
 
     def generate_batch(
         self,
@@ -177,9 +179,11 @@ class FlamingoPipeline:
         images_per_prompt: Sequence[Sequence[ImageInput]],
         config: GenerationConfig | None = None,
         on_token: OnToken | None = None,
+        should_stop: ShouldStop | None = None,
     ) -> list[Generation]:
         """Several prompts in one left-padded decoder batch; each row gets what it would get
         alone (to float rounding). Rows with fewer images get zero K/V slots no token attends to.
+        `should_stop(row)` -> True finishes that row early (e.g. its client disconnected).
         """
         if isinstance(prompts, str):
             raise ValueError("generate_batch takes a list of prompts; use generate for one")
@@ -207,7 +211,7 @@ class FlamingoPipeline:
         if self.use_prefix_cache:
             for row in rows:
                 self._extend_prefix(row)
-        result, step_model, cached = self._decode_batch(rows, config, on_token)
+        result, step_model, cached = self._decode_batch(rows, config, on_token, should_stop)
         end = time.perf_counter()
         prefill_end = step_model.prefill_end or end
         timings = {
@@ -356,7 +360,11 @@ class FlamingoPipeline:
         self.prefix_cache.store(row.state)
 
     def _decode_batch(
-        self, rows: list[_Row], config: GenerationConfig, on_token: OnToken | None
+        self,
+        rows: list[_Row],
+        config: GenerationConfig,
+        on_token: OnToken | None,
+        should_stop: ShouldStop | None = None,
     ) -> tuple[GenerationResult, DecoderStepModel, list[int]]:
         """Left-pad the rows, start the decoder from their cached states, run the search.
 
@@ -382,7 +390,7 @@ class FlamingoPipeline:
             media_count=np.array(media_count),
             io_binding=self.io_binding,
         )
-        result = generate(model, ids, mask, config, on_token)
+        result = generate(model, ids, mask, config, on_token, should_stop)
         reused = [min(r.reused, max(0, past_len - p)) for r, p in zip(rows, pads)]
         return result, model, reused
 

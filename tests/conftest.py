@@ -60,3 +60,22 @@ def tiny_export(tiny_model: Callable, tmp_path_factory: pytest.TempPathFactory) 
         return cache[family]
 
     return export
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo model (models/demo) exported fp32 through the CLI, once per session."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    model = Path(__file__).resolve().parents[1] / "models" / "demo"
+    out = tmp_path_factory.mktemp("demo") / "fp32"
+    result = CliRunner().invoke(
+        main,
+        ["export", "--lm", str(model / "lm"),
+         "--vision", str(model / "open_clip_model.safetensors"),
+         "--checkpoint", str(model / "checkpoint.safetensors"), "--output", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out

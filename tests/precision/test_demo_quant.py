@@ -31,19 +31,6 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "fp32"
-    result = CliRunner().invoke(
-        main,
-        ["export", "--lm", str(MODEL / "lm"),
-         "--vision", str(MODEL / "open_clip_model.safetensors"),
-         "--checkpoint", str(MODEL / "checkpoint.safetensors"), "--output", str(out)],
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="module")
 def variant(demo_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable:
     def make(name: str) -> Path:
         out = tmp_path_factory.mktemp(name) / "out"

@@ -1,0 +1,364 @@
+"""The FastAPI app: OpenAI-compatible routes over an engine (local) or engine replicas (Ray).
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (200 once
+the engines are loaded, 503 before), GET /metrics (Prometheus text). With an API key, every
+/v1 route needs `Authorization: Bearer KEY` (401 otherwise); /health and /metrics stay open.
+Every error is OpenAI's error object (`protocol.APIError`); bodies over the limit get 413.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import protocol
+from .chat import affinity_key, chat_to_prompt
+from .engine import Event, GenerateRequest, SamplingParams
+from .media import MediaImage, load_url
+from .metrics import Metrics
+from .protocol import APIError
+
+log = logging.getLogger("serving.app")
+
+
+class Backend(Protocol):
+    """What the app needs of the inference side (serving.engine.Engine, or Ray replicas)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def load_error(self) -> str | None: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Event]: ...
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    model_id: str
+    api_key: str | None = None
+    allowed_media_dir: Path | None = None
+    max_body_bytes: int = 16 << 20
+
+
+# API field names of the engine's logical ones, per endpoint
+_PARAMS = {
+    "chat": {"prompt": "messages", "images": "messages"},
+    "completion": {"prompt": "prompt", "images": "images"},
+}
+
+
+def create_app(
+    backend: Backend,
+    settings: AppSettings,
+    *,
+    startup: Callable[[], Any] | None = None,
+    shutdown: Callable[[], Any] | None = None,
+    engine_stats: Callable[[], dict[str, Any] | None] | None = None,
+) -> FastAPI:
+    """The server's ASGI app. `startup`/`shutdown` run in its lifespan (e.g. load the engine
+    in the background); `engine_stats` adds the local engine's counters to /metrics."""
+    metrics = Metrics(engine_stats)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if startup is not None:
+            startup()
+        yield
+        if shutdown is not None:
+            shutdown()
+
+    app = FastAPI(
+        title="flamingo-export", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), settings.api_key.encode()
+        ):
+            raise APIError(
+                401,
+                "missing or incorrect API key (send 'Authorization: Bearer KEY')",
+                code="invalid_api_key",
+            )
+
+    def require_ready() -> None:
+        if not backend.ready:
+            raise APIError(503, backend.load_error or "the model is still loading")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if backend.ready:
+            return JSONResponse({"status": "ok", "model": settings.model_id})
+        error = backend.load_error
+        body = {"status": "error" if error else "loading", "error": error}
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(protocol.models_list(settings.model_id, created))
+
+    def resolve(url: object, param: str) -> MediaImage:
+        return load_url(url, param, settings.allowed_media_dir)
+
+    # Parsing and image decoding run on a worker thread: a large body or image never stalls
+    # the event loop (Pillow and json release it only partly, but other requests go on).
+    def read_chat(body: bytes) -> tuple[Any, str, list[MediaImage]]:
+        req = protocol.parse_request(protocol.ChatCompletionRequest, protocol.parse_json(body))
+        prompt, images = chat_to_prompt(req.messages, resolve)
+        return req, prompt, images
+
+    def read_completion(body: bytes) -> tuple[Any, str, list[MediaImage]]:
+        req = protocol.parse_request(protocol.CompletionRequest, protocol.parse_json(body))
+        images = [resolve(url, f"images[{i}]") for i, url in enumerate(req.images)]
+        return req, req.prompt, images
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        req, prompt, images = await run_in_threadpool(read_chat, await request.body())
+        return await generate("chat", req, prompt, images)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        req, prompt, images = await run_in_threadpool(read_completion, await request.body())
+        return await generate("completion", req, prompt, images)
+
+    async def generate(kind: str, req: Any, prompt: str, images: list[MediaImage]) -> Response:
+        require_ready()
+        start = time.perf_counter()
+        params = SamplingParams(
+            max_tokens=req.max_new_tokens(),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            n=req.n,
+            num_beams=req.num_beams,
+            stop=tuple(req.stops()),
+            ignore_eos=req.ignore_eos,
+        )
+        key = affinity_key(prompt, [m.data for m in images])
+        gen_req = GenerateRequest(prompt, [m.image for m in images], params, key)
+        events = backend.generate(gen_req).__aiter__()
+        first = await events.__anext__()
+        if first["type"] == "error":
+            await events.aclose()
+            param = _PARAMS[kind].get(first.get("param") or "", first.get("param"))
+            raise APIError(first["status"], first["message"], param=param)
+        ids = protocol.ResponseIds(kind, settings.model_id)  # type: ignore[arg-type]
+        headers = {"x-flamingo-replica": str(first.get("replica", ""))}
+        tracker = _Tracker(metrics, start)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = _sse(events, ids, req.n, include_usage, tracker)
+            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+        texts = [""] * req.n
+        reasons: list[str | None] = [None] * req.n
+        usage: dict[str, Any] = {}
+        try:
+            async for event in events:
+                tracker.see(event)
+                kind_ = event["type"]
+                if kind_ == "text":
+                    texts[event["choice"]] += event["text"]
+                elif kind_ == "finish":
+                    reasons[event["choice"]] = event["finish_reason"]
+                elif kind_ == "usage":
+                    usage = _usage(event)
+                elif kind_ == "error":
+                    raise APIError(event["status"], event["message"], param=event.get("param"))
+        finally:
+            tracker.close()
+            await events.aclose()
+        return JSONResponse(protocol.response(ids, texts, reasons, usage), headers=headers)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)
+    return app
+
+
+class _Tracker:
+    """Queue depth, time to first token, latency and token counts of one request."""
+
+    def __init__(self, metrics: Metrics, start: float) -> None:
+        self.metrics = metrics
+        self.start = start
+        self.waiting = True
+        self.first_text = False
+        metrics.queue_depth.inc()
+
+    def see(self, event: Event) -> None:
+        kind = event["type"]
+        if kind == "started" and self.waiting:
+            self.waiting = False
+            self.metrics.queue_depth.dec()
+        elif kind == "text" and not self.first_text:
+            self.first_text = True
+            self.metrics.ttft.observe(time.perf_counter() - self.start)
+        elif kind == "usage":
+            self.metrics.usage(
+                event["prompt_tokens"], event["cached_tokens"], event["completion_tokens"]
+            )
+            self.metrics.latency.observe(time.perf_counter() - self.start)
+
+    def close(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self.metrics.queue_depth.dec()
+
+
+def _usage(event: Event) -> dict[str, Any]:
+    return protocol.usage(
+        event["prompt_tokens"], event["completion_tokens"], event["cached_tokens"]
+    )
+
+
+async def _sse(
+    events: AsyncIterator[Event],
+    ids: protocol.ResponseIds,
+    n: int,
+    include_usage: bool,
+    tracker: _Tracker,
+) -> AsyncIterator[bytes]:
+    """OpenAI's stream: a role chunk per choice, text deltas, finish chunks, [the usage chunk],
+    `data: [DONE]`. Closing it (client gone) closes `events`, which cancels the rows."""
+    try:
+        if ids.kind == "chat":
+            for i in range(n):
+                yield _data(protocol.chunk(ids, i, role=True))
+        async for event in events:
+            tracker.see(event)
+            kind = event["type"]
+            if kind == "text":
+                yield _data(protocol.chunk(ids, event["choice"], text=event["text"]))
+            elif kind == "finish":
+                yield _data(protocol.chunk(ids, event["choice"], reason=event["finish_reason"]))
+            elif kind == "usage" and include_usage:
+                yield _data(protocol.usage_chunk(ids, _usage(event)))
+            elif kind == "error":
+                yield _data(APIError(event["status"], event["message"]).body())
+                return
+        yield b"data: [DONE]\n\n"
+    finally:
+        tracker.close()
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+def _data(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for a request body over `max_bytes` (declared Content-Length or counted)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watch)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        mb = self.max_bytes / (1 << 20)
+        body = json.dumps(
+            APIError(413, f"request body over the limit of {mb:g} MB (--max-body-mb)").body()
+        ).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+
+class CountRequests:
+    """flamingo_requests_total by endpoint, flamingo_request_errors_total by status."""
+
+    ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        self.metrics.requests.labels(path if path in self.ENDPOINTS else "other").inc()
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.errors.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, watch)
