@@ -150,7 +150,7 @@ def serve(
         raise click.BadParameter("must be > 0", param_hint="--max-body-mb")
     from serving.app import AppSettings
     from serving.engine import EngineSettings
-    from serving.server import model_id, serve_local
+    from serving.server import ServeError, model_id, serve_local
 
     try:
         engine_settings = EngineSettings(max_batch_size, max_queue, batch_wait_ms)
@@ -181,10 +181,13 @@ def serve(
         except Exception as e:  # a replica that cannot load, a cluster that cannot be reached
             raise click.ClickException(f"cannot serve {export_dir} on Ray: {e}") from e
         return
-    serve_local(
-        factory, app_settings, engine_settings, host, port,
-        "error" if quiet else log_level, on_ready=ready,
-    )  # fmt: skip
+    try:
+        serve_local(
+            factory, app_settings, engine_settings, host, port,
+            "error" if quiet else log_level, on_ready=ready,
+        )  # fmt: skip
+    except ServeError as e:
+        raise click.ClickException(f"cannot serve {export_dir}: {e}") from e
 
 
 COMMANDS = (serve,)
