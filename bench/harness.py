@@ -17,9 +17,7 @@ import os
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,15 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import FlamingoExportError
+
+from .backends import (
+    OracleBackend,
+    ReferenceBackend,
+    RssMeter,
+    RuntimeBackend,
+    Sample,
+    quiet_frameworks,
+)
 
 DEFAULT_SHOTS = (0, 4, 8, 16)
 CAPTIONS = (
@@ -121,221 +128,6 @@ class ModelFiles:
         )
 
 
-# ------------------------------------------------------------------------------------ memory
-
-
-class RssMeter:
-    """Resident memory of this process from /proc (Linux); zeros elsewhere."""
-
-    def __init__(self) -> None:
-        self.resettable = True
-
-    @staticmethod
-    def _status(key: str) -> int:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    def current(self) -> int:
-        return self._status("VmRSS")
-
-    def peak(self) -> int:
-        return self._status("VmHWM")
-
-    def reset_peak(self) -> None:
-        """Set the high-water mark to the current RSS (so a run's own peak can be read)."""
-        if not self.resettable:
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.resettable = False  # then peaks are the process's running maximum
-
-
-# ------------------------------------------------------------------------------------ backends
-
-
-@dataclass
-class Sample:
-    """One timed generation."""
-
-    vision_ms: float
-    prefill_ms: float
-    decode_ms: float
-    total_ms: float
-    new_tokens: int
-    prompt_tokens: int
-    images: int
-    images_encoded: int
-    cached_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    work_rss_bytes: int = 0  # high-water mark during the run minus RSS at its start
-    peak_rss_bytes: int = 0  # estimated peak had the backend run alone (docs/bench.md)
-
-
-class RuntimeBackend:
-    """The export under onnxruntime (FlamingoPipeline), with its caches on or off per call."""
-
-    name = "runtime"
-
-    def __init__(self, export_dir: Path, threads: int, new_tokens: int) -> None:
-        from runtime.pipeline import FlamingoPipeline
-
-        self.pipe = FlamingoPipeline(export_dir, threads=threads)
-        self.config = self.pipe.default_config(max_new_tokens=new_tokens, eos_token_ids=())
-        self.media_token_id = self.pipe.engine.media_token_id
-
-    def encode(self, prompt: str) -> list[int]:
-        return self.pipe.tokenizer.encode(prompt).ids
-
-    def run(self, prompt: str, images: Sequence[np.ndarray], cached: bool) -> Sample:
-        self.pipe.use_prefix_cache = cached
-        self.pipe.use_vision_cache = cached
-        out = self.pipe.generate(prompt, images, self.config)
-        t = out.timings_ms
-        cached_tokens = out.stats["cached_tokens"]
-        ids = self.encode(prompt)
-        reused_images = sum(1 for i in ids[:cached_tokens] if i == self.media_token_id)
-        return Sample(
-            vision_ms=t["vision"],
-            prefill_ms=t["prefill"],
-            decode_ms=t["decode"],
-            total_ms=t["total"],
-            new_tokens=len(out.token_ids),
-            prompt_tokens=out.stats["prompt_tokens"],
-            images=len(images),
-            images_encoded=len(images) - reused_images,
-            cached_tokens=cached_tokens,
-            token_ids=list(out.token_ids),
-        )
-
-
-class ReferenceBackend:
-    """Our PyTorch reference: flamingo.model under the shared numpy search (flamingo.generate)."""
-
-    name = "reference"
-
-    def __init__(self, model: Any, runtime: RuntimeBackend, new_tokens: int) -> None:
-        from runtime.generation import GenerationConfig
-
-        self.model = model
-        self.runtime = runtime  # tokenizer and preprocessing of the export (same ids, pixels)
-        self.config = GenerationConfig(
-            max_new_tokens=new_tokens, eos_token_ids=(), pad_token_id=model.cfg.pad_token_id
-        )
-
-    def run(self, prompt: str, images: Sequence[np.ndarray], cached: bool) -> Sample:
-        import torch
-
-        from flamingo.generate import TorchStepModel
-        from runtime.generation import generate as search
-        from runtime.images import preprocess
-
-        start = time.perf_counter()
-        with torch.inference_mode():
-            ids = np.array([self.runtime.encode(prompt)], dtype=np.int64)
-            pixels = preprocess(images, self.runtime.pipe.preprocess_config)
-            vision_x = torch.from_numpy(pixels)[None, :, None]
-            step = TorchStepModel(self.model, vision_x, np.array([len(images)]))
-            vision_end = time.perf_counter()
-            result = search(step, ids, np.ones_like(ids), self.config)
-        end = time.perf_counter()
-        prefill_end = step.prefill_end or end
-        return Sample(
-            vision_ms=(vision_end - start) * 1e3,
-            prefill_ms=(prefill_end - vision_end) * 1e3,
-            decode_ms=(end - prefill_end) * 1e3,
-            total_ms=(end - start) * 1e3,
-            new_tokens=len(result.sequences[0]),
-            prompt_tokens=ids.shape[1],
-            images=len(images),
-            images_encoded=len(images),
-            token_ids=list(result.sequences[0]),
-        )
-
-
-class OracleBackend:
-    """The published open_flamingo `Flamingo.generate` (HF generate, greedy, use_cache=True)."""
-
-    name = "oracle"
-
-    def __init__(self, model: Any, pad_token_id: int, runtime: RuntimeBackend, n: int) -> None:
-        self.model = model
-        self.pad_token_id = pad_token_id
-        self.runtime = runtime
-        self.new_tokens = n
-        self._marks: list[float] = []
-        lm = model.lang_encoder
-        lm.register_forward_pre_hook(lambda *_: self._marks.append(time.perf_counter()))
-        lm.register_forward_hook(lambda *_: self._marks.append(time.perf_counter()))
-
-    def run(self, prompt: str, images: Sequence[np.ndarray], cached: bool) -> Sample:
-        import torch
-
-        from runtime.images import preprocess
-
-        self._marks.clear()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            ids = torch.tensor([self.runtime.encode(prompt)], dtype=torch.int64)
-            pixels = preprocess(images, self.runtime.pipe.preprocess_config)
-            vision_x = torch.from_numpy(pixels)[None, :, None]
-            out = self.model.generate(
-                vision_x,
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=self.new_tokens,
-                min_new_tokens=self.new_tokens,
-                eos_token_id=None,  # the stop token is disabled for timing
-                pad_token_id=self.pad_token_id,
-                do_sample=False,
-                num_beams=1,
-                use_cache=True,
-            )
-        end = time.perf_counter()
-        # marks: [LM forward start, end] per step; before the first: vision (+ HF setup)
-        vision_end = self._marks[0] if self._marks else end
-        prefill_end = self._marks[1] if len(self._marks) > 1 else end
-        new = out[0, ids.shape[1] :].tolist()
-        return Sample(
-            vision_ms=(vision_end - start) * 1e3,
-            prefill_ms=(prefill_end - vision_end) * 1e3,
-            decode_ms=(end - prefill_end) * 1e3,
-            total_ms=(end - start) * 1e3,
-            new_tokens=len(new),
-            prompt_tokens=ids.shape[1],
-            images=len(images),
-            images_encoded=len(images),
-            token_ids=new,
-        )
-
-
-@contextmanager
-def _quiet(hf: bool) -> Any:
-    """HF generate warns on every call about flags it ignores; keep the output readable.
-
-    transformers is touched only when a baseline needs it (the runtime-only bench never
-    imports it, so its memory numbers stay those of the torch-free runtime).
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if not hf:
-            yield
-            return
-        from transformers.utils import logging as hf_logging
-
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            yield
-        finally:
-            hf_logging.set_verbosity(level)
-
-
 # ------------------------------------------------------------------------------------ the run
 
 
@@ -398,7 +190,8 @@ def _images(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
-def _prompt(k: int) -> str:
+def caption_prompt_of(k: int) -> str:
+    """The bench's k-shot caption prompt (k demonstrations + the query), `<image>` markers in."""
     from runtime.prompts import Demonstration, build_few_shot_prompt
 
     demos = [Demonstration(image=i, text=CAPTIONS[i % len(CAPTIONS)]) for i in range(k)]
@@ -479,7 +272,7 @@ def run_bench(
             from flamingo.oracle import load_open_flamingo
 
             say("loading the published open_flamingo model")
-            with _quiet(hf=True):
+            with quiet_frameworks(hf=True):
                 (of_model, of_tok), model_rss["oracle"] = loaded(
                     lambda: load_open_flamingo(
                         files.lm_dir,
@@ -521,10 +314,10 @@ def run_bench(
         return sample
 
     results = []
-    with _quiet(hf=bool(baselines)):
+    with quiet_frameworks(hf=bool(baselines)):
         for k in options.shots:
             demos = _images(rng, k, options.image_size)
-            prompt = _prompt(k)
+            prompt = caption_prompt_of(k)
             runtime.pipe.clear_caches()  # the cached case starts cold; its warm-up warms it
             for w in range(max(1, options.warmup)):  # the cached case is warmed even if 0
                 query = _images(rng, 1, options.image_size)
@@ -665,77 +458,3 @@ def _version(dist: str) -> str | None:
         return version(dist)
     except PackageNotFoundError:
         return None
-
-
-# ------------------------------------------------------------------------------------ report
-
-CASE_LABELS = {
-    "runtime_uncached": "runtime",
-    "runtime_cached": "runtime, prefix cached",
-    "reference": "PyTorch reference",
-    "oracle": "open_flamingo generate",
-}
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.0f}"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """Markdown: one row per (shots, backend), then the runtime/baseline ratios."""
-    s = report["settings"]
-    lines = [
-        f"{s['new_tokens']} new tokens (greedy, stop token off), {s['threads']} threads, "
-        f"median of {s['repeats']} (warm-up excluded); load average "
-        f"{report['machine']['load_avg_start'][0]} at start, "
-        f"{report['machine']['load_avg_end'][0]} at end"
-        + (
-            " (oversubscribed: load + threads > CPUs)"
-            if report["machine"]["oversubscribed"]
-            else ""
-        ),
-        "",
-        "| shots | backend | prompt tok (cached) | vision ms/img | prefill ms | decode ms/tok "
-        "| TTFT ms | total ms | tok/s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report["results"]:
-        for name, m in r["cases"].items():
-            cached = f" ({m['cached_tokens']})" if m["cached_tokens"] else ""
-            lines.append(
-                f"| {r['shots']} | {CASE_LABELS.get(name, name)} | {m['prompt_tokens']}{cached} "
-                f"| {m['vision_ms_per_image']:.1f} | {m['prefill_ms']:.1f} "
-                f"| {m['decode_ms_per_token']:.1f} | {m['ttft_ms']:.1f} | {m['total_ms']:.1f} "
-                f"| {m['tokens_per_s']:.2f} | {_mb(m['peak_rss_bytes'])} |"
-            )
-    lines += [
-        "",
-        "Prefix-cached rows: demos warmed once, each query a new image; vision ms/img is per "
-        "encoded image (the query's), though every image is still preprocessed and hashed. "
-        "Peak RSS: estimated for the backend alone (see bench/harness.py).",
-    ]
-    has_baselines = any(r["ratios"] for r in report["results"])
-    if has_baselines:
-        lines += [
-            "",
-            "Runtime / baseline, median of per-repeat ratios (times and RSS: < 1 is better; "
-            "tok/s: > 1 is better):",
-            "",
-            "| shots | runtime | vs | " + " | ".join(RATIO_LABELS[k] for k in RATIO_METRICS) + " |",
-            "|---|---|---|" + "---|" * len(RATIO_METRICS),
-        ]
-        for r in report["results"]:
-            for baseline, modes in r["ratios"].items():
-                for mode, ratio in modes.items():
-                    cells = " | ".join(
-                        "-" if ratio[k] is None else f"{ratio[k]:.2f}" for k in RATIO_METRICS
-                    )
-                    label = CASE_LABELS.get(baseline, baseline)
-                    lines.append(f"| {r['shots']} | {mode} | {label} | {cells} |")
-    summary = report["summary"]
-    if "cached_query_vs_0shot_total" in summary:
-        parts = ", ".join(
-            f"{k}-shot {v:.2f}x" for k, v in summary["cached_query_vs_0shot_total"].items()
-        )
-        lines += ["", f"Prefix-cached query total / 0-shot total: {parts}"]
-    return "\n".join(lines)

@@ -64,7 +64,7 @@ def build_export(workdir: Path, vocab: int) -> Path:
 def measure(export: Path, shots: list[int], repeats: int, threads: int) -> list[dict[str, Any]]:
     from tokenizers import Tokenizer
 
-    from bench.harness import _prompt
+    from bench.harness import caption_prompt_of
     from runtime.engine import OnnxFlamingo
 
     engine = OnnxFlamingo(export, threads=threads)
@@ -72,7 +72,7 @@ def measure(export: Path, shots: list[int], repeats: int, threads: int) -> list[
     size = engine.dims.image_size
     rows = []
     for k in shots:
-        ids = np.array([tok.encode(_prompt(k)).ids], dtype=np.int64)
+        ids = np.array([tok.encode(caption_prompt_of(k)).ids], dtype=np.int64)
         n = int((ids == engine.media_token_id).sum())
         pixels = np.random.default_rng(k).standard_normal((n, 3, size, size)).astype(np.float32)
         cross = engine.rows_cross_kv(engine.encode_images(pixels), [list(range(n))])

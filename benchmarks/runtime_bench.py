@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(report: dict[str, Any]) -> str:
     """The bench table plus model size, bandwidth floor and targets, as markdown."""
-    from bench.harness import format_table
+    from bench.report import format_table
 
     b = report["benchmark"]
     p = {k: v / 1e6 for k, v in b["parameters"].items()}

@@ -93,7 +93,8 @@ def bench(
 ) -> None:
     """Latency, tokens/s and memory of EXPORT_DIR on 0-16-shot caption prompts, with and without
     the prefix cache; with the model files, side by side with the PyTorch reference."""
-    from bench.harness import BenchOptions, ModelFiles, format_table, run_bench
+    from bench.harness import BenchOptions, ModelFiles, run_bench
+    from bench.report import format_table
 
     model = pop_model_args(kw)
     files = None

@@ -42,6 +42,9 @@ from .options import (
               help="Test items per trial (-1: all; demo: 200).")  # fmt: skip
 @click.option("--query-set-size", type=int, default=2048, show_default=True,
               help="Train records the random demonstrations are drawn from.")  # fmt: skip
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Queries per batch (evaluate.py's --batch_size; a query's answer does not "
+                   "depend on its batch).")  # fmt: skip
 @click.option("--rices", is_flag=True,
               help="Demonstrations by image similarity (RICES) instead of at random.")  # fmt: skip
 @click.option("--rices-vision", default="export", show_default=True,
@@ -63,6 +66,7 @@ def eval_(
     seed: int | None,
     num_samples: int,
     query_set_size: int,
+    batch_size: int,
     rices: bool,
     rices_vision: str,
     report: Path | None,
@@ -84,7 +88,7 @@ def eval_(
         from demo.task import EVAL_SEED
 
         seed = EVAL_SEED if task == "demo" else DEFAULT_SEED
-    options = EvalOptions(shots, trials, seed, num_samples, query_set_size, rices)
+    options = EvalOptions(shots, trials, seed, num_samples, query_set_size, rices, batch_size)
 
     def opener(export_dir: Path) -> Any:
         return open_pipeline(export_dir, engine, providers, threads, allow_other_device, say)

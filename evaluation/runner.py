@@ -29,6 +29,7 @@ import numpy as np
 from runtime.decoding import rows_cross_kv
 from runtime.generation import log_softmax
 from runtime.images import preprocess
+from runtime.prompts import EOC_TOKEN, MEDIA_TOKEN
 
 from . import metrics
 from .datasets import TaskData
@@ -64,6 +65,7 @@ class EvalOptions:
     num_samples: int = -1
     query_set_size: int = 2048
     rices: bool = False
+    batch_size: int = 8  # queries per generate_batch (evaluate.py's --batch_size default)
 
     def validate(self) -> None:
         if not self.shots or any(s < 0 for s in self.shots):
@@ -72,6 +74,8 @@ class EvalOptions:
             raise EvaluationError(f"--trials must be >= 1, got {self.trials}")
         if not self.rices and self.query_set_size < 1:
             raise EvaluationError(f"--query-set-size must be >= 1, got {self.query_set_size}")
+        if self.batch_size < 1:
+            raise EvaluationError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -304,8 +308,10 @@ def _tick(n: int, total: int, say: Progress) -> None:
 
 
 def _generate(
-    pipe: Any, task: TaskSpec, queries: Sequence[Query], say: Progress
+    pipe: Any, task: TaskSpec, queries: Sequence[Query], say: Progress, batch_size: int
 ) -> list[dict[str, Any]]:
+    """Generate in batches of `batch_size` queries (one left-padded `generate_batch`: a row's
+    answer is what it gets alone, to float rounding)."""
     config = pipe.default_config(
         max_new_tokens=task.max_new_tokens,
         num_beams=task.num_beams,
@@ -314,11 +320,35 @@ def _generate(
     clean = _cleans_up(pipe)
     post = task.postprocess or (lambda s: s)
     out = []
-    for n, q in enumerate(queries, start=1):
-        text = pipe.generate(q.prompt, q.images, config).text
-        out.append({"id": q.id, "prediction": post(_cleanup(text) if clean else text)})
-        _tick(n, len(queries), say)
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start : start + batch_size]
+        answers = pipe.generate_batch([q.prompt for q in chunk], [q.images for q in chunk], config)
+        for q, answer in zip(chunk, answers):
+            text = answer.text
+            out.append({"id": q.id, "prediction": post(_cleanup(text) if clean else text)})
+            _tick(len(out), len(queries), say)
     return out
+
+
+def repeated_prefixes(queries: Sequence[Query]) -> bool:
+    """Whether two queries share their demonstrations (text up to the last `<|endofchunk|>` and
+    the same image objects or paths): only then can the prefix cache give anything back. The
+    protocol draws demonstrations in a new order for every query, so usually nothing repeats,
+    and caching every query's prefix would only cost a separate prefill and a KV copy each."""
+    seen = set()
+    for q in queries:
+        text = q.prompt[: q.prompt.rfind(EOC_TOKEN) + 1]
+        if not text:
+            continue
+        shown = text.count(MEDIA_TOKEN)
+        key = (
+            text,
+            tuple(str(i) if isinstance(i, str | Path) else id(i) for i in q.images[:shown]),
+        )
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
 
 
 def score(
@@ -351,14 +381,23 @@ def run_export(
     trials: Sequence[Trial],
     data: TaskData | None = None,
     progress: Progress | None = None,
+    batch_size: int = 8,
 ) -> list[TrialResult]:
-    """Answer and score every planned trial with one export's pipeline."""
+    """Answer and score every planned trial with one export's pipeline (generation tasks in
+    batches of `batch_size` queries; the prefix cache only where demonstrations repeat)."""
     say = progress or (lambda _: None)
     results = []
+    caching = pipe.use_prefix_cache
     for trial in trials:
         start = time.perf_counter()
-        run = _classify if task.kind == "classification" else _generate
-        predictions = run(pipe, task, trial.queries, say)
+        pipe.use_prefix_cache = caching and repeated_prefixes(trial.queries)
+        try:
+            if task.kind == "classification":
+                predictions = _classify(pipe, task, trial.queries, say)
+            else:
+                predictions = _generate(pipe, task, trial.queries, say, batch_size)
+        finally:
+            pipe.use_prefix_cache = caching
         value, breakdown = score(task, data, trial.queries, predictions)
         seconds = time.perf_counter() - start
         say(
@@ -440,7 +479,8 @@ def evaluate(
         pipe = pipes.pop(i, None) or open_pipeline(export)
         label = precision_label(pipe)
         say(f"{export} ({label}): {len(trials)} trial(s) of {spec.name}")
-        results.append(ExportResult(str(export), label, run_export(pipe, spec, trials, data, say)))
+        answers = run_export(pipe, spec, trials, data, say, options.batch_size)
+        results.append(ExportResult(str(export), label, answers))
         del pipe
     protocol = {
         "source": "open_flamingo 2.0.1 eval/evaluate.py" if spec.kind != "demo" else "demo/task.py",

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench.harness import RATIO_METRICS, BenchOptions, ModelFiles, format_table, run_bench
+from bench.harness import RATIO_METRICS, BenchOptions, ModelFiles, run_bench
+from bench.report import format_table
 from cli.main import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

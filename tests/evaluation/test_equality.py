@@ -120,3 +120,27 @@ def _planned(trial, data: Path) -> list:
     options = EvalOptions(shots=(trial.shots,), seed=trial.seed, num_samples=6,
                           query_set_size=QUERY_SET)  # fmt: skip
     return plan(load_task_data("hateful_memes", data), options)[0].queries
+
+
+def test_batch_size_and_prefix_cache_do_not_change_answers(tiny_export, tmp_path) -> None:
+    """Queries batched (default 8, evaluate.py's) or alone, with the prefix cache used only
+    where demonstrations repeat: the same predictions."""
+    from evaluation.runner import Query, repeated_prefixes
+
+    data = build_coco(tmp_path / "coco")
+    runs = {
+        size: _ours(tiny_export, "coco", data, EvalOptions(
+            shots=(2,), seed=5, num_samples=SAMPLES, query_set_size=2, batch_size=size))
+        for size in (1, 8)
+    }  # fmt: skip
+    assert runs[1][0].predictions == runs[8][0].predictions
+    # query set of 2 at 2 shots: the same two demonstrations, in either order
+    shown = "<image>Output:a<|endofchunk|><image>Output:b<|endofchunk|><image>Output:"
+    swapped = "<image>Output:b<|endofchunk|><image>Output:a<|endofchunk|><image>Output:"
+    a, b, q1, q2 = "a.jpg", "b.jpg", "q1.jpg", "q2.jpg"
+    assert not repeated_prefixes([Query(1, shown, [a, b, q1]), Query(2, swapped, [b, a, q2])])
+    assert repeated_prefixes([Query(1, shown, [a, b, q1]), Query(2, shown, [a, b, q2])])
+    assert not repeated_prefixes([Query(1, shown, [a, b, q1]), Query(2, shown, [b, a, q2])])
+    assert not repeated_prefixes(
+        [Query(1, "<image>Output:", [q1]), Query(2, "<image>Output:", [q2])]
+    )
