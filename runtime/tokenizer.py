@@ -18,7 +18,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from .errors import FlamingoExportError
+from .manifest import ManifestError
 
 __all__ = ["ExportTokenizer", "clean_up_tokenization", "load_export_tokenizer", "stable_text"]
 
@@ -100,26 +100,26 @@ class ExportTokenizer:
 def load_export_tokenizer(folder: str | Path) -> ExportTokenizer:
     """The tokenizer of an export's `tokenizer/` folder (tokenizer.json + tokenizer_config.json).
 
-    Raises FlamingoExportError naming the file when either cannot be read.
+    Raises ManifestError (a FlamingoExportError) naming the file when either cannot be read.
     """
     folder = Path(folder)
     path = folder / "tokenizer.json"
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
-        raise FlamingoExportError(f"{path}: cannot load the tokenizer ({e})") from e
+        raise ManifestError(f"{path}: cannot load the tokenizer ({e})") from e
     config_path = folder / "tokenizer_config.json"
     clean_up = False  # transformers' default when the config does not say
     if config_path.is_file():
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FlamingoExportError(f"{config_path}: cannot read ({e})") from e
+            raise ManifestError(f"{config_path}: cannot read ({e})") from e
         if not isinstance(config, dict):
-            raise FlamingoExportError(f"{config_path}: expected a JSON object")
+            raise ManifestError(f"{config_path}: expected a JSON object")
         value = config.get("clean_up_tokenization_spaces", False)
         if not isinstance(value, bool):
-            raise FlamingoExportError(
+            raise ManifestError(
                 f"{config_path}: 'clean_up_tokenization_spaces' must be true or false, "
                 f"got {value!r}"
             )
