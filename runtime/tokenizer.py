@@ -35,10 +35,10 @@ _CLEAN_UPS = (
     (" 've", "'ve"),
     (" 're", "'re"),
 )
-# Text may be cut before a space unless it ends in the start of a clean-up pattern (" n" of
-# " n't", " '" of " ' " and " 's", ...): a later replacement could then reach back over the cut.
+# The starts of clean-up patterns (" ", " n" of " n't", " '" of " ' " and " 's", ...): text
+# ending in one may still change when the next token completes the pattern.
 _OPEN_ENDS = tuple(
-    sorted({old[:i] for old, _ in _CLEAN_UPS for i in range(2, len(old))}, key=len, reverse=True)
+    sorted({old[:i] for old, _ in _CLEAN_UPS for i in range(1, len(old))}, key=len, reverse=True)
 )
 
 
@@ -51,18 +51,20 @@ def clean_up_tokenization(text: str) -> str:
 
 def stable_text(raw: str, clean_up: bool) -> str:
     """The decoded text of `raw` that no continuation of it can change: all of it without
-    clean-up; with clean-up, the cleaned text up to the last space that no clean-up pattern can
-    reach over (a prefix of `clean_up_tokenization(raw + anything)`)."""
+    clean-up; with clean-up, the cleaned text of the longest prefix (all of `raw`, or up to a
+    space) that does not end in the start of a clean-up pattern (" ", " n", " '", ...): a
+    later replacement could reach back over such an end. The result is a prefix of
+    `clean_up_tokenization(raw + anything)`."""
     if not clean_up:
         return raw
     cut = len(raw)
-    while True:
-        cut = raw.rfind(" ", 0, cut)
-        if cut <= 0:
-            return ""
+    while cut > 0:
         head = raw[:cut]
-        if not head.endswith((" ", "'", *_OPEN_ENDS)):
-            return clean_up_tokenization(head)
+        clean = clean_up_tokenization(head)  # a replacement can make an open end (" ' v")
+        if not head.endswith(_OPEN_ENDS) and not clean.endswith(_OPEN_ENDS):
+            return clean
+        cut = raw.rfind(" ", 0, cut)
+    return ""
 
 
 class ExportTokenizer:
