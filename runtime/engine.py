@@ -37,6 +37,21 @@ class SessionOptionsError(FlamingoExportError, ValueError):
     """An onnxruntime setting out of range (threads, providers)."""
 
 
+def check_providers(providers: object) -> None:
+    """A sequence of provider names (a single name would be read as its characters)."""
+    ok = not isinstance(providers, (str, bytes))
+    if ok:
+        try:
+            ok = all(isinstance(p, str) for p in providers)  # type: ignore[attr-defined]
+        except TypeError:
+            ok = False
+    if not ok:
+        raise SessionOptionsError(
+            f"providers must be a list of execution provider names, got {providers!r}; wrap a "
+            "single name in a list"
+        )
+
+
 def check_threads(threads: object) -> None:
     """None, or an int in [0, MAX_THREADS] (0 = onnxruntime's default)."""
     ok = isinstance(threads, int) and not isinstance(threads, bool) and 0 <= threads <= MAX_THREADS
@@ -82,6 +97,7 @@ def make_session(
 ) -> ort.InferenceSession:
     """An onnxruntime session; `optimize=False` runs the graph as written (no fusions)."""
     check_threads(threads)
+    check_providers(providers)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -147,6 +163,7 @@ class OnnxFlamingo(RowsCrossKV):
         self.root = Path(export_dir)
         self.manifest: Manifest = load_manifest(self.root, verify_hashes=verify_hashes)
         self.dims = ModelDims.from_config(self.manifest.model)
+        check_providers(providers)
         self.providers = tuple(providers)
         make = session_factory or ort_session_factory(providers, threads)
         self.sessions: dict[str, Session] = {}

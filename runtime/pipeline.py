@@ -299,7 +299,7 @@ class FlamingoPipeline:
         seed: int | None = None,
     ) -> Generation:
         """OpenFlamingo few-shot query: demonstrations (cached after the first call) + query."""
-        prompt, images = build_few_shot_prompt(list(demos), question, task, query_image=query_image)
+        prompt, images = build_few_shot_prompt(demos, question, task, query_image=query_image)
         return self.generate(prompt, images, config, on_token, seed=seed)
 
     def clear_caches(self) -> None:

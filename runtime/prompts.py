@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -125,7 +126,7 @@ def _demo_text(demo: Demonstration, index: int, task: str) -> str:
 
 
 def build_few_shot_prompt(
-    demos: list[Demonstration],
+    demos: Sequence[Demonstration],
     query_question: str | None = None,
     task: Task = "caption",
     *,
@@ -142,6 +143,12 @@ def build_few_shot_prompt(
     """
     if task not in _TASKS:
         raise ValueError(f"task must be one of {list(_TASKS)}, got {task!r}")
+    if isinstance(demos, (str, os.PathLike, Demonstration)):
+        raise ValueError(
+            f"demos must be a list of Demonstration, got {type(demos).__name__} "
+            "(load_demos_jsonl reads a JSONL file; wrap a single demonstration in a list)"
+        )
+    demos = list(demos)
     pieces = [_demo_text(d, i, task) + demo_separator for i, d in enumerate(demos)]
     images = [d.image for d in demos if d.image is not None]
     if task == "caption":

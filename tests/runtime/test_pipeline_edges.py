@@ -231,3 +231,21 @@ def test_text_is_what_transformers_decodes(clean_up_export, images) -> None:
         expect = hf.decode([t for t in out.token_ids if t != eoc], skip_special_tokens=True)
         assert out.text == expect
         assert "".join(pieces) + stream.flush() == expect
+
+
+def test_pipeline_settings_of_the_wrong_kind_are_named(tiny_export) -> None:
+    """A provider name or a path where a list is expected is not read as its characters; the
+    thread count is bounded (onnxruntime hangs creating 100,000 threads)."""
+    from runtime.engine import MAX_THREADS, SessionOptionsError
+    from runtime.prompts import Demonstration
+
+    export = tiny_export("llama")
+    with pytest.raises(SessionOptionsError, match=r"providers must be a list .* wrap a single"):
+        FlamingoPipeline(export, providers="CPUExecutionProvider")  # type: ignore[arg-type]
+    for threads in (-1, MAX_THREADS + 1, 2.0, True):
+        with pytest.raises(SessionOptionsError, match=r"threads must be an int in \[0, 256\]"):
+            FlamingoPipeline(export, threads=threads)  # type: ignore[arg-type]
+    pipe = FlamingoPipeline(export, threads=0)
+    for demos in ("demos.jsonl", Demonstration("a.png", "red")):
+        with pytest.raises(ValueError, match="demos must be a list of Demonstration"):
+            pipe.few_shot(demos, "q.png")  # type: ignore[arg-type]
