@@ -107,6 +107,17 @@ def _rand_rgb(w: int, h: int, seed: int = 0) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
+def _python(code: str, *args: str) -> str:
+    """stdout of `code` run in a fresh interpreter (the repository importable), which must
+    succeed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
 def _png_bytes(img: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", **kw)
@@ -213,12 +224,7 @@ def test_thin_image_memory_is_bounded(tmp_path: Path) -> None:
         "        assert x.shape == (1, 3, size, size)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    res = subprocess.run(
-        [sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr
-    assert int(res.stdout) < 50_000  # KiB
+    assert int(_python(code, str(path))) < 50_000  # KiB
 
 
 def test_longest_mode_refuses_an_image_thinner_than_a_pixel() -> None:
@@ -552,9 +558,4 @@ def test_imports_without_torch_or_transformers() -> None:
         "assert rp.count_media(rp.MEDIA_TOKEN * 2) == 2\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "ok"
+    assert _python(code).strip() == "ok"
