@@ -512,7 +512,6 @@ def _beam_search(
     max_new = config.max_new_tokens
     eos = np.asarray(config.eos_token_ids, dtype=np.int64)
     n_keep = max(2, 1 + eos.size) * n_beams  # candidates kept per step (HF `beams_to_keep`)
-    top_num_beam_mask = np.arange(n_keep) < n_beams
     min_tokens_to_keep = max(2, eos.size + 1)  # HF keeps one non-eos token for beam sampling
     lp_pow = float(config.length_penalty)
     early = config.early_stopping
@@ -576,7 +575,7 @@ def _beam_search(
 
         # f. merge newly finished top-num_beams candidates into the finished pool: HF's ranking
         # (-1e9 masks) with empty slots and excluded candidates below every real score.
-        just_finished = hits & top_num_beam_mask[None, :]
+        just_finished = hits & (np.arange(cand.shape[1]) < n_beams)[None, :]
         fin_cand = _length_norm(cand_scores, step + 1, lp_pow)
         pool_full = np.all(is_sent_finished, axis=-1, keepdims=True) & (early is True)
         eligible = just_finished & ~pool_full & heuristic_unsatisfied

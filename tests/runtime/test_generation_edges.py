@@ -322,3 +322,13 @@ def test_huge_max_new_tokens_allocates_for_what_is_generated() -> None:
         config = GenerationConfig(max_new_tokens=10**12, num_beams=num_beams, eos_token_ids=EOS)
         res = generate(Fixed(logits), ids, mask, config)
         assert res.sequences == [[EOS], [EOS]]
+
+
+def test_more_eos_ids_than_the_vocabulary_holds() -> None:
+    """HF keeps (1 + n_eos) x num_beams candidates a step: more than beams x vocab here."""
+    ids, mask = _prompts((3, 4))
+    config = GenerationConfig(
+        max_new_tokens=3, num_beams=3, num_return_sequences=3, eos_token_ids=tuple(range(10)) * 2
+    )
+    res = generate(TableModel(), ids, mask, config)
+    assert len(res.sequences) == 6 and all(1 <= len(s) <= 3 for s in res.sequences)
