@@ -75,7 +75,12 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     show_default=True,
     help="ONNX opset (17 runs on TensorRT 8.5+, i.e. JetPack 5 and later).",
 )
-@limit_options(batch=False, lowered=False)
+@limit_options(
+    batch=False,
+    lowered=False,
+    seq_default="the LM's context (max_position_embeddings), at most 2048; a longer value is "
+    "refused, except for ALiBi LMs (MPT), which extrapolate: a warning",
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @precision_options(default="fp32")
 @quantize_options

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,21 @@ def progress_printer(quiet: bool, prefix: str = "flamingo-export") -> Callable[[
     return say
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) as None: JSON has no such numbers, and
+    Python's bare `NaN` / `Infinity` literals break strict parsers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2))
+    """`value` as strict JSON (never NaN or Infinity) on stdout."""
+    click.echo(json.dumps(json_safe(value), indent=2, allow_nan=False))
 
 
 def user_errors(*also: type[Exception]) -> Decorator:
@@ -169,7 +183,7 @@ def load_model(model: dict[str, Any]) -> tuple[Any, Any, Any]:
 # ------------------------------------------------------------------ limits
 
 
-def limit_options(*, batch: bool, lowered: bool) -> Decorator:
+def limit_options(*, batch: bool, lowered: bool, seq_default: str = "2048") -> Decorator:
     """`--max-images`, `--max-seq-len` (and `--max-batch`): the shapes graphs or engines are
     made for. `lowered`: the default is the export's own, and values may only lower it."""
     suffix = " (default: the export's; may only be lowered)" if lowered else ""
@@ -177,7 +191,8 @@ def limit_options(*, batch: bool, lowered: bool) -> Decorator:
         click.option("--max-images", type=int, default=None,
                      help=f"Most images per prompt{suffix or ' (default 32)'}."),
         click.option("--max-seq-len", type=int, default=None,
-                     help=f"Most tokens per row, prompt + generated{suffix or ' (default 2048)'}."),
+                     help=f"Most tokens per row, prompt + generated"
+                          f"{suffix or f' (default {seq_default})'}."),
     ]  # fmt: skip
     if batch:
         options.insert(
@@ -369,8 +384,8 @@ def engine_options(f: Any) -> Any:
                      help="onnxruntime execution provider, in priority order (repeatable; cpu, "
                           "cuda, tensorrt or a full name; default cpu). Only with --engine "
                           "onnxruntime."),
-        click.option("--threads", type=int, default=None,
-                     help="Intra-op threads (default: onnxruntime's, all cores)."),
+        click.option("--threads", type=click.IntRange(min=0), default=None,
+                     help="Intra-op threads (default or 0: onnxruntime's, all cores)."),
         click.option("--allow-other-device", is_flag=True,
                      help="--engine tensorrt: accept engines built on another GPU of the same "
                           "compute capability."),

@@ -118,11 +118,10 @@ def parity(
     """Compare the export CANDIDATE with a reference: `parity REFERENCE CANDIDATE` (two export
     folders), or `parity CANDIDATE --lm ... --vision ... --checkpoint ...` (the PyTorch model).
     Exits 1 when a threshold is missed."""
-    from tokenizers import Tokenizer
-
     from precision.data import calibration_set
     from precision.parity import OnnxBackend, TorchBackend, dumps, parse_thresholds, run_parity
     from precision.parity import write_report as write_md
+    from runtime.tokenizer import load_export_tokenizer
 
     model = pop_model_args(kw)
     torch_ref = model_named(model)
@@ -142,7 +141,7 @@ def parity(
         reference: Any = TorchBackend(loaded, f"pytorch:{model['lm_dir']}")
     else:
         reference = OnnxBackend(exports[0])
-    tokenizer = Tokenizer.from_file(str(exports[-1] / "tokenizer" / "tokenizer.json"))
+    tokenizer = load_export_tokenizer(exports[-1] / "tokenizer")
     episodes_ = calibration_set(
         data, episodes=episodes, max_shots=max_shots, seed=episode_seed, progress=say
     ).episodes

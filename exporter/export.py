@@ -14,7 +14,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from runtime.spec import (
     GraphSpec,
     ModelDims,
     decoder_spec,
+    trained_context,
     vision_spec,
 )
 
@@ -57,14 +58,27 @@ def stderr_progress(message: str) -> None:
     print(f"[flamingo-export] {message}", file=sys.stderr, flush=True)
 
 
+# The max_seq_len an export gets when the LM's context is longer: TensorRT profiles, the KV
+# buffers and memory plans are sized from it, and edge devices rarely hold more.
+DEFAULT_MAX_SEQ_LEN = 2048
+# No export may declare more, whatever the LM (ALiBi extrapolates without a bound).
+MAX_SEQ_LEN = 1 << 20
+
+
 @dataclass
 class ExportOptions:
     opset: int = DEFAULT_OPSET
     max_images: int = 32
-    max_seq_len: int = 2048
+    # None: the LM's context (max_position_embeddings), at most DEFAULT_MAX_SEQ_LEN
+    max_seq_len: int | None = None
     force: bool = False
 
     def validate(self) -> None:
+        """What can be refused before the model is loaded (with_model checks against it)."""
+        for name in ("opset", "max_images", "max_seq_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ExportError(f"--{name.replace('_', '-')} must be an int, got {value!r}")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ExportError(
                 f"--opset {self.opset} is not supported: the exporter writes opsets "
@@ -73,8 +87,40 @@ class ExportOptions:
             )
         if self.max_images < 1:
             raise ExportError(f"--max-images must be >= 1, got {self.max_images}")
-        if self.max_seq_len < 2:
-            raise ExportError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
+        if self.max_seq_len is not None and not 2 <= self.max_seq_len <= MAX_SEQ_LEN:
+            raise ExportError(
+                f"--max-seq-len must be in [2, {MAX_SEQ_LEN}], got {self.max_seq_len}"
+            )
+
+    def with_model(self, model_cfg: dict[str, Any], say: Progress) -> ExportOptions:
+        """These options with max_seq_len checked against (or defaulted from) the LM's context:
+        positions a rotary LM was never trained on are refused; an ALiBi LM (MPT) extrapolates,
+        so a longer limit only warns. Also refuses more images than tokens (each image needs
+        its `<image>` token)."""
+        self.validate()
+        trained, extrapolates = trained_context(model_cfg)
+        family = model_cfg["lm"]["family"]
+        seq = self.max_seq_len
+        if seq is None:
+            seq = min(trained or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+        elif trained is not None and seq > trained:
+            if not extrapolates:
+                raise ExportError(
+                    f"--max-seq-len {seq} exceeds the language model's context: this {family} "
+                    f"LM was trained on {trained} positions (max_position_embeddings) and later "
+                    f"ones are not reliable; use at most {trained}"
+                )
+            say(
+                f"warning: --max-seq-len {seq} is beyond the {trained} positions this {family} "
+                f"LM was trained on; its ALiBi attention extrapolates, but answers past {trained} "
+                "tokens are not validated"
+            )
+        if self.max_images > seq:
+            raise ExportError(
+                f"--max-images {self.max_images} exceeds max_seq_len {seq}: every image takes "
+                "an <image> token"
+            )
+        return replace(self, max_seq_len=seq)
 
 
 class VisionGraph(nn.Module):
@@ -289,9 +335,8 @@ def export_model(
     progress: Progress | None = stderr_progress,
 ) -> Manifest:
     """Write OUT/{vision.onnx, decoder.onnx, tokenizer/, manifest.json} for a loaded model."""
-    options = options or ExportOptions()
-    options.validate()
     say = progress or (lambda _message: None)
+    options = (options or ExportOptions()).with_model(model.cfg.to_dict(), say)
     return write_atomically(
         Path(out), options.force, lambda tmp: _export_into(model, tokenizer, tmp, options, say), say
     )

@@ -74,11 +74,11 @@ class Evaluation:
     episode_set: list[Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from tokenizers import Tokenizer
+        from runtime.tokenizer import load_export_tokenizer
 
         self.src = Path(self.src)
         self.reference = OnnxBackend(self.src)
-        self.tokenizer = Tokenizer.from_file(str(self.src / "tokenizer" / "tokenizer.json"))
+        self.tokenizer = load_export_tokenizer(self.src / "tokenizer")
         self.episode_set = calibration_set(
             self.data, episodes=self.episodes, max_shots=self.max_shots, seed=self.seed
         ).episodes

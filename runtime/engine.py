@@ -23,10 +23,43 @@ from .decoding import (
     logits_index,
     position_ids,
 )
+from .errors import FlamingoExportError
 from .manifest import Manifest, ManifestError, load_manifest, safe_join
 from .spec import GraphSpec, ModelDims, past_names
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+# Intra-op threads accepted (0 / None: onnxruntime's default, all cores). More cores than any
+# edge device has; onnxruntime does not bound it itself (100,000 threads hang session creation).
+MAX_THREADS = 256
+
+
+class SessionOptionsError(FlamingoExportError, ValueError):
+    """An onnxruntime setting out of range (threads, providers)."""
+
+
+def check_providers(providers: object) -> None:
+    """A sequence of provider names (a single name would be read as its characters)."""
+    ok = not isinstance(providers, (str, bytes))
+    if ok:
+        try:
+            ok = all(isinstance(p, str) for p in providers)  # type: ignore[attr-defined]
+        except TypeError:
+            ok = False
+    if not ok:
+        raise SessionOptionsError(
+            f"providers must be a list of execution provider names, got {providers!r}; wrap a "
+            "single name in a list"
+        )
+
+
+def check_threads(threads: object) -> None:
+    """None, or an int in [0, MAX_THREADS] (0 = onnxruntime's default)."""
+    ok = isinstance(threads, int) and not isinstance(threads, bool) and 0 <= threads <= MAX_THREADS
+    if threads is not None and not ok:
+        raise SessionOptionsError(
+            f"threads must be an int in [0, {MAX_THREADS}] (0 = onnxruntime's default), "
+            f"got {threads!r}"
+        )
 
 
 # Graphs whose idle intra-op workers must not spin: the vision graph runs once per query and is
@@ -62,6 +95,8 @@ def make_session(
     optimize: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime session; `optimize=False` runs the graph as written (no fusions)."""
+    check_threads(threads)
+    check_providers(providers)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -75,7 +110,7 @@ def make_session(
     available = set(ort.get_available_providers())
     unknown = [p for p in providers if p not in available]
     if unknown:
-        raise ValueError(
+        raise SessionOptionsError(
             f"execution provider(s) {unknown} not available in this onnxruntime "
             f"(available: {sorted(available)})"
         )
@@ -127,6 +162,7 @@ class OnnxFlamingo(RowsCrossKV):
         self.root = Path(export_dir)
         self.manifest: Manifest = load_manifest(self.root, verify_hashes=verify_hashes)
         self.dims = ModelDims.from_config(self.manifest.model)
+        check_providers(providers)
         self.providers = tuple(providers)
         make = session_factory or ort_session_factory(providers, threads)
         self.sessions: dict[str, Session] = {}
