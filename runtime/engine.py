@@ -244,7 +244,9 @@ class OrtStepModel(BaseStepModel):
             past = {n: empty for n in self.past_names}
         self._past: Past = {n: past[n] for n in self.past_names}
         self.uses_position_ids = dims.uses_position_ids
-        self._source = np.arange(self.batch)  # original row of each current row (cross K/V owner)
+        # row of `cross_kv` each current row attends with: beams share their prompt's images, so
+        # a reorder moves this map; the K/V rows are gathered only when a step needs all of them
+        self._cross_rows = np.arange(self.batch)
         self._binding = None
         if io_binding and hasattr(self.session, "io_binding"):
             try:
@@ -254,7 +256,7 @@ class OrtStepModel(BaseStepModel):
         self._bound_cross: dict[str, np.ndarray] | None = None
         # decode steps attend to each row's current image only (runtime.decoding)
         self.current_image_only = True
-        self._local: tuple[dict, tuple, dict[str, np.ndarray]] | None = None
+        self._local: tuple[dict, tuple, dict[str, np.ndarray]] | None = None  # current image's
         self._output_names = engine.decoder_spec.output_names
 
     @property
@@ -319,18 +321,21 @@ class OrtStepModel(BaseStepModel):
         change; all images' keys otherwise."""
         keys = next(iter(self.cross_kv.values())).shape[2] if self.cross_kv else 0
         offsets = current_image_offsets(media, keys, self.engine.dims.num_latents)
+        rows = self._cross_rows
         if not self.current_image_only or offsets is None:
+            stored = next(iter(self.cross_kv.values())).shape[0] if self.cross_kv else len(rows)
+            if not np.array_equal(rows, np.arange(stored)):  # rows moved: gather them now
+                self.cross_kv = {k: v[rows] for k, v in self.cross_kv.items()}
+                self._cross_rows = np.arange(len(rows))
             return media, self.cross_kv
-        current = tuple(int(o) for o in offsets)
+        current = (tuple(int(o) for o in offsets), tuple(int(r) for r in rows))
         if self._local is None or self._local[0] is not self.cross_kv or self._local[1] != current:
-            local = current_image_kv(self.cross_kv, current, self.engine.dims.num_latents)
+            local = current_image_kv(
+                self.cross_kv, current[0], self.engine.dims.num_latents, rows=current[1]
+            )
             self._local = (self.cross_kv, current, local)
         return (media > 0).astype(np.int64), self._local[2]
 
     def _reorder(self, index: np.ndarray) -> None:
         self._past = {k: np.ascontiguousarray(v[index]) for k, v in self.past.items()}
-        source = self._source[index]
-        # beams of one prompt share its images: cross K/V moves only when rows change prompt
-        if len(source) != len(self._source) or not np.array_equal(source, self._source):
-            self.cross_kv = {k: v[index] for k, v in self.cross_kv.items()}
-        self._source = source
+        self._cross_rows = self._cross_rows[index]

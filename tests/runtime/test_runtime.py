@@ -213,3 +213,41 @@ def test_vision_workers_do_not_spin_into_the_decoder(tiny_export) -> None:
     pipe = FlamingoPipeline(tiny_export("llama"), threads=2)
     assert spinning(pipe.engine.sessions["vision"]) == "0"
     assert spinning(pipe.engine.sessions["decoder"]) == "default"
+
+
+def test_beams_share_their_prompts_image_kv(tiny_export, images) -> None:
+    """Beam search expands every row to its beams (reorder_cache); the image K/V stay one copy
+    per prompt (the rows are gathered only if a later step needs all images' keys), and each
+    beam's logits are those of a model given physically repeated K/V."""
+    from runtime.decoding import rows_cross_kv
+    from runtime.engine import OnnxFlamingo
+
+    engine = OnnxFlamingo(tiny_export("llama"))
+    pixels = preprocess(images, PreprocessConfig(engine.manifest.preprocess["image_size"]))
+    features = engine.encode_images(pixels)
+    rows = [[0, 1], [1]]  # two prompts: two images, one image
+    cross = rows_cross_kv(features, rows, engine.dims, engine.float_dtype)
+    media = engine.media_token_id
+    ids = np.array([[media, 5, 6, media, 7], [9, 9, media, 5, 6]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    beams = np.repeat(np.arange(2), 3)
+    shared = engine.step_model(cross, np.array([2, 1]))
+    shared.step(ids, mask)
+    shared.reorder_cache(beams)
+    copied = engine.step_model(
+        {k: v[beams] for k, v in cross.items()}, np.array([2, 2, 2, 1, 1, 1])
+    )
+    copied.step(ids[beams], mask[beams])
+    step_ids = np.full((6, 1), 11, dtype=np.int64)
+    step_mask = np.ones((6, 6), dtype=np.int64)
+    np.testing.assert_allclose(
+        shared.step(step_ids, step_mask), copied.step(step_ids, step_mask), atol=1e-5
+    )
+    assert all(v.shape[0] == 2 for v in shared.cross_kv.values())  # not one copy per beam
+    shared.reorder_cache(np.array([0, 0, 2, 3, 3, 5]))  # beams move: the map follows
+    copied.reorder_cache(np.array([0, 0, 2, 3, 3, 5]))
+    step_mask = np.ones((6, 7), dtype=np.int64)
+    np.testing.assert_allclose(
+        shared.step(step_ids, step_mask), copied.step(step_ids, step_mask), atol=1e-5
+    )
+    assert all(v.shape[0] == 2 for v in shared.cross_kv.values())
