@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from .contracts import Session, SessionFactory
 from .decoding import (
@@ -23,7 +24,8 @@ from .decoding import (
     logits_index,
     position_ids,
 )
-from .manifest import Manifest, ManifestError, load_manifest, safe_join
+from .errors import FlamingoExportError
+from .manifest import TOKENIZER_JSON, Manifest, ManifestError, load_manifest
 from .spec import GraphSpec, ModelDims, past_names
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -55,6 +57,10 @@ def slow_on_cpu(manifest: Manifest) -> list[str]:
     return [W8A8_ON_CPU] if is_w8a8 and manifest.graphs["decoder"].precision == "int8" else []
 
 
+class ProviderError(FlamingoExportError, ValueError):
+    """An execution provider that this onnxruntime build does not have."""
+
+
 def make_session(
     path: Path,
     providers: Sequence[str],
@@ -76,7 +82,7 @@ def make_session(
     available = set(ort.get_available_providers())
     unknown = [p for p in providers if p not in available]
     if unknown:
-        raise ValueError(
+        raise ProviderError(
             f"execution provider(s) {unknown} not available in this onnxruntime "
             f"(available: {sorted(available)})"
         )
@@ -96,8 +102,23 @@ def ort_session_factory(
     return make
 
 
+# numpy dtype name (runtime.spec) -> onnxruntime's NodeArg.type
+ORT_TYPES = {
+    "float32": "tensor(float)",
+    "float16": "tensor(float16)",
+    "float64": "tensor(double)",
+    "int64": "tensor(int64)",
+    "int32": "tensor(int32)",
+    "int8": "tensor(int8)",
+    "uint8": "tensor(uint8)",
+    "bool": "tensor(bool)",
+}
+
+
 def check_session_io(session: Session, spec: GraphSpec, where: str) -> None:
-    """The graph must expose exactly the inputs/outputs the manifest's spec declares."""
+    """The graph must expose exactly the inputs/outputs the manifest's spec declares, with
+    its dtypes and fixed dimensions (checked where the session reports them: onnxruntime's
+    NodeArgs do), so a mismatch is caught at load, not at the first run."""
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
     if got_in != spec.input_names or got_out != spec.output_names:
@@ -107,6 +128,50 @@ def check_session_io(session: Session, spec: GraphSpec, where: str) -> None:
             f"{where}: graph I/O does not match the manifest spec "
             f"(missing {missing[:4]}, unexpected {extra[:4]})"
         )
+    args = [*session.get_inputs(), *session.get_outputs()]
+    for arg, declared in zip(args, (*spec.inputs, *spec.outputs)):
+        kind = getattr(arg, "type", None)
+        if isinstance(kind, str) and kind != ORT_TYPES.get(declared.dtype, kind):
+            raise ManifestError(
+                f"{where}: {declared.name} is {kind} in the graph, the manifest says "
+                f"{declared.dtype}"
+            )
+        shape = getattr(arg, "shape", None)
+        if not isinstance(shape, (list, tuple)):
+            continue
+        fixed = [d if isinstance(d, int) else None for d in declared.shape]
+        actual = [d if isinstance(d, int) else None for d in shape]
+        if len(actual) != len(fixed) or any(
+            a is not None and f is not None and a != f for a, f in zip(actual, fixed)
+        ):
+            raise ManifestError(
+                f"{where}: {declared.name} has shape {list(shape)} in the graph, the manifest "
+                f"says {list(declared.shape)}"
+            )
+
+
+def open_session(make: SessionFactory, name: str, path: Path) -> Session:
+    """`make(name, path)`, with a graph that onnxruntime (or the factory) cannot load
+    reported as a ManifestError naming the file."""
+    try:
+        return make(name, path)
+    except FlamingoExportError:
+        raise
+    except Exception as e:  # onnxruntime's pybind errors derive from Exception only
+        detail = " ".join(str(e).split())[:300]
+        raise ManifestError(
+            f"{path}: not a loadable ONNX model ({type(e).__name__}: {detail})"
+        ) from e
+
+
+def load_tokenizer(root: Path, manifest: Manifest) -> Tokenizer:
+    """The export's `tokenizers.Tokenizer`, from the tokenizer.json the manifest lists (and
+    `load_manifest` hashed); a file it cannot parse is a ManifestError naming it."""
+    path = manifest.path(root, TOKENIZER_JSON)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception
+        raise ManifestError(f"{path}: not a usable tokenizer ({e})") from e
 
 
 class OnnxFlamingo(RowsCrossKV):
@@ -132,8 +197,8 @@ class OnnxFlamingo(RowsCrossKV):
         make = session_factory or ort_session_factory(providers, threads)
         self.sessions: dict[str, Session] = {}
         for name, entry in self.manifest.graphs.items():
-            path = safe_join(self.root, entry.file)
-            session = make(name, path)
+            path = self.manifest.path(self.root, entry.file)
+            session = open_session(make, name, path)
             check_session_io(session, entry.spec, str(path))
             self.sessions[name] = session
         self.vision_spec = self.manifest.graphs["vision"].spec

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from .cache import ImageKV, PrefixCache, PrefixState, VisionCache, pixel_digest
 from .contracts import DecoderStepModel, Engine
-from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
+from .engine import DEFAULT_PROVIDERS, OnnxFlamingo, load_tokenizer
 from .generation import GenerationConfig, GenerationResult, generate
 from .images import ImageInput, PreprocessConfig, preprocess
 from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match
@@ -138,7 +138,7 @@ class FlamingoPipeline:
         )
         for note in self.engine.performance_notes():
             warnings.warn(f"{export_dir}: {note}", RuntimeWarning, stacklevel=2)
-        self.tokenizer = Tokenizer.from_file(str(self.engine.root / "tokenizer" / "tokenizer.json"))
+        self.tokenizer = load_tokenizer(self.engine.root, self.engine.manifest)
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         self.max_seq_len = self.engine.limits["max_seq_len"]
         self.max_images = self.engine.limits["max_images"]
