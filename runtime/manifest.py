@@ -149,12 +149,6 @@ class Manifest:
         to the spec its model config implies, every referenced file listed with a sha256."""
         dims = ModelDims.from_config(self.model)
         tokens = self.special_tokens
-        for key in ("media_token_id", "eoc_token_id", "pad_token_id"):
-            if tokens[key] != self.model[key]:
-                raise ManifestError(
-                    f"{where}: special_tokens.{key} {tokens[key]} differs from model.{key} "
-                    f"{self.model[key]}"
-                )
         for key in ("media_token_id", "eoc_token_id", "pad_token_id", "eos_token_id",
                     "bos_token_id"):  # fmt: skip
             value = tokens.get(key)
@@ -162,6 +156,12 @@ class Manifest:
                 raise ManifestError(
                     f"{where}: special_tokens.{key} {value} is outside the vocabulary "
                     f"(model.lm.vocab_size {dims.vocab_size})"
+                )
+        for key in ("media_token_id", "eoc_token_id", "pad_token_id"):
+            if tokens[key] != self.model[key]:
+                raise ManifestError(
+                    f"{where}: special_tokens.{key} {tokens[key]} differs from model.{key} "
+                    f"{self.model[key]}"
                 )
         if len({tokens["media_token_id"], tokens["eoc_token_id"]}) != 2:
             raise ManifestError(
