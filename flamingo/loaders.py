@@ -178,11 +178,17 @@ def unwrap_training_save(sd: dict[str, Any], path: Path) -> dict[str, torch.Tens
     return out
 
 
-def read_hf_weights(lm_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF model directory: single file or sharded, safetensors preferred."""
+def read_hf_weights(
+    lm_dir: Path, sources: dict[str, Path] | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of an HF model directory: single file or sharded, safetensors preferred.
+    `sources` (if given) receives the file each tensor came from."""
+    sources = sources if sources is not None else {}
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (lm_dir / single).is_file():
-            return read_state_dict(lm_dir / single)
+            sd = read_state_dict(lm_dir / single)
+            sources.update(dict.fromkeys(sd, lm_dir / single))
+            return sd
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = lm_dir / index_name
         if index.is_file():
@@ -192,7 +198,9 @@ def read_hf_weights(lm_dir: Path) -> dict[str, torch.Tensor]:
                 path = (lm_dir / shard).resolve()
                 if Path(shard).is_absolute() or not path.is_relative_to(lm_dir.resolve()):
                     raise LoadError(f"{index}: weight_map names {shard!r}, outside {lm_dir}")
-                sd.update(read_state_dict(lm_dir / shard))
+                shard_sd = read_state_dict(lm_dir / shard)
+                sources.update(dict.fromkeys(shard_sd, lm_dir / shard))
+                sd.update(shard_sd)
             return sd
     raise LoadError(
         f"{lm_dir}: no weights found (expected model.safetensors, pytorch_model.bin or a "
@@ -795,7 +803,8 @@ def load_flamingo(
         loaded[our_key] = tensor
 
     # 1. LM weights
-    lm_sd = read_hf_weights(lm_dir)
+    lm_files: dict[str, Path] = {}
+    lm_sd = read_hf_weights(lm_dir, lm_files)
     if is_mosaic:
         from .mosaic_gpt import map_mosaic_gpt_state_dict
 
@@ -806,7 +815,7 @@ def load_flamingo(
             if not _IGNORED_HF_KEYS.search(k):
                 report.unexpected.append(f"{lm_dir}:{k}")
             continue
-        put(f"lang_model.{mapped}", v, lm_dir, k)
+        put(f"lang_model.{mapped}", v, lm_files.get(k, lm_dir), k)
     # 2. vision weights
     for k, v in vision_sd.items():
         put(f"vision_encoder.{k}", v, vision_path, f"visual.{k}" if not vision_path.is_dir() else k)
