@@ -72,39 +72,35 @@ SHARD_INDEX_SCHEMA = _obj(
     ["weight_map"],
 )
 # The keys of an HF config.json each family's conversion reads (HF's names), with their types.
+_HF_REQUIRED = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size"]  # fmt: skip
+_HF_ROTARY = {  # what LLaMA and GPT-NeoX configs share
+    **{k: _POSITIVE for k in (*_HF_REQUIRED, "max_position_embeddings")},
+    "hidden_act": {"type": "string"},
+    **{k: {"type": "boolean"} for k in ("tie_word_embeddings", "attention_bias")},
+    **_ROPE,
+}
 HF_CONFIG_SCHEMAS: dict[str, dict[str, Any]] = {
     "llama": _obj(
         {
-            **{k: _POSITIVE for k in ("vocab_size", "hidden_size", "num_hidden_layers",
-                                      "num_attention_heads", "intermediate_size",
-                                      "max_position_embeddings")},
+            **_HF_ROTARY,
             "num_key_value_heads": _POSITIVE_OR_NULL,
             "head_dim": _POSITIVE_OR_NULL,
             "rms_norm_eps": _EPS,
-            "hidden_act": {"type": "string"},
-            **{k: {"type": "boolean"} for k in ("tie_word_embeddings", "attention_bias",
-                                                "mlp_bias")},
-            **_ROPE,
+            "mlp_bias": {"type": "boolean"},
         },
-        ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-         "intermediate_size"],
+        _HF_REQUIRED,
     ),
     "gpt_neox": _obj(
         {
-            **{k: _POSITIVE for k in ("vocab_size", "hidden_size", "num_hidden_layers",
-                                      "num_attention_heads", "intermediate_size",
-                                      "max_position_embeddings")},
+            **_HF_ROTARY,
             "layer_norm_eps": _EPS,
             "rotary_pct": _FRACTION,
             "partial_rotary_factor": _FRACTION,
             "rotary_emb_base": _EPS,
-            "hidden_act": {"type": "string"},
-            **{k: {"type": "boolean"} for k in ("tie_word_embeddings", "attention_bias",
-                                                "use_parallel_residual")},
-            **_ROPE,
+            "use_parallel_residual": {"type": "boolean"},
         },
-        ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-         "intermediate_size"],
+        _HF_REQUIRED,
     ),
     "mpt": _obj(
         {
