@@ -225,3 +225,21 @@ def test_session_shapes_checked_at_load(tiny_export) -> None:
     with pytest.raises(ManifestError, match=r"pixel_values has shape .*224.*the manifest says"):
         check_session_io(Lying(), engine.vision_spec, "vision.onnx")
     check_session_io(real, engine.vision_spec, "vision.onnx")
+
+
+def test_engines_json_read_like_the_manifest(tiny_export, tmp_path) -> None:
+    """engines.json (TensorRT engines beside the export) is read strictly and from inside the
+    folder too."""
+    from runtime.engines import ENGINES_NAME, EngineMismatchError, load_engines_manifest
+
+    out = _copy(tiny_export, tmp_path)
+    for content, words in ((b"\xff{", "not UTF-8"), (b"[]", "not a JSON object"),
+                           (b'{"schema_version": NaN}', "invalid JSON")):  # fmt: skip
+        (out / ENGINES_NAME).write_bytes(content)
+        with pytest.raises(EngineMismatchError, match=rf"{ENGINES_NAME}: .*{words}"):
+            load_engines_manifest(out)
+    (out / ENGINES_NAME).unlink()
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (out / ENGINES_NAME).symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(EngineMismatchError, match="resolves outside the export folder"):
+        load_engines_manifest(out)
