@@ -408,7 +408,7 @@ def write_atomically(
             result = build(tmp)
             publish(tmp, out)
         except OSError as e:
-            error = write_error(out, tmp, e) if _is_write_error(e, out) else None
+            error = write_error(out, tmp, e) if _is_write_error(e, out, tmp) else None
             shutil.rmtree(tmp, ignore_errors=True)
             if error is None:
                 raise
@@ -420,9 +420,10 @@ def write_atomically(
     return result
 
 
-def _is_write_error(e: OSError, out: Path) -> bool:
-    """A failure to write (full disk, quota, read-only...) rather than to read an input."""
+def _is_write_error(e: OSError, out: Path, tmp: Path) -> bool:
+    """A failure to write (full disk, quota, read-only...) or inside the folders being written,
+    rather than a failure to read an input."""
     if e.errno in (*_NO_SPACE, errno.EROFS, errno.EIO):
         return True
-    name = e.filename if isinstance(e.filename, str) else None
-    return name is not None and Path(name).absolute().is_relative_to(out.parent)
+    names = [n for n in (e.filename, e.filename2) if isinstance(n, str)]
+    return any(Path(n).absolute().is_relative_to(p) for n in names for p in (tmp, out))
