@@ -35,6 +35,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -217,13 +218,17 @@ def output_lock(out: Path) -> Iterator[None]:
                 del _LOCKS_HELD[key]
         return
     lock = _lock_path(out)
+    deadline = time.monotonic() + 1.0  # another process's `_probe_lock` holds it for microseconds
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise _busy(out, lock) from None
+            if time.monotonic() > deadline:
+                raise _busy(out, lock) from None
+            time.sleep(0.05)
+            continue
         # the holder before us may have unlinked the file it locked: lock the current one
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(lock))
