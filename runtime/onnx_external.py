@@ -83,7 +83,7 @@ def _fields(buf: memoryview, start: int, end: int):
         elif wire == 2:
             size, pos = _varint(buf, pos, end)
             if pos + size > end:
-                raise OnnxFormatError(f"field {number} runs past the end of its message")
+                raise OnnxFormatError(f"field {number} runs past the end (truncated?)")
             yield number, wire, (pos, pos + size)
             pos += size
         else:
