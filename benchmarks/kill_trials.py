@@ -1,8 +1,9 @@
 """Kill `flamingo-export export` and `quantize` at random points and check what is left.
 
 Each trial starts the command in a subprocess (half of them replacing an existing OUT with
---force), waits until its temporary folder appears, sleeps a random fraction of the time the
-command then needs, and sends SIGKILL or SIGTERM. Invariants checked after every trial:
+--force), waits until its temporary folder appears, sleeps a random 0-90% of the time the
+command then needed in a clean run, and sends SIGKILL or SIGTERM. Invariants checked after
+every trial:
 
 * OUT is absent (there was none) or a complete export that `load_manifest` verifies (every
   sha256); with --force it is never absent: the old export or the new one;
@@ -93,7 +94,7 @@ def trial(
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while proc.poll() is None and not [n for n in _beside(out) if ".tmp-" in n or ".fp32-" in n]:
         time.sleep(0.002)
-    delay = rng.uniform(0, 1.1 * window)
+    delay = rng.uniform(0, 0.9 * window)
     time.sleep(delay)
     finished_first = proc.poll() is not None
     if not finished_first:
@@ -111,6 +112,7 @@ def trial(
         # 143: unwound and cleaned up; -15: the signal came during interpreter exit, after the
         # command had published OUT and restored the default handler (nothing left to clean)
         late = rc == -signal.SIGTERM and record["out"] == "valid"
+        record["signal_during_exit"] = late
         ok = ok and not left and (rc in (0, 128 + signal.SIGTERM) or late)
     if sig == signal.SIGKILL:
         again, _ = _run(_command(kind, model, source, out, force=True))
@@ -149,13 +151,17 @@ def run_trials(
             f"left {record['left_behind'] or 'nothing'}"
             + (f", rerun exit {record['rerun_exit']}" if "rerun_exit" in record else "")
             + ("" if record["ok"] else "  <-- INVARIANT BROKEN"))  # fmt: skip
-    killed = [r for r in records if not r["finished_before_signal"]]
+    killed = [
+        r for r in records if not r["finished_before_signal"] and not r.get("signal_during_exit")
+    ]
     return {
         "trials": trials,
         "seed": seed,
         "export_s": round(export_s, 2),
         "write_window_s": {k: round(v, 2) for k, v in windows.items()},
         "killed_while_writing": len(killed),
+        "sigterm_during_interpreter_exit": sum(bool(r.get("signal_during_exit")) for r in records),
+        "finished_before_the_signal": sum(r["finished_before_signal"] for r in records),
         "out_invalid": sum(r["out"] == "INVALID" for r in records),
         "out_absent_with_force": sum(r["out"] == "absent" and r["force"] for r in records),
         "sigkill_left_folders": sum(
