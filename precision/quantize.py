@@ -146,6 +146,9 @@ class QuantizeOptions:
             cache = self.cache_file(graph)
             if cache is not None and (cache.exists() or cache.is_symlink()):
                 check_calibration_cache(cache)
+        # options that would be silently ignored contradict the precision asked for
+        if self.keep_nodes and self.vision == self.decoder == "fp32":
+            raise QuantizeError("--keep-node keeps nodes out of a reduced precision: give one")
 
     def cache_file(self, graph: str) -> Path | None:
         """`<calibration_cache>.<graph>.json` where the graph is calibrated (W8A8 int8)."""

@@ -54,6 +54,8 @@ def test_calibration_cache_checked_up_front(tiny_export, tmp_path) -> None:
     # weight-only int8 and fp16 read no cache: nothing to check
     QuantizeOptions(vision="fp16", decoder="int8", int8_mode="weight-only",
                     calibration_cache=str(cache)).validate()  # fmt: skip
+    with pytest.raises(QuantizeError, match="--keep-node keeps nodes out of a reduced"):
+        QuantizeOptions(vision="fp32", decoder="fp32", keep_nodes=("x",)).validate()
     result = _cli("quantize", str(tiny_export("mpt")), "--precision", "int8",
                   "--calibration-cache", str(cache), "-o", str(tmp_path / "q"))  # fmt: skip
     assert result.exit_code == 2 and "not a file" in result.output
