@@ -163,7 +163,7 @@ class FlamingoPipeline:
         )
         for note in self.engine.performance_notes():
             warnings.warn(f"{export_dir}: {note}", RuntimeWarning, stacklevel=2)
-        self.tokenizer = load_export_tokenizer(self.engine.root / "tokenizer")
+        self.tokenizer = load_export_tokenizer(self.engine.root, self.engine.manifest)
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         self.max_seq_len, self._context = self._context_limit()
         self.max_images = self.engine.limits["max_images"]

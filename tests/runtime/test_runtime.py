@@ -138,11 +138,12 @@ def test_run_command_streams_and_maps_flags(tiny_export, images, tmp_path) -> No
 
 
 def test_runtime_imports_and_runs_without_torch(tiny_export, images) -> None:
-    """Every runtime module imports with torch, transformers, tensorrt and cuda-python blocked
-    (runtime/engines.py reads engines.json without TensorRT); the pipeline runs."""
+    """Every runtime module imports with torch, transformers, tensorrt, cuda-python and onnx
+    blocked (runtime/engines.py reads engines.json without TensorRT, the manifest check reads
+    external-data locations without onnx); the pipeline runs."""
     code = f"""
 import importlib, pkgutil, sys
-for blocked in ("torch", "transformers", "tensorrt", "cuda"):
+for blocked in ("torch", "transformers", "tensorrt", "cuda", "onnx"):
     sys.modules[blocked] = None
 import runtime
 for module in pkgutil.iter_modules(runtime.__path__):
@@ -152,7 +153,8 @@ from runtime.generation import GenerationConfig
 out = FlamingoPipeline({str(tiny_export("mpt"))!r}).generate(
     "<image>A", [{images[0]!r}], GenerationConfig(max_new_tokens=4))
 assert len(out.token_ids) >= 1
-assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+loaded = [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+assert "torch" not in loaded and "onnx" not in loaded
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
