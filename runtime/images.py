@@ -26,8 +26,10 @@ import PIL
 from PIL import Image, ImageOps
 
 from .errors import FlamingoExportError
+from .files import open_regular
 
 __all__ = [
+    "IMAGE_FORMATS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "ImageError",
@@ -144,10 +146,31 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+# Raster formats only: Pillow identifies the format from the bytes, and would hand EPS/PS
+# (and PDF-like) input to Ghostscript; nothing else is a photo a vision encoder takes.
+IMAGE_FORMATS: tuple[str, ...] = ("BMP", "DIB", "GIF", "JPEG", "MPO", "PNG", "PPM", "TIFF", "WEBP")
+
+
 def _decode(fp: Any, name: str) -> Image.Image:
-    """Open, fully decode and EXIF-transpose; every failure becomes an ImageError."""
+    """Open (raster formats only), check the pixel count from the header, fully decode and
+    EXIF-transpose; every failure becomes an ImageError.
+
+    Images over `PIL.Image.MAX_IMAGE_PIXELS` (Pillow's decompression-bomb threshold, 89.5M
+    pixels by default, where Pillow itself only warns) are refused before decoding: a 37 KB
+    1-bit PNG can declare 13000 x 13000 pixels, 0.5 GB once in RGB.
+    """
     try:
-        with Image.open(fp) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below
+            Image.init()  # every plugin registered (the formats list names some it loads late)
+            im_ctx = Image.open(fp, formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
+        with im_ctx as im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise ImageError(
+                    f"{name}: image too large ({im.width}x{im.height} = "
+                    f"{im.width * im.height:,} pixels; at most {limit:,})"
+                )
             # .load() forces the full decode so truncated files fail here (Pillow's
             # ImageFile.LOAD_TRUNCATED_IMAGES is left at its default, False).
             im.load()
@@ -161,7 +184,9 @@ def _decode(fp: Any, name: str) -> Image.Image:
     except PermissionError as e:
         raise ImageError(f"{name}: cannot read file ({_describe(e)})") from e
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{name}: not a recognised image format (or not an image)") from None
+        raise ImageError(
+            f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})"
+        ) from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: image too large ({e})") from e
     except Exception as e:  # Pillow plugins raise OSError, SyntaxError, ValueError, ...
@@ -246,7 +271,14 @@ def load_image(image: ImageInput, *, name: str | None = None) -> Image.Image:
     """
     label = name if name is not None else _default_name(image)
     if isinstance(image, (str, os.PathLike)):
-        im = _decode(os.fspath(image), label)
+        try:
+            file = open_regular(image)
+        except FileNotFoundError:
+            raise ImageError(f"{label}: file not found") from None
+        except OSError as e:  # a folder, FIFO, device (open would block), unreadable
+            raise ImageError(f"{label}: cannot read ({e.strerror or _describe(e)})") from None
+        with file:
+            im = _decode(file, label)
     elif isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise ImageError(f"{label}: empty bytes")

@@ -17,8 +17,9 @@ import json
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any
+
+from .files import read_regular
 
 KEYWORDS = frozenset(
     {
@@ -152,17 +153,25 @@ def load_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> A
     Every failure (missing, a folder, unreadable, not UTF-8, invalid JSON) is `error` with a
     message that starts with the path."""
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from e
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e})") from e
+    return parse_json(text, str(path), error)
+
+
+def parse_json(text: str, where: str, error: type[Exception] = ValueError) -> Any:
+    """`json.loads`, strictly (no NaN/Infinity literals), every failure `error` starting with
+    `where`: invalid JSON, integers past Python's digit limit, nesting too deep to parse."""
     try:
         return json.loads(text, parse_constant=_no_constant)
-    except ValueError as e:  # JSONDecodeError included
-        raise error(f"{path}: invalid JSON ({e})") from e
+    except ValueError as e:  # JSONDecodeError and the int digit limit included
+        raise error(f"{where}: invalid JSON ({e})") from e
+    except RecursionError:
+        raise error(f"{where}: invalid JSON (nested too deeply)") from None
 
 
 def check_document(
