@@ -70,6 +70,31 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(json_safe(value), indent=2, allow_nan=False))
 
 
+def check_output_file(path: Path, option: str) -> Path:
+    """Refuse, before any slow work, an output file `path` given by `option` that could not be
+    written at the end: no file name, an existing folder or other non-regular file, a missing
+    parent folder, or one this process may not write. click.BadParameter naming the option."""
+    import os
+
+    def bad(why: str) -> click.BadParameter:
+        return click.BadParameter(f"{str(path)!r}: {why}", param_hint=option)
+
+    if not str(path) or not path.name or path.name in (".", ".."):
+        raise bad("expected a file name")
+    if path.is_dir():
+        raise bad("is a folder; expected a file name")
+    if path.exists() and not path.is_file():
+        raise bad("exists and is not a regular file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise bad(f"its folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise bad(f"its folder {str(parent)!r} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise bad("exists and is not writable")
+    return path
+
+
 def user_errors(*also: type[Exception]) -> Decorator:
     """Print every user-facing error (runtime.errors.FlamingoExportError, and the `also`
     types) as one line and exit 1, instead of a traceback."""
