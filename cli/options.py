@@ -261,9 +261,9 @@ def limit_options(*, batch: bool, lowered: bool, seq_default: str = "2048") -> D
     made for. `lowered`: the default is the export's own, and values may only lower it."""
     suffix = " (default: the export's; may only be lowered)" if lowered else ""
     options = [
-        click.option("--max-images", type=int, default=None,
+        click.option("--max-images", type=click.IntRange(min=1), default=None,
                      help=f"Most images per prompt{suffix or ' (default 32)'}."),
-        click.option("--max-seq-len", type=int, default=None,
+        click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
                      help=f"Most tokens per row, prompt + generated"
                           f"{suffix or f' (default {seq_default})'}."),
     ]  # fmt: skip
@@ -272,7 +272,7 @@ def limit_options(*, batch: bool, lowered: bool, seq_default: str = "2048") -> D
             0,
             click.option(
                 "--max-batch",
-                type=int,
+                type=click.IntRange(min=1),
                 default=None,
                 help="Most rows per decoder step (default 1; beam search: the beam count).",
             ),

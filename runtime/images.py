@@ -227,7 +227,8 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
         arr = arr[:, :, 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (2, 3, 4))):
         raise ImageError(
-            f"{name}: array must be HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA), got shape {shape}"
+            f"{name}: array must be HxW or HxWx1 (gray), HxWx2 (gray + alpha), HxWx3 (RGB) or "
+            f"HxWx4 (RGBA), got shape {shape}"
         )
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageError(f"{name}: zero-size image (array shape {shape})")
@@ -263,9 +264,10 @@ def _normalise_mode(im: Image.Image, name: str) -> Image.Image:
 def load_image(image: ImageInput, *, name: str | None = None) -> Image.Image:
     """Decode ``image`` into a fully loaded PIL image with EXIF orientation applied.
 
-    Accepts a file path, encoded bytes, a PIL image or a numpy array (HxW gray, HxWx3 RGB,
-    HxWx4 RGBA; uint8, uint16, or float in [0, 1]).  The result is a new image in an 8-bit
-    mode that :func:`preprocess` handles like open_clip (the input object is never modified).
+    Accepts a file path, encoded bytes, a PIL image or a numpy array (HxW or HxWx1 gray, HxWx2
+    gray + alpha, HxWx3 RGB, HxWx4 RGBA; uint8, uint16, or float in [0, 1]).  The result is a
+    new image in an 8-bit mode that :func:`preprocess` handles like open_clip (the input object
+    is never modified).
     ``name`` is used in error messages; it defaults to the path or the input's type.
     Raises :class:`ImageError` for every unusable input.
     """

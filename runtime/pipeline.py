@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,8 +242,11 @@ class FlamingoPipeline:
         """
         if isinstance(prompts, str):
             raise ValueError("generate_batch takes a list of prompts; use generate for one")
-        if isinstance(images_per_prompt, (str, bytes)):
-            raise ValueError("images_per_prompt must be a list with one list of images per prompt")
+        for name, value in (("prompts", prompts), ("images_per_prompt", images_per_prompt)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise ValueError(
+                    f"{name} must be a list (one entry per prompt), got {type(value).__name__}"
+                )
         prompts, images_per_prompt = list(prompts), list(images_per_prompt)
         if len(prompts) != len(images_per_prompt):
             raise ValueError(
