@@ -166,6 +166,10 @@ def parse_json(body: bytes) -> Any:
     except json.JSONDecodeError as e:
         where = f"line {e.lineno} column {e.colno}"
         raise APIError(400, f"malformed JSON: {e.msg} at {where}") from None
+    except RecursionError:
+        raise APIError(400, "the request body's JSON is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than int() converts (4300)
+        raise APIError(400, f"the request body's JSON has a value out of range ({e})") from None
 
 
 def parse_request(model: type[_Sampling], data: Any) -> Any:
