@@ -47,6 +47,10 @@ Event = dict[str, Any]
 PipelineFactory = Callable[[], FlamingoPipeline]
 Choices = list[list[int]]  # per output of a job, the response choices it feeds
 DEFAULT_MAX_TOKENS = 20  # `flamingo-export run --max-new-tokens`'s default
+# GenerationConfig field -> the API field a request sets it with (400s name the API field)
+_API_NAMES = {"seed": "seed", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+              "max_new_tokens": "max_tokens", "num_beams": "num_beams",
+              "num_return_sequences": "n"}  # fmt: skip
 
 
 # EngineSettings' accepted ranges (inclusive); `flamingo-export serve` checks its options by them
@@ -342,8 +346,9 @@ class Engine:
         try:
             base = pipe.default_config(**kw)
             base.validate()
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        except ValueError as e:  # GenerationConfig's messages start with its field's name
+            field_name = (str(e).split() or [""])[0]
+            raise APIError(400, str(e), param=_API_NAMES.get(field_name)) from None
         if beams > 1:  # one job, its n best beams
             return [base], [[[j] for j in range(p.n)]]
         if sampled and p.n > 1:  # n rows; seeded: seed, seed + 1, ...

@@ -172,6 +172,10 @@ def test_prompts_are_checked_before_and_tokenized_off_the_event_loop(
     (event,) = _events(engine, GenerateRequest("\ud800<image>Output:", [b"x"]))
     assert event["status"] == 400 and event["param"] == "prompt" and "surrogate" in event["message"]
 
+    negative = SamplingParams(max_tokens=1, temperature=1.0, seed=-5)
+    (event,) = _events(engine, GenerateRequest("red", [], negative))
+    assert event["status"] == 400 and event["param"] == "seed", event
+
     plan = engine.plan
 
     def slow_plan(request: GenerateRequest):
