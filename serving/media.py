@@ -20,14 +20,13 @@ import base64
 import binascii
 import io
 import logging
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from runtime.files import read_regular
 from runtime.images import ImageError, load_image
 
 from .protocol import APIError
@@ -108,7 +107,7 @@ def _header_size(data: bytes, param: str) -> tuple[int, int] | None:
     """(width, height) from the image's header, without decoding its pixels; None when Pillow
     cannot read the header (load_image then says why)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # header only; decoding is load_image's
             return im.size
     except Image.DecompressionBombError:
         raise APIError(400, f"'{param}': the image is too large to decode", param=param) from None
@@ -176,34 +175,10 @@ def _file_url(url: str, param: str, limits: MediaLimits) -> bytes:
 
 
 def _read_regular(path: Path, url: str, param: str, max_bytes: int) -> bytes:
-    """The bytes of `path` (already resolved) if it is a regular file of at most `max_bytes`.
-    A FIFO or device would block or never end: the type is checked before opening and again
-    on the open descriptor (O_NONBLOCK: opening a FIFO does not wait; O_NOFOLLOW: the name
-    was not swapped for a link in between)."""
-
-    def refuse(why: str) -> APIError:
-        return APIError(400, f"'{param}': cannot read {url!r} ({why})", param=param)
-
-    def check(st: os.stat_result) -> None:
-        if not stat.S_ISREG(st.st_mode):
-            raise refuse("not a regular file")
-        if st.st_size > max_bytes:
-            raise refuse(f"larger than the limit of {max_bytes} bytes")
-
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    """The bytes of `path` if it is a regular file of at most `max_bytes` (runtime.files: a
+    FIFO or device is refused on the opened descriptor, never read)."""
     try:
-        check(path.stat())
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise refuse(e.strerror or type(e).__name__) from None
-    try:
-        check(os.fstat(fd))
-        with open(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)
-    except OSError as e:
-        raise refuse(e.strerror or type(e).__name__) from None
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:  # it grew since fstat
-        raise refuse(f"larger than the limit of {max_bytes} bytes")
-    return data
+        return read_regular(path, max_bytes)
+    except OSError as e:  # strerror says what it is, without the path
+        why = e.strerror or type(e).__name__
+        raise APIError(400, f"'{param}': cannot read {url!r} ({why})", param=param) from None
