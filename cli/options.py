@@ -70,6 +70,17 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(json_safe(value), indent=2, allow_nan=False))
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (NaN passes every range comparison):
+    the type of every float option."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
 def check_output_file(path: Path, option: str) -> Path:
     """Refuse, before any slow work, an output file `path` given by `option` that could not be
     written at the end: no file name, an existing folder or other non-regular file, a missing
@@ -306,7 +317,8 @@ def quantize_options(f: Any) -> Any:
         click.option("--calibration-method",
                      type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
                      show_default=True, help="int8 activation range estimator."),
-        click.option("--percentile", type=float, default=99.999, show_default=True,
+        click.option("--percentile", type=FiniteFloatRange(50, 100, min_open=True),
+                     default=99.999, show_default=True,
                      help="Percentile kept by --calibration-method percentile."),
         click.option("--calibration-episodes", type=int, default=16, show_default=True,
                      help="Few-shot prompts run for calibration."),
@@ -413,11 +425,13 @@ def generation_options(f: Any) -> Any:
         click.option("--max-new-tokens", type=int, default=20, show_default=True,
                      help="Most tokens generated per answer."),
         click.option("--num-beams", type=int, default=1, show_default=True),
-        click.option("--length-penalty", type=float, default=1.0, show_default=True),
+        click.option("--length-penalty", type=FiniteFloatRange(), default=1.0, show_default=True),
         click.option("--do-sample", is_flag=True, help="Sample instead of greedy/beam argmax."),
-        click.option("--temperature", type=float, default=1.0, show_default=True),
+        click.option("--temperature", type=FiniteFloatRange(0), default=1.0,
+                     show_default=True),
         click.option("--top-k", type=int, default=50, show_default=True, help="0 = off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--top-p", type=FiniteFloatRange(0, 1), default=1.0,
+                     show_default=True),
         click.option("--seed", type=int, default=None,
                      help="Sampling seed (the same seed gives the same answer)."),
         click.option("--no-repeat-ngram-size", type=int, default=0, show_default=True),

@@ -7,14 +7,20 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .options import EXPORT_DIR, engine_options, output_options, provider_names, user_errors
+from .options import (
+    EXPORT_DIR,
+    FiniteFloatRange,
+    engine_options,
+    output_options,
+    provider_names,
+    user_errors,
+)
 
 
 def make_pipeline(
@@ -33,16 +39,6 @@ def make_pipeline(
         trt_engine = TrtFlamingo(export_dir, strict_device=not allow_other_device)
         return FlamingoPipeline(export_dir, engine=trt_engine)
     return FlamingoPipeline(export_dir, providers=providers, threads=threads)
-
-
-class FiniteFloatRange(click.FloatRange):
-    """click.FloatRange that also refuses nan and inf (NaN passes every range comparison)."""
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return rv
 
 
 def _need(module: str, extra: str, what: str) -> None:
