@@ -142,3 +142,19 @@ def test_run_refuses_bad_settings_in_one_line(tiny_export: Callable, tmp_path: P
     assert result.exit_code == 0, result.output
     assert "note: temperature=0.5: only used by sampling" in result.stderr
     json.loads(result.stdout)
+
+
+def test_run_template_errors_name_the_cli_flags(tiny_export: Callable, tmp_path: Path) -> None:
+    """--task vqa and --question go together; the errors name those flags, not the library's
+    keyword (query_question) or a task the CLI does not offer (raw)."""
+    image = tmp_path / "q.png"
+    image.write_bytes(b"not read: the flags are checked first")
+    base = ["run", str(tiny_export("llama")), "--image", str(image)]
+    for args, message in (
+        (["--task", "vqa"], "--task vqa needs --question"),
+        (["--question", "What colour?"], "--question is only used with --task vqa"),
+        (["--task", "caption", "--question", "Q?"], "--question is only used with --task vqa"),
+    ):
+        result = CliRunner().invoke(main, [*base, *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "query_question" not in result.output and "raw" not in result.output
