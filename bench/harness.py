@@ -245,6 +245,8 @@ def run_bench(
     options.validate()
     if oracle and files is None:
         raise BenchError("the open_flamingo baseline needs the model files (--lm, --vision, ...)")
+    if oracle:
+        files.resolve_oracle_vision()  # type: ignore[union-attr]  # before loading anything
     say = progress or (lambda _message: None)
     threads = options.resolved_threads()
     meter = RssMeter()

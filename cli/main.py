@@ -13,9 +13,19 @@ from exporter.output import unwinding_signals
 
 from . import bench, model, precision, run, serve, trt
 from . import eval as evaluation
+from .options import suggest_renamed_flag
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except click.NoSuchOption as e:
+            suggest_renamed_flag(e)
+            raise
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flamingo-export")
 @click.pass_context
 def main(ctx: click.Context) -> None:

@@ -9,6 +9,7 @@ import click
 
 from .options import (
     MODEL_FILE_KEYS,
+    DerivedHelpOption,
     echo_json,
     limit_options,
     load_model,
@@ -22,6 +23,12 @@ from .options import (
     quantize_options,
     user_errors,
 )
+
+
+def _opset_help() -> str:
+    from trt.parser_tables import opset_advice  # needs onnx: the check extra
+
+    return opset_advice()
 
 
 @click.command()
@@ -80,7 +87,9 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     type=int,
     default=17,
     show_default=True,
-    help="ONNX opset (17 runs on TensorRT 8.5+, i.e. JetPack 5 and later).",
+    cls=DerivedHelpOption,
+    help_from=_opset_help,
+    help="ONNX opset (`check --trt-version` says which TensorRT parses an export).",
 )
 @limit_options(
     batch=False,

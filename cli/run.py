@@ -97,6 +97,10 @@ def run(
             check_text(text, flag)
     if prompt is not None and (demos is not None or task is not None or question is not None):
         raise click.UsageError("--prompt cannot be combined with --demos, --task or --question")
+    if task == "vqa" and question is None:
+        raise click.UsageError("--task vqa needs --question (the query's question)")
+    if question is not None and prompt is None and task != "vqa":
+        raise click.UsageError("--question is only used with --task vqa")
     if prompt is None and len(images) != 1:
         raise click.UsageError(
             f"a few-shot query needs exactly one --image (the query), got {len(images)}; "

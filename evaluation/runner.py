@@ -472,7 +472,8 @@ def evaluate(
     if spec.kind == "demo" and (options.rices or data_dir is not None):
         raise EvaluationError("the demo task draws its own episodes: no --data, no --rices")
     if spec.kind != "demo" and data_dir is None:
-        raise EvaluationError(f"task {task!r} needs --data DIR (its files: {spec.files})")
+        files = ", ".join(spec.files.values())
+        raise EvaluationError(f"task {task!r} needs --data DIR, a folder holding {files}")
     data = load_task_data(spec, data_dir) if spec.kind != "demo" else None  # type: ignore[arg-type]
     exports = [Path(e) for e in exports]
     pipes: dict[int, Any] = {0: open_pipeline(exports[0])}
@@ -494,7 +495,10 @@ def evaluate(
     for i, export in enumerate(exports):
         pipe = pipes.pop(i, None) or open_pipeline(export)
         label = precision_label(pipe)
-        say(f"{export} ({label}): {len(trials)} trial(s) of {spec.name}")
+        say(
+            f"{export} ({label}): {spec.name}, {options.trials} trial(s) x shots "
+            f"{','.join(map(str, options.shots))} ({len(trials)} runs)"
+        )
         answers = run_export(pipe, spec, trials, data, say, options.batch_size)
         results.append(ExportResult(str(export), label, answers))
         del pipe

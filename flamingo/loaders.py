@@ -664,6 +664,7 @@ def resolve_cross_attn_every_n(
                 f"({p.cross_attn_every_n_layers})"
             )
         requested = p.cross_attn_every_n_layers
+    given = f"--preset {preset}: " if preset is not None else ""
     if requested is None:
         return infer_cross_attn_every_n(found, num_layers, path)
     if requested < 1:
@@ -671,8 +672,8 @@ def resolve_cross_attn_every_n(
     expected = CrossAttentionConfig(every_n_layers=requested).layer_indices(num_layers)
     if found != expected:
         raise LoadError(
-            f"{path}: cross_attn_every_n_layers={requested} expects gated cross-attention before "
-            f"decoder layers {expected}, but the checkpoint has them at {found}"
+            f"{given}cross_attn_every_n_layers={requested} expects gated cross-attention before "
+            f"decoder layers {expected}, but {path} has them at {found}"
         )
     return requested
 
@@ -728,6 +729,11 @@ def load_flamingo(
     hf_config = read_json_object(cfg_file)
     lm_cfg = lm_config_from_hf(hf_config, cfg_file)
     is_mosaic = hf_config.get("model_type") == "mosaic_gpt"
+    if preset in PRESETS and PRESETS[preset].lm_family != lm_cfg.family:  # before any weights
+        raise LoadError(
+            f"--preset {preset} expects a {PRESETS[preset].lm_family} LM, but {cfg_file} is "
+            f"{lm_cfg.family}"
+        )
 
     vision_cfg, vision_sd = read_vision(vision_path, vision_heads, vision_act, report.assumptions)
     vision_cfg.tokens_after_ln_post = vision_tokens_after_ln_post
@@ -748,12 +754,6 @@ def load_flamingo(
     every_n = resolve_cross_attn_every_n(
         cross_attn_every_n_layers, preset, found, lm_cfg.num_layers, ckpt_path
     )
-    if preset is not None and PRESETS[preset].lm_family != lm_cfg.family:
-        raise LoadError(
-            f"{cfg_file}: preset {preset} expects a {PRESETS[preset].lm_family} LM, "
-            f"found {lm_cfg.family}"
-        )
-
     tok = load_tokenizer(lm_dir, Path(tokenizer_dir) if tokenizer_dir else None)
     base_vocab = lm_cfg.vocab_size
     lm_cfg.vocab_size = max(len(tok), base_vocab)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +259,9 @@ def calibration_set(
         raise CalibrationError(f"max_shots must be >= 0, got {max_shots}")
     if str(source) == "random":
         items = random_items(max(episodes, max_shots + 1), seed)
-        eps = build_episodes(items, episodes, max_shots, seed)
+        # no labels: random captions and answers are no task a model learned, so accuracy on
+        # them would be a meaningless 0% (parity prints and gates task accuracy on labels)
+        eps = [replace(e, answer=None) for e in build_episodes(items, episodes, max_shots, seed)]
         return CalibrationSet("random", eps, seed, items=len(items))
     if str(source) == "demo":
         return CalibrationSet("demo", demo_episodes(episodes, max_shots, seed), seed)

@@ -74,6 +74,8 @@ class TrtFlamingo(RowsCrossKV):
     ) -> None:
         """Real use: no device/executors (TensorRT and cuda-python are imported, engines.json
         checked against this GPU). Tests pass stand-ins (tests/trt/stand_in.py)."""
+        if executors is None:  # a missing TensorRT first, in build's words, before engines.json
+            import_tensorrt()
         self.root = Path(export_dir)
         self.manifest: Manifest = load_manifest(self.root, verify_hashes=verify_hashes)
         self.engines = load_engines_manifest(self.root, verify_hashes=verify_hashes)

@@ -192,3 +192,22 @@ RULES: dict[str, ParserRules] = {
         },
     ),
 }
+
+
+def opset_advice() -> str:
+    """Which TensorRT parsers take export's default opset 17, for `export --opset`'s help.
+
+    Derived from RULES: opset 17 exports LayerNorm as `LayerNormalization`, which only the
+    parsers listing it in `ops` import (8.5 has no importer: LAYERNORM_85_REASON).
+    """
+    ok = [r for r in RULES.values() if "LayerNormalization" in r.ops]
+    not_ok = [r for r in RULES.values() if "LayerNormalization" not in r.ops]
+    first = min(ok, key=lambda r: tuple(int(p) for p in r.version.split(".")))
+    text = (
+        f"ONNX opset. 17 (LayerNormalization) parses on TensorRT {first.version}+, i.e. "
+        f"JetPack {first.jetpack} and later"
+    )
+    if not_ok:
+        older = ", ".join(f"TensorRT {r.version} (JetPack {r.jetpack})" for r in not_ok)
+        text += f"; {older} needs --opset 16"
+    return text + "."

@@ -511,8 +511,9 @@ def plan_preset(name: str, target: Target, inputs: PlanInputs) -> Plan:
     notes = []
     if inputs.precision in ("int8", "int4"):
         notes.append(
-            f"{inputs.precision}: Linear weights quantized (Q/DQ), embeddings/head/norms fp16; "
-            "the quantized export itself is a separate issue"
+            f"{inputs.precision}: Linear weights quantized (Q/DQ), embeddings/head/norms counted "
+            "fp16, as `quantize --no-quantize-embeddings` writes them (quantize's default also "
+            "makes the embedding tables int8: less than this)"
         )
     if inputs.precision == "int4":
         notes.append("int4 blocked DequantizeLinear is parsed by TensorRT 10 only (JetPack 6.1+)")

@@ -116,7 +116,7 @@ def test_cli_bench_option_errors(tiny_export: Callable) -> None:
     missing = CliRunner().invoke(main, ["bench", export, "--reference"])
     assert missing.exit_code != 0 and "--lm, --vision and --checkpoint" in missing.output
     negative = CliRunner().invoke(main, ["bench", export, "--settle-ms", "-1"])
-    assert negative.exit_code != 0 and "settle_ms" in negative.output
+    assert negative.exit_code != 0 and "--settle-ms" in negative.output
 
 
 def test_bench_against_other_exports(tiny_export: Callable, tmp_path: Path) -> None:
@@ -179,3 +179,18 @@ def test_bench_options_refuse_a_non_finite_pause() -> None:
     for settle in (float("nan"), float("inf"), -1.0):
         with pytest.raises(BenchError, match="--settle-ms must be within"):
             BenchOptions(settle_ms=settle).validate()
+
+
+def test_oracle_without_an_hf_vision_tower_fails_before_loading(
+    tiny_paths: Callable, tiny_export: Callable, tmp_path: Path
+) -> None:
+    from bench.harness import BenchError
+
+    paths = tiny_paths("llama")
+    vision = tmp_path / "open_clip.safetensors"  # no vision_hf/ beside it
+    vision.write_bytes(Path(paths.vision_path).read_bytes())
+    files = ModelFiles(paths.lm_dir, vision, paths.checkpoint_path)
+    said: list[str] = []
+    with pytest.raises(BenchError, match="give --oracle-vision DIR"):
+        run_bench(tiny_export("llama"), BenchOptions(), files, oracle=True, progress=said.append)
+    assert said == []  # nothing loaded, nothing measured

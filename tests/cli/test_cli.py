@@ -11,6 +11,7 @@ import click
 from click.testing import CliRunner
 
 from cli.main import main
+from cli.options import RENAMED_FLAGS
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -81,6 +82,41 @@ def test_readme_glossary_names_every_flag() -> None:
     assert not missing, missing
 
 
+def _glossary_rows() -> list[tuple[list[str], str]]:
+    """(flags of the first column, commands column) per row of the README's flag table."""
+    text = README.read_text()
+    table = text[text.index("| flag |", text.index("### Flags")) :]
+    rows = []
+    for line in table[: table.index("\n\n")].splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows.append((re.findall(r"`(--[a-z0-9-]+)`", cells[0]), cells[-1]))
+    return rows
+
+
+def test_readme_glossary_lists_the_commands_each_flag_belongs_to() -> None:
+    """Every command the table lists for a flag has it, and every command with it is listed:
+    `cmd, cmd` for the row's flags, `(`--flag` also cmd)` / `(`--flag`: not cmd)` for one."""
+    claimed: dict[str, set[str]] = {}
+    for flags, commands in _glossary_rows():
+        main_list = re.sub(r"\([^)]*\)", "", commands)
+        names = {c.strip() for c in main_list.split(",") if c.strip()}
+        for flag in flags:
+            claimed.setdefault(flag, set()).update(names)
+        for note in re.findall(r"\(([^)]*)\)", commands):
+            flag = re.match(r"`(--[a-z0-9-]+)`", note)
+            assert flag, (commands, note)
+            add = re.fullmatch(r"`--[a-z0-9-]+` also ([a-z, -]+)", note)
+            drop = re.fullmatch(r"`--[a-z0-9-]+`: not ([a-z, -]+)", note)
+            assert add or drop, note
+            words = {c.strip() for c in (add or drop).group(1).split(",")}  # type: ignore[union-attr]
+            claimed[flag.group(1)] = (
+                claimed[flag.group(1)] | words if add else claimed[flag.group(1)] - words
+            )
+    actual = _flags()
+    for flag, commands in claimed.items():
+        assert commands == set(actual.get(flag, {})), (flag, commands, set(actual.get(flag, {})))
+
+
 def test_export_refuses_an_existing_output_before_loading_the_model(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -104,6 +140,11 @@ def test_renamed_flags_are_refused(tiny_export: Callable) -> None:
     src = str(tiny_export("llama"))
     result = CliRunner().invoke(main, ["quantize", src, "--precision", "int8", "--seed", "1"])
     assert result.exit_code == 2 and "No such option" in result.output
+    assert "Did you mean '--calibration-seed'?" in result.output  # as parity --seed's hint
+    flags = _flags()
+    for command, renames in RENAMED_FLAGS.items():
+        for old, new in renames.items():  # each old name is gone and its new one is there
+            assert command not in flags.get(old, {}) and command in flags[new], (command, old)
 
 
 def test_quiet_silences_progress(tiny_export: Callable, tmp_path: Path) -> None:
@@ -166,3 +207,38 @@ def test_run_refuses_bad_settings_in_one_line(tiny_export: Callable, tmp_path: P
     assert result.exit_code == 0, result.output
     assert "note: temperature=0.5: only used by sampling" in result.stderr
     json.loads(result.stdout)
+
+
+def test_readme_names_every_tiny_fixture_family() -> None:
+    from fixtures.tiny import FAMILIES
+
+    named = re.search(r"python -m fixtures\.tiny OUT --family\s+([a-z_|]+)", README.read_text())
+    assert named and tuple(named.group(1).split("|")) == FAMILIES
+
+
+def test_export_opset_help_agrees_with_the_parser_tables() -> None:
+    """What `export --help` says about --opset is derived from trt/parser_tables.py, the table
+    `check --trt-version` applies: opset 17's LayerNormalization is not parsed by 8.5."""
+    from trt.parser_tables import RULES, opset_advice
+
+    text = " ".join(CliRunner().invoke(main, ["export", "--help"]).output.split())
+    assert opset_advice() in text
+    assert "LayerNormalization" not in RULES["8.5"].ops
+    assert f"TensorRT 8.5 (JetPack {RULES['8.5'].jetpack}) needs --opset 16" in text
+    assert "8.5+" not in text
+
+
+def test_run_template_errors_name_the_cli_flags(tiny_export: Callable, tmp_path: Path) -> None:
+    """--task vqa and --question go together; the errors name those flags, not the library's
+    keyword (query_question) or a task the CLI does not offer (raw)."""
+    image = tmp_path / "q.png"
+    image.write_bytes(b"not read: the flags are checked first")
+    base = ["run", str(tiny_export("llama")), "--image", str(image)]
+    for args, message in (
+        (["--task", "vqa"], "--task vqa needs --question"),
+        (["--question", "What colour?"], "--question is only used with --task vqa"),
+        (["--task", "caption", "--question", "Q?"], "--question is only used with --task vqa"),
+    ):
+        result = CliRunner().invoke(main, [*base, *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "query_question" not in result.output and "raw" not in result.output

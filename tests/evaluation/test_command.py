@@ -28,8 +28,9 @@ def test_json_has_scores_per_shot_and_trial_and_every_prediction(tiny_export, tm
     data = build_vqa(tmp_path / "vqa", "vqav2")
     result = _eval(export, export, "--task", "vqav2", "--data", str(data), "--shots", "0,2",
                    "--trials", "2", "--seed", "9", "--num-samples", "4", "--query-set-size", "6",
-                   "--json", "--report", str(tmp_path / "r.md"), "-q")  # fmt: skip
+                   "--json", "--report", str(tmp_path / "r.md"))  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "vqav2, 2 trial(s) x shots 0,2 (4 runs)" in result.stderr  # not "4 trial(s)"
     out = json.loads(result.stdout)
     assert out["task"] == "vqav2" and out["metric"] == "VQA accuracy"
     assert out["protocol"]["trial_seeds"] == [9, 10] and out["protocol"]["num_beams"] == 3
@@ -50,6 +51,7 @@ def test_errors_are_one_line_and_name_what(tiny_export, tmp_path) -> None:
     export = str(tiny_export("llama"))
     result = _eval(export, "--task", "coco")
     assert result.exit_code == 1 and "needs --data DIR" in result.output
+    assert "train2014, val2014, dataset_coco.json" in result.output and "{" not in result.output
     result = _eval(export, "--task", "textvqa", "--data", str(tmp_path))
     assert result.exit_code == 1 and "train_images" in result.output
     result = _eval(export, "--task", "demo", "--data", str(tmp_path))

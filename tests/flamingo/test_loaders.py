@@ -60,9 +60,22 @@ def test_preset_and_interval(tiny_paths) -> None:
     with pytest.raises(LoadError, match="unknown preset 'nope'"):
         load_flamingo(p.lm_dir, p.vision_path, p.checkpoint_path, preset="nope")
     # OpenFlamingo-4B is GPT-NeoX with interval 2: the interval fits, the family does not
-    with pytest.raises(LoadError, match="expects a gpt_neox LM, found mpt"):
+    with pytest.raises(LoadError, match="--preset OpenFlamingo-4B-vitl-rpj3b expects a gpt_neox "
+                       r"LM, but .*config.json is mpt"):  # fmt: skip
         load_flamingo(
             p.lm_dir, p.vision_path, p.checkpoint_path, preset="OpenFlamingo-4B-vitl-rpj3b"
+        )
+    # a preset whose interval contradicts the checkpoint: the error names the preset
+    interval = r"--preset OpenFlamingo-9B-vitl-mpt7b: cross_attn_every_n_layers=4 expects .* \[3\]"
+    with pytest.raises(LoadError, match=interval + r", but .* \[1, 3\]"):
+        load_flamingo(
+            p.lm_dir, p.vision_path, p.checkpoint_path, preset="OpenFlamingo-9B-vitl-mpt7b"
+        )
+    # the family is checked first (before any weights): a llama LM under an mpt preset
+    q = tiny_paths("llama")
+    with pytest.raises(LoadError, match="--preset OpenFlamingo-9B-vitl-mpt7b expects a mpt LM"):
+        load_flamingo(
+            q.lm_dir, q.vision_path, q.checkpoint_path, preset="OpenFlamingo-9B-vitl-mpt7b"
         )
 
 

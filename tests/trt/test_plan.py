@@ -207,3 +207,37 @@ def test_targets_table_is_complete() -> None:
         assert t.default_trt in ("8.5", "8.6", "10")
     assert {t.compute_capability for t in TARGETS.values() if t.jetpacks} == {"8.7"}
     assert math.isclose(get_target("orin-nano-8gb").memory_bytes / GiB, 8)
+
+
+def test_int8_note_says_what_quantize_writes() -> None:
+    """The note describes the quantized exports that exist (quantize's embedding default)."""
+    from precision.quantize import QuantizeOptions
+
+    nano = get_target("orin-nano-8gb")
+    notes = plan_preset("OpenFlamingo-3B-vitl-mpt1b", nano, PlanInputs(1, 32, 2048, "int8")).notes
+    assert QuantizeOptions().quantize_embeddings  # the default the note contrasts with
+    assert any("--no-quantize-embeddings" in n for n in notes), notes
+    assert not any("separate issue" in n for n in notes), notes
+
+
+def test_jetson_doc_table_is_plan_output() -> None:
+    """docs/jetson.md's Orin Nano table: each cell is what `plan` computes."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "jetson.md").read_text()
+    nano = get_target("orin-nano-8gb")
+    names = {"3B": "OpenFlamingo-3B-vitl-mpt1b", "4B": "OpenFlamingo-4B-vitl-rpj3b",
+             "9B": "OpenFlamingo-9B-vitl-mpt7b"}  # fmt: skip
+    rows = 0
+    for size, name in names.items():
+        row = next(line for line in doc.splitlines() if line.startswith(f"| OpenFlamingo-{size}"))
+        for cell, precision in zip(row.strip("|").split("|")[1:], ("fp16", "int8", "int4")):
+            p = plan_preset(name, nano, PlanInputs(1, 32, 2048, precision))
+            verdict = (
+                "fits" if p.fits
+                else f"up to {p.largest_max_seq_len} tokens" if p.largest_max_seq_len else "no"
+            )  # fmt: skip
+            expected = f"{p.lines['weights'] / GiB:.2f} / {p.total_bytes / GiB:.2f} GiB: {verdict}"
+            assert cell.strip() == expected, (name, precision)
+            rows += 1
+    assert rows == 9

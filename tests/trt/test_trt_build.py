@@ -230,8 +230,13 @@ def test_build_without_tensorrt_is_a_clear_error(tiny_export, tmp_path: Path) ->
     result = CliRunner().invoke(main, ["build", str(out), "--target", "orin-nano-8gb"])
     assert result.exit_code == 1 and "not importable" in result.output
     assert not (out / ENGINES_NAME).exists()
-    result = CliRunner().invoke(main, ["run", str(out), "--engine", "tensorrt", "--prompt", "hi"])
-    assert result.exit_code == 1 and "no engines.json" in result.output
+    # run and eval name the missing TensorRT as build does, not the engines.json build would write
+    for args in (["run", str(out), "--prompt", "hi"], ["eval", str(out), "--task", "demo"]):
+        result = CliRunner().invoke(main, [*args, "--engine", "tensorrt"])
+        assert result.exit_code == 1 and "TensorRT's Python package is not importable" in (
+            result.output
+        ), result.output
+        assert "engines.json" not in result.output
 
 
 # ---------------------------------------------------------------------------------------------
