@@ -382,7 +382,7 @@ def test_sensitivity_ranks_groups_and_suggests_keep_list(tiny_export: Callable) 
 
 
 def test_sensitivity_budget_picks_the_fewest_kept_groups_that_meet_it(
-    tiny_export: Callable, tmp_path: Path
+    tiny_export: Callable, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--budget: bisection over 'keep the k most sensitive groups'; the written export meets
     the budget on re-measurement, every smaller k evaluated misses it."""
@@ -413,8 +413,11 @@ def test_sensitivity_budget_picks_the_fewest_kept_groups_that_meet_it(
     episodes = calibration_set("random", episodes=2, seed=1234).episodes
     again = run_parity(OnnxBackend(src), OnnxBackend(out), episodes, tokenizer, decode_steps=2)
     assert again["metrics"]["decoder"]["cosine"] >= budget
-    # a budget no mix can meet, and -o without a budget
-    bad = CliRunner().invoke(main, [*args, "--budget", "decoder_cosine=1.5"])
+    # a budget no mix can meet (every evaluation fails it), and -o without a budget
+    import precision.sensitivity
+
+    monkeypatch.setattr(precision.sensitivity, "gate", lambda *_a: ["decoder_cosine 0.9 < 1"])
+    bad = CliRunner().invoke(main, [*args, "--budget", "decoder_cosine=1"])
     assert bad.exit_code == 1 and "cannot meet the budget" in bad.output
     usage = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x")])
     assert usage.exit_code == 2 and "needs --budget" in usage.output
