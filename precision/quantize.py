@@ -785,7 +785,9 @@ def _quantize_into(
             external = save_graph(model, path)
             onnx.checker.check_model(str(path), full_check=False)
             spec = spec_from_graph(model, entry.spec)
-            graphs[name] = GraphEntry(entry.file, precision, default_opset(model), spec, external)
+            graphs[name] = GraphEntry(
+                entry.file, precision, default_opset(model), spec, external, entry.form
+            )
             record[name] = info
             size = sum((tmp / f).stat().st_size for f in (entry.file, *external))
             say(
