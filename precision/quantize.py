@@ -758,7 +758,7 @@ def _quantize_into(
             name_nodes(model)
             keep = matched_nodes(model, options.keep_nodes)
             info: dict[str, Any] = {"keep_nodes": keep} if keep else {}
-            backends = ["onnxruntime", "tensorrt"]
+            backends = list(entry.form.backends)  # a non-portable decoder form: onnxruntime
             with quiet_onnxruntime_tools():
                 if precision == "fp16":
                     model, more = to_fp16(model, options.fp16_keep, keep, work)
@@ -771,7 +771,7 @@ def _quantize_into(
                 else:
                     more = {}
             if precision == "int4" and options.int4_format == "matmulnbits":
-                backends = ["onnxruntime"]
+                backends = [b for b in backends if b == "onnxruntime"]
             info.update(more)
             info["backends"] = backends
             if "tensorrt" in backends:

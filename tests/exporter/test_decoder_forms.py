@@ -275,3 +275,32 @@ def test_export_writes_the_form_directly(tiny_model, form_export, tmp_path) -> N
     config = GenerationConfig(max_new_tokens=8, eos_token_ids=())
     ref = _generate(form_export("llama", PORTABLE), tok, PROMPTS[2], config)
     assert _generate(out, tok, PROMPTS[2], config).sequences == ref.sequences
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"decoder": "int8", "int8_mode": "weight-only"},
+        {"decoder": "int4", "int4_format": "matmulnbits", "block_size": 32},
+    ],
+    ids=["int8-weight-only", "int4-matmulnbits"],
+)
+def test_quantized_forms_generate_the_quantized_portable_tokens(
+    tiny_model, form_export, tmp_path, options
+) -> None:
+    """Quantizing a derived form keeps it (manifest, onnxruntime-only backends) and computes
+    what the portable export quantized the same way computes: same greedy tokens."""
+    from precision.quantize import QuantizeOptions, quantize_export
+
+    _, tok, _, _ = tiny_model("llama")
+    config = GenerationConfig(max_new_tokens=16, eos_token_ids=())
+    results = {}
+    for form in (PORTABLE, BOTH):
+        out = tmp_path / ("portable" if form.portable else "both")
+        quantize_export(form_export("llama", form), out, QuantizeOptions(vision="fp32", **options))
+        manifest = load_manifest(out)
+        assert manifest.graphs["decoder"].form == form
+        if not form.portable:
+            assert manifest.quantization["decoder"]["backends"] == ["onnxruntime"]
+        results[form] = [_generate(out, tok, p, config).sequences for p in PROMPTS]
+    assert results[BOTH] == results[PORTABLE]
