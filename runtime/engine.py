@@ -449,6 +449,8 @@ class OrtInplaceStepModel(OrtStepModel):
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
+        self._logits: np.ndarray | None = None  # the bound logits buffer (IOBinding)
+        self._logits_dtype = np.dtype(self.engine.decoder_spec.outputs[0].dtype)
         start = self.past  # (B, kv_heads, S, Dh) arrays: the given cache or empty
         self._length = next(iter(start.values())).shape[2]
         self._buffers: dict[str, np.ndarray] = {}
@@ -509,15 +511,22 @@ class OrtInplaceStepModel(OrtStepModel):
             for name, value in cross.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             self._bound_cross = cross
-        binding.bind_output("logits", "cpu")  # unallocated: its shape changes with new/logits
         if not self._kv_bound:
             for past, present in zip(self.past_names, self._present_names):
                 binding.bind_ortvalue_input(past, self._values[past])
                 binding.bind_ortvalue_output(present, self._values[past])
             self._kv_bound = True
+        # logits into a buffer of ours, rebound only when its shape changes (prefill -> decode)
+        positions = feed["input_ids"].shape[1]
+        if "logits_index" in feed:
+            positions = len(feed["logits_index"])
+        shape = (self.batch, positions, self.engine.dims.vocab_size)
+        if self._logits is None or self._logits.shape != shape:
+            self._logits = np.empty(shape, dtype=self._logits_dtype)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
         self.session.run_with_iobinding(binding)
         self._length = total
-        return binding.get_outputs()[0].numpy()
+        return self._logits
 
     @property
     def _present_names(self) -> list[str]:
