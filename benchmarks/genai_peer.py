@@ -170,7 +170,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         derive_export(src, work / "form", form)
     src = work / "form"
     manifest = load_manifest(src)
-    engine = OnnxFlamingo(src, threads=args.threads)
+    engine = OnnxFlamingo(src, threads=args.threads, spin=not args.no_spin)
     dims = engine.dims
     n_images = args.shots + 1
     rng = np.random.default_rng(args.seed)
@@ -245,6 +245,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "max_new_tokens": new,
         "repeats": args.repeats,
         "threads": args.threads or os.cpu_count(),
+        "our_decoder_spins": not args.no_spin,
         "cpu": cpu_name(),
         "loadavg": os.getloadavg(),
         "onnxruntime_genai": og.__version__,
@@ -262,6 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="default 5")
     parser.add_argument("--threads", type=int, default=None, help="default: all CPUs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-spin", action="store_true", help="our decoder's idle workers do not spin"
+    )
     args = parser.parse_args(argv)
     if args.max_new_tokens < 2 or args.repeats < 1 or args.shots < 0:
         parser.error("--max-new-tokens >= 2, --repeats >= 1, --shots >= 0")

@@ -123,14 +123,18 @@ def make_session(
 
 
 def ort_session_factory(
-    providers: Sequence[str] = DEFAULT_PROVIDERS, threads: int | None = None, optimize: bool = True
+    providers: Sequence[str] = DEFAULT_PROVIDERS,
+    threads: int | None = None,
+    optimize: bool = True,
+    spin: bool = True,
 ) -> SessionFactory:
     """OnnxFlamingo's default sessions: `make_session` per graph, the vision graph's idle
-    workers not spinning (NO_SPIN_GRAPHS)."""
+    workers not spinning (NO_SPIN_GRAPHS); `spin=False`: no graph's (on a machine whose cores
+    other processes share, a spinning worker burns the time slices the step needs)."""
 
     def make(name: str, path: Path) -> ort.InferenceSession:
-        spin = name not in NO_SPIN_GRAPHS
-        return make_session(path, providers, threads, spin=spin, optimize=optimize)
+        spin_here = spin and name not in NO_SPIN_GRAPHS
+        return make_session(path, providers, threads, spin=spin_here, optimize=optimize)
 
     return make
 
@@ -209,16 +213,18 @@ class OnnxFlamingo(RowsCrossKV):
         verify_hashes: bool = True,
         *,
         session_factory: SessionFactory | None = None,
+        spin: bool = True,
     ) -> None:
         """`session_factory(graph name, ONNX path)` makes each graph's session instead of
         onnxruntime with `providers` and `threads` (e.g. an unoptimized or reference executor,
-        a recording wrapper); its sessions are checked against the spec like the default's."""
+        a recording wrapper); its sessions are checked against the spec like the default's.
+        `spin=False`: the decoder's idle workers do not spin either (`ort_session_factory`)."""
         self.root = Path(export_dir)
         self.manifest: Manifest = load_manifest(self.root, verify_hashes=verify_hashes)
         self.dims = ModelDims.from_config(self.manifest.model)
         check_providers(providers)
         self.providers = tuple(providers)
-        make = session_factory or ort_session_factory(providers, threads)
+        make = session_factory or ort_session_factory(providers, threads, spin=spin)
         self.sessions: dict[str, Session] = {}
         for name, entry in self.manifest.graphs.items():
             path = self.manifest.path(self.root, entry.file)

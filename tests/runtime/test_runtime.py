@@ -215,6 +215,10 @@ def test_vision_workers_do_not_spin_into_the_decoder(tiny_export) -> None:
     pipe = FlamingoPipeline(tiny_export("llama"), threads=2)
     assert spinning(pipe.engine.sessions["vision"]) == "0"
     assert spinning(pipe.engine.sessions["decoder"]) == "default"
+    from runtime.engine import OnnxFlamingo
+
+    quiet = OnnxFlamingo(tiny_export("llama"), threads=2, spin=False)  # a shared machine's choice
+    assert spinning(quiet.sessions["vision"]) == spinning(quiet.sessions["decoder"]) == "0"
 
 
 def test_beams_share_their_prompts_image_kv(tiny_export, images) -> None:
