@@ -16,7 +16,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from decode_forms_bench import timed_generate  # noqa: E402
 from genai_peer import cpu_name, export_demo, prompt_ids  # noqa: E402
 
 from runtime.spec import DecoderForm  # noqa: E402
@@ -36,7 +36,6 @@ def profile_form(folder: Path, threads: int | None, shots: int, new: int, seed: 
     import onnxruntime as ort
 
     from runtime.engine import NO_SPIN_GRAPHS, OnnxFlamingo, make_session
-    from runtime.generation import GenerationConfig, generate
 
     prefix = str(Path(tempfile.mkdtemp(prefix="ort_profile_")) / "decoder")
 
@@ -60,27 +59,8 @@ def profile_form(folder: Path, threads: int | None, shots: int, new: int, seed: 
         engine.encode_images(pixels.astype(np.float32)), [list(range(shots + 1))]
     )
     ids = prompt_ids(engine.manifest, shots, seed)
-    model = engine.step_model(cross, np.array([shots + 1]))
+    timed = timed_generate(engine, cross, shots + 1, ids, new)
     session = engine.sessions["decoder"]
-    runs: list[float] = []
-    steps: list[float] = []
-    run, step = session.run_with_iobinding, model.step
-
-    def timed_run(*a: Any) -> Any:
-        t = time.perf_counter()
-        out = run(*a)
-        runs.append(time.perf_counter() - t)
-        return out
-
-    def timed_step(*a: Any) -> Any:
-        t = time.perf_counter()
-        out = step(*a)
-        steps.append(time.perf_counter() - t)
-        return out
-
-    session.run_with_iobinding = timed_run
-    model.step = timed_step  # type: ignore[method-assign]
-    generate(model, ids, np.ones_like(ids), GenerationConfig(new, eos_token_ids=()))
     trace = json.loads(Path(session.end_profiling()).read_text())
     # node events per model run, in order; the first run is the prefill
     by_run: list[collections.Counter] = []
@@ -94,12 +74,11 @@ def profile_form(folder: Path, threads: int | None, shots: int, new: int, seed: 
     for counter in decode:
         ops.update(counter)
     total = sum(ops.values())
+    steps, runs = timed["steps_ms"], timed["runs_ms"]
     return {
-        "step_ms": round(1e3 * statistics.median(steps[1:]), 3),
-        "session_run_ms": round(1e3 * statistics.median(runs[1:]), 3),
-        "outside_run_ms": round(
-            1e3 * statistics.median(s - r for s, r in zip(steps[1:], runs[1:])), 3
-        ),
+        "step_ms": round(statistics.median(steps), 3),
+        "session_run_ms": round(statistics.median(runs), 3),
+        "outside_run_ms": round(statistics.median(s - r for s, r in zip(steps, runs)), 3),
         "kernel_ms_per_step": round(total / 1e3 / max(1, len(decode)), 3),
         "op_share": {k: round(v / total, 3) for k, v in ops.most_common(10)},
     }

@@ -359,6 +359,17 @@ class OrtStepModel(BaseStepModel):
             feed["logits_index"] = logits_index(t, all_positions)
         return self._run(feed, cross)
 
+    def _bind_inputs(self, feed: dict[str, np.ndarray], cross: dict[str, np.ndarray]) -> Any:
+        """Bind this step's feeds, and the cross K/V where they changed; the IOBinding."""
+        binding = self._binding
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        if self._bound_cross is not cross:
+            for name, value in cross.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            self._bound_cross = cross
+        return binding
+
     def _run(self, feed: dict[str, np.ndarray], cross: dict[str, np.ndarray]) -> np.ndarray:
         """One decoder run over `feed` and `cross`; the presents become the cache."""
         if self._binding is None:
@@ -367,13 +378,7 @@ class OrtStepModel(BaseStepModel):
             logits, *presents = self.session.run(None, feed)
             self._past = dict(zip(self.past_names, presents))
             return logits
-        binding = self._binding
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        if self._bound_cross is not cross:
-            for name, value in cross.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            self._bound_cross = cross
+        binding = self._bind_inputs(feed, cross)
         for name, value in self._past.items():
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
@@ -510,13 +515,7 @@ class OrtInplaceStepModel(OrtStepModel):
             self._set_buffers(dict(zip(self.past_names, presents)))
             self._length = total
             return logits
-        binding = self._binding
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        if self._bound_cross is not cross:
-            for name, value in cross.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
-            self._bound_cross = cross
+        binding = self._bind_inputs(feed, cross)
         if not self._kv_bound:
             for past, present in zip(self.past_names, self._present_names):
                 binding.bind_ortvalue_input(past, self._values[past])
