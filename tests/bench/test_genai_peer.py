@@ -49,3 +49,19 @@ def test_genai_peer_json_on_the_demo_export(demo_export: Path) -> None:
         assert math.isfinite(report[key]) and report[key] > 0
     assert report["form"] == {"kv_cache": "concat", "indices": "in-graph"}
     assert report["threads"] >= 1 and report["cpu"]
+
+
+def test_decode_forms_bench_reports_each_form(tiny_export: Callable, capsys) -> None:
+    """benchmarks/decode_forms_bench.py: both forms decode the same tokens at each shot count,
+    every figure is there and finite (timings never asserted)."""
+    import decode_forms_bench
+
+    args = [str(tiny_export("mpt")), "--shots", "0,2", "--repeats", "1", "--json"]
+    assert decode_forms_bench.main([*args, "--max-new-tokens", "4", "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["shots"] for r in report["rows"]] == [0, 2]
+    for row in report["rows"]:
+        assert row["tokens_identical"] is True
+        for form in ("portable", "inplace"):
+            assert all(math.isfinite(v) and v > 0 for v in row[form].values())
+    assert report["floor_ms"] > 0 and report["cpu"]
