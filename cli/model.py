@@ -97,6 +97,15 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     seq_default="the LM's context (max_position_embeddings), at most 2048; a longer value is "
     "refused, except for ALiBi LMs (MPT), which extrapolate: a warning",
 )
+@click.option(
+    "--decoder-form",
+    default="portable",
+    show_default=True,
+    help="The decoder graph's form, a comma list: 'portable' (what TensorRT parses), "
+    "'in-graph' (media and logits indices computed in the graph: onnxruntime-genai can drive "
+    "it), 'inplace' (GroupQueryAttention appending to a preallocated KV cache); the last two "
+    "run on onnxruntime only (runtime.spec.DecoderForm).",
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @precision_options(default="fp32")
 @quantize_options
@@ -108,6 +117,7 @@ def export(
     opset: int,
     max_images: int | None,
     max_seq_len: int | None,
+    decoder_form: str,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -117,10 +127,14 @@ def export(
     (at --precision: exported fp32, then quantized)."""
     from exporter.export import ExportOptions, check_output
     from precision.quantize import export_at_precision
+    from runtime.spec import DecoderForm
 
     limits = {"max_images": max_images, "max_seq_len": max_seq_len}
     options = ExportOptions(
-        opset=opset, force=force, **{k: v for k, v in limits.items() if v is not None}
+        opset=opset,
+        force=force,
+        decoder_form=DecoderForm.parse(decoder_form),
+        **{k: v for k, v in limits.items() if v is not None},
     )
     # everything that can be refused is refused before the (slow) model load
     options.validate()

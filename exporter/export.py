@@ -28,8 +28,10 @@ from runtime.spec import (
     MEDIA_KEYS,
     NUM_IMAGES,
     PAST_SEQUENCE,
+    PORTABLE,
     SEQUENCE,
     TOTAL_SEQUENCE,
+    DecoderForm,
     GraphSpec,
     ModelDims,
     decoder_spec,
@@ -72,6 +74,8 @@ class ExportOptions:
     # None: the LM's context (max_position_embeddings), at most DEFAULT_MAX_SEQ_LEN
     max_seq_len: int | None = None
     force: bool = False
+    # the decoder's form (runtime.spec.DecoderForm; exporter/decoder_forms.py rewrites into it)
+    decoder_form: DecoderForm = PORTABLE
 
     def validate(self) -> None:
         """What can be refused before the model is loaded (with_model checks against it)."""
@@ -87,6 +91,7 @@ class ExportOptions:
             )
         if self.max_images < 1:
             raise ExportError(f"--max-images must be >= 1, got {self.max_images}")
+        self.decoder_form.validate()
         if self.max_seq_len is not None and not 2 <= self.max_seq_len <= MAX_SEQ_LEN:
             raise ExportError(
                 f"--max-seq-len must be in [2, {MAX_SEQ_LEN}], got {self.max_seq_len}"
@@ -353,7 +358,13 @@ def _export_into(
                 path,
                 options.opset,
             )
-            graphs[name] = GraphEntry(path.name, "fp32", options.opset, spec, external)
+            form = options.decoder_form if name == "decoder" else PORTABLE
+            if not form.portable:
+                from .decoder_forms import rewrite_graph_file
+
+                rewrite_graph_file(path, form, cfg, {"media_token_id": model.cfg.media_token_id})
+                spec = decoder_spec(dims, io_dtype, form)
+            graphs[name] = GraphEntry(path.name, "fp32", options.opset, spec, external, form)
             size = sum((tmp / f).stat().st_size for f in (path.name, *external))
             say(f"{name} graph: {size / 2**20:.1f} MiB in {time.perf_counter() - start:.1f} s")
 

@@ -760,7 +760,7 @@ def _quantize_into(
             name_nodes(model)
             keep = matched_nodes(model, options.keep_nodes)
             info: dict[str, Any] = {"keep_nodes": keep} if keep else {}
-            backends = ["onnxruntime", "tensorrt"]
+            backends = list(entry.form.backends)  # a non-portable decoder form: onnxruntime
             with quiet_onnxruntime_tools():
                 if precision == "fp16":
                     model, more = to_fp16(model, options.fp16_keep, keep, work)
@@ -773,7 +773,7 @@ def _quantize_into(
                 else:
                     more = {}
             if precision == "int4" and options.int4_format == "matmulnbits":
-                backends = ["onnxruntime"]
+                backends = [b for b in backends if b == "onnxruntime"]
             info.update(more)
             info["backends"] = backends
             if "tensorrt" in backends:
@@ -787,7 +787,9 @@ def _quantize_into(
             external = save_graph(model, path)
             onnx.checker.check_model(str(path), full_check=False)
             spec = spec_from_graph(model, entry.spec)
-            graphs[name] = GraphEntry(entry.file, precision, default_opset(model), spec, external)
+            graphs[name] = GraphEntry(
+                entry.file, precision, default_opset(model), spec, external, entry.form
+            )
             record[name] = info
             size = sum((tmp / f).stat().st_size for f in (entry.file, *external))
             say(

@@ -46,6 +46,24 @@ class MediaCounter:
         self.num_images = self.num_images[index]
 
 
+def in_graph_media_index(
+    input_ids: np.ndarray, past_length: int, images: int, media_token_id: int
+) -> np.ndarray:
+    """The media index a decoder with in-graph indices (runtime.spec.DecoderForm) computes:
+    clip(before + cumsum(ids == <image>), 0, images), with `images` the images in the
+    cross-attention K/V fed (media_keys / num_latents) and before = 0 for a prefill from an
+    empty cache, images - (<image> tokens in these ids) after one, so generated tokens attend to
+    the last image (OpenFlamingo's cached-media generation). It equals `MediaCounter` for rows
+    whose K/V hold exactly their own images and whose earlier images are all cached; not for
+    rows padded to another row's image count, nor for text-only rows after the prefill, nor for
+    IDEFICS's processor mask (a one-hot per token that no count of `<image>` tokens reproduces).
+    exporter/decoder_forms.py builds the same rule from ONNX ops."""
+    is_media = (input_ids == media_token_id).astype(np.int64)
+    count = np.cumsum(is_media, axis=1)
+    before = (images - is_media.sum(axis=1, keepdims=True)) if past_length > 0 else 0
+    return np.clip(before + count, 0, images)
+
+
 def position_ids(attention_mask: np.ndarray, num_new: int) -> np.ndarray:
     """HF's rule under left padding: cumsum(mask) - 1 with pads at 1; the last num_new columns."""
     pos = np.cumsum(attention_mask, axis=-1, dtype=np.int64) - 1

@@ -20,12 +20,13 @@ from .decoding import (
     RowsCrossKV,
     current_image_kv,
     current_image_offsets,
+    in_graph_media_index,
     logits_index,
     position_ids,
 )
 from .errors import FlamingoExportError
 from .manifest import Manifest, ManifestError, load_manifest
-from .spec import GraphSpec, ModelDims, past_names
+from .spec import DecoderFormError, GraphSpec, ModelDims, past_names
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 # Intra-op threads accepted (0 / None: onnxruntime's default, all cores). More cores than any
@@ -122,14 +123,18 @@ def make_session(
 
 
 def ort_session_factory(
-    providers: Sequence[str] = DEFAULT_PROVIDERS, threads: int | None = None, optimize: bool = True
+    providers: Sequence[str] = DEFAULT_PROVIDERS,
+    threads: int | None = None,
+    optimize: bool = True,
+    spin: bool = True,
 ) -> SessionFactory:
     """OnnxFlamingo's default sessions: `make_session` per graph, the vision graph's idle
-    workers not spinning (NO_SPIN_GRAPHS)."""
+    workers not spinning (NO_SPIN_GRAPHS); `spin=False`: no graph's (on a machine whose cores
+    other processes share, a spinning worker burns the time slices the step needs)."""
 
     def make(name: str, path: Path) -> ort.InferenceSession:
-        spin = name not in NO_SPIN_GRAPHS
-        return make_session(path, providers, threads, spin=spin, optimize=optimize)
+        spin_here = spin and name not in NO_SPIN_GRAPHS
+        return make_session(path, providers, threads, spin=spin_here, optimize=optimize)
 
     return make
 
@@ -208,16 +213,18 @@ class OnnxFlamingo(RowsCrossKV):
         verify_hashes: bool = True,
         *,
         session_factory: SessionFactory | None = None,
+        spin: bool = True,
     ) -> None:
         """`session_factory(graph name, ONNX path)` makes each graph's session instead of
         onnxruntime with `providers` and `threads` (e.g. an unoptimized or reference executor,
-        a recording wrapper); its sessions are checked against the spec like the default's."""
+        a recording wrapper); its sessions are checked against the spec like the default's.
+        `spin=False`: the decoder's idle workers do not spin either (`ort_session_factory`)."""
         self.root = Path(export_dir)
         self.manifest: Manifest = load_manifest(self.root, verify_hashes=verify_hashes)
         self.dims = ModelDims.from_config(self.manifest.model)
         check_providers(providers)
         self.providers = tuple(providers)
-        make = session_factory or ort_session_factory(providers, threads)
+        make = session_factory or ort_session_factory(providers, threads, spin=spin)
         self.sessions: dict[str, Session] = {}
         for name, entry in self.manifest.graphs.items():
             path = self.manifest.path(self.root, entry.file)
@@ -258,7 +265,10 @@ class OnnxFlamingo(RowsCrossKV):
         media_count: np.ndarray | None = None,
         io_binding: bool = True,
     ) -> OrtStepModel:
-        return OrtStepModel(self, cross_kv, num_images, past, media_count, io_binding)
+        """A step model over the decoder: `OrtInplaceStepModel` for the in-place KV form."""
+        inplace = self.manifest.graphs["decoder"].form.kv_cache == "inplace"
+        cls = OrtInplaceStepModel if inplace else OrtStepModel
+        return cls(self, cross_kv, num_images, past, media_count, io_binding)
 
 
 Past = dict[str, Any]  # name -> np.ndarray or ort.OrtValue (IOBinding outputs)
@@ -311,6 +321,8 @@ class OrtStepModel(BaseStepModel):
         self.current_image_only = True
         self._local: tuple[dict, tuple, dict[str, np.ndarray]] | None = None  # current image's
         self._output_names = engine.decoder_spec.output_names
+        form = engine.manifest.graphs["decoder"].form
+        self.in_graph_indices = form.indices == "in-graph"
 
     @property
     def uses_io_binding(self) -> bool:
@@ -339,14 +351,16 @@ class OrtStepModel(BaseStepModel):
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.uses_position_ids:
             feed["position_ids"] = position_ids(attention_mask, t)
-        feed["media_index"], cross = self._cross_for(self.media(input_ids))
-        feed["logits_index"] = logits_index(t, all_positions)
-        if self._binding is None:
-            feed.update(cross)
-            feed.update(self.past)
-            logits, *presents = self.session.run(None, feed)
-            self._past = dict(zip(self.past_names, presents))
-            return logits
+        media, cross = self._cross_for(self.media(input_ids))
+        if self.in_graph_indices:
+            cross = self._check_in_graph(input_ids, attention_mask, media, cross)
+        else:
+            feed["media_index"] = media
+            feed["logits_index"] = logits_index(t, all_positions)
+        return self._run(feed, cross)
+
+    def _bind_inputs(self, feed: dict[str, np.ndarray], cross: dict[str, np.ndarray]) -> Any:
+        """Bind this step's feeds, and the cross K/V where they changed; the IOBinding."""
         binding = self._binding
         for name, value in feed.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -354,6 +368,17 @@ class OrtStepModel(BaseStepModel):
             for name, value in cross.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             self._bound_cross = cross
+        return binding
+
+    def _run(self, feed: dict[str, np.ndarray], cross: dict[str, np.ndarray]) -> np.ndarray:
+        """One decoder run over `feed` and `cross`; the presents become the cache."""
+        if self._binding is None:
+            feed.update(cross)
+            feed.update(self.past)
+            logits, *presents = self.session.run(None, feed)
+            self._past = dict(zip(self.past_names, presents))
+            return logits
+        binding = self._bind_inputs(feed, cross)
         for name, value in self._past.items():
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
@@ -367,6 +392,34 @@ class OrtStepModel(BaseStepModel):
         logits, *presents = binding.get_outputs()
         self._past = dict(zip(self.past_names, presents))
         return logits.numpy()
+
+    def _check_in_graph(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        media: np.ndarray,
+        cross: dict[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """The cross K/V to feed a decoder with in-graph indices, checked to make the graph
+        compute `media` (runtime.decoding.in_graph_media_index); rows that have seen no image
+        get K/V of no keys (the graph then computes index 0). Raises DecoderFormError where
+        the in-graph rule gives other indices. (Its logits are every new position's.)"""
+        t = input_ids.shape[1]
+        if not media.any():
+            cross = {k: v[:, :, :0] for k, v in cross.items()}
+        keys = next(iter(cross.values())).shape[2] if cross else 0
+        images = keys // self.engine.dims.num_latents
+        past = attention_mask.shape[1] - t
+        expected = in_graph_media_index(input_ids, past, images, self.engine.media_token_id)
+        if not np.array_equal(expected, media):
+            raise DecoderFormError(
+                "this export's decoder computes media indices in the graph (OpenFlamingo's "
+                "rule: each token attends to the latest <image> before it, generated tokens to "
+                "the last one), which cannot express this batch (rows with different image "
+                "counts, or a row without images beside rows with them); run it with an export "
+                "in the portable decoder form"
+            )
+        return cross
 
     def _cross_for(self, media: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(media_index, cross K/V) to feed: each row's current image's keys alone where every
@@ -391,4 +444,100 @@ class OrtStepModel(BaseStepModel):
 
     def _reorder(self, index: np.ndarray) -> None:
         self._past = {k: np.ascontiguousarray(v[index]) for k, v in self.past.items()}
+        self._cross_rows = self._cross_rows[index]
+
+
+class OrtInplaceStepModel(OrtStepModel):
+    """StepModel over a decoder in the in-place KV form (runtime.spec.DecoderForm
+    kv_cache="inplace"): each layer's K and V live in one preallocated (batch, kv_heads,
+    capacity, head_dim) buffer bound as both `past_key_values.{i}.*` and `present.{i}.*`, so
+    GroupQueryAttention writes the new positions in place and no step copies the cache. The
+    capacity grows by doubling (one copy) when a step would pass it. Without IOBinding the
+    buffers go through `session.run` (same kernels, the presents are new buffers).
+    """
+
+    GROWTH = 256  # capacity granularity in positions
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._logits: np.ndarray | None = None  # the bound logits buffer (IOBinding)
+        self._logits_dtype = np.dtype(self.engine.decoder_spec.outputs[0].dtype)
+        start = self.past  # (B, kv_heads, S, Dh) arrays: the given cache or empty
+        self._length = next(iter(start.values())).shape[2]
+        self._buffers: dict[str, np.ndarray] = {}
+        self._grow(self._length + 1)
+        for name, value in start.items():
+            self._buffers[name][:, :, : self._length] = value
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self._buffers.values())).shape[2] if self._buffers else 0
+
+    def _grow(self, needed: int) -> None:
+        """Buffers of at least `needed` positions (at least double the current), cache kept."""
+        dims = self.engine.dims
+        size = max(needed, 2 * self.capacity)
+        size = -(-size // self.GROWTH) * self.GROWTH
+        shape = (self.batch, dims.num_kv_heads, size, dims.head_dim)
+        grown = {}
+        for name in self.past_names:
+            buf = np.zeros(shape, dtype=self.engine.float_dtype)
+            if name in self._buffers:
+                buf[:, :, : self._length] = self._buffers[name][:, :, : self._length]
+            grown[name] = buf
+        self._set_buffers(grown)
+
+    def _set_buffers(self, buffers: dict[str, np.ndarray]) -> None:
+        self._buffers = buffers
+        # OrtValues over the numpy buffers (no copy): bound as input and output alike
+        self._values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in buffers.items()}
+        self._kv_bound = False
+
+    @property
+    def past_length(self) -> int:
+        return self._length
+
+    @property
+    def past(self) -> dict[str, np.ndarray]:
+        """The KV cache (views of the buffers: read, don't keep)."""
+        if not hasattr(self, "_buffers"):  # during OrtStepModel.__init__
+            return super().past
+        return {k: v[:, :, : self._length] for k, v in self._buffers.items()}
+
+    def _run(self, feed: dict[str, np.ndarray], cross: dict[str, np.ndarray]) -> np.ndarray:
+        total = feed["attention_mask"].shape[1]
+        if total > self.capacity:
+            self._grow(total)
+        if self._binding is None:
+            feed.update(cross)
+            feed.update(self._buffers)
+            logits, *presents = self.session.run(None, feed)
+            self._set_buffers(dict(zip(self.past_names, presents)))
+            self._length = total
+            return logits
+        binding = self._bind_inputs(feed, cross)
+        if not self._kv_bound:
+            for past, present in zip(self.past_names, self._present_names):
+                binding.bind_ortvalue_input(past, self._values[past])
+                binding.bind_ortvalue_output(present, self._values[past])
+            self._kv_bound = True
+        # logits into a buffer of ours, rebound only when its shape changes (prefill -> decode)
+        positions = feed["input_ids"].shape[1]
+        if "logits_index" in feed:
+            positions = len(feed["logits_index"])
+        shape = (self.batch, positions, self.engine.dims.vocab_size)
+        if self._logits is None or self._logits.shape != shape:
+            self._logits = np.empty(shape, dtype=self._logits_dtype)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._logits))
+        self.session.run_with_iobinding(binding)
+        self._length = total
+        return self._logits
+
+    @property
+    def _present_names(self) -> list[str]:
+        return self._output_names[1:]
+
+    def _reorder(self, index: np.ndarray) -> None:
+        self.batch = len(index)  # the new buffers' batch (BaseStepModel sets it again)
+        self._set_buffers({k: np.ascontiguousarray(v[index]) for k, v in self._buffers.items()})
         self._cross_rows = self._cross_rows[index]

@@ -23,7 +23,7 @@ from .errors import FlamingoExportError
 from .files import open_regular
 from .onnx_external import OnnxFormatError, external_tensors
 from .schema import check_document, load_json
-from .spec import GraphSpec, ModelDims, decoder_spec, vision_spec
+from .spec import PORTABLE, DecoderForm, GraphSpec, ModelDims, decoder_spec, vision_spec
 
 SCHEMA_VERSION = 2  # 2: decoder input logits_index
 MANIFEST_NAME = "manifest.json"
@@ -69,21 +69,38 @@ class GraphEntry:
     opset: int
     spec: GraphSpec
     external_data: list[str] = field(default_factory=list)
+    # the decoder's form (runtime.spec.DecoderForm); written only when not the portable one
+    form: DecoderForm = PORTABLE
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Runtimes that can execute this graph's form (its precision may narrow it further:
+        `graph_backends`)."""
+        return self.form.backends
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "file": self.file,
             "precision": self.precision,
             "opset": self.opset,
             "external_data": self.external_data,
             "io": self.spec.to_dict(),
         }
+        if not self.form.portable:
+            out["form"] = self.form.to_dict()
+            out["backends"] = list(self.backends)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GraphEntry:
         """From a dict that passed the schema (`Manifest.from_dict` checks it)."""
         return cls(
-            d["file"], d["precision"], d["opset"], GraphSpec.from_dict(d["io"]), d["external_data"]
+            d["file"],
+            d["precision"],
+            d["opset"],
+            GraphSpec.from_dict(d["io"]),
+            d["external_data"],
+            DecoderForm.from_dict(d.get("form")),
         )
 
 
@@ -141,6 +158,13 @@ class Manifest:
             files=d["files"],
             quantization=d.get("quantization", {}),
         )
+        for name, entry in manifest.graphs.items():
+            declared = d["graphs"][name].get("backends")
+            if declared is not None and sorted(declared) != sorted(entry.backends):
+                raise ManifestError(
+                    f"{where}: graphs.{name}.backends {declared} contradicts its form "
+                    f"{entry.form.to_dict()} (runs on {list(entry.backends)})"
+                )
         manifest.check_consistency(where)
         return manifest
 
@@ -173,8 +197,15 @@ class Manifest:
                 f"{where}: preprocess.image_size {self.preprocess['image_size']} differs from "
                 f"model.vision.image_size {dims.image_size}"
             )
-        for name, expected in (("vision", vision_spec(dims)), ("decoder", decoder_spec(dims))):
+        decoder = self.graphs["decoder"]
+        if self.graphs["vision"].form != PORTABLE:
+            raise ManifestError(f"{where}: graphs.vision.form: only the decoder has forms")
+        for name, expected in (
+            ("vision", vision_spec(dims)),
+            ("decoder", decoder_spec(dims, form=decoder.form)),
+        ):
             _check_spec(self.graphs[name].spec, expected, f"{where}: graphs.{name}.io")
+
         for name, entry in self.graphs.items():
             for i, file in enumerate((entry.file, *entry.external_data)):
                 key = f"graphs.{name}." + ("file" if i == 0 else f"external_data[{i - 1}]")
@@ -236,6 +267,16 @@ def _check_spec(got: GraphSpec, expected: GraphSpec, where: str) -> None:
                     f"{where}.{kind}[{i}] ({t.name}): shape {list(t.shape)}, the model config "
                     f"implies {list(w.shape)}"
                 )
+
+
+def graph_backends(manifest: Manifest, name: str) -> tuple[str, ...]:
+    """Runtimes that can execute graph `name`: its form's (GraphEntry.backends), narrowed by
+    its precision's (`quantization.<name>.backends`, e.g. MatMulNBits is onnxruntime's)."""
+    backends = manifest.graphs[name].backends
+    quantized = manifest.quantization.get(name)
+    if isinstance(quantized, dict) and "backends" in quantized:
+        backends = tuple(b for b in backends if b in quantized["backends"])
+    return backends
 
 
 def read_manifest(root: str | Path) -> Manifest:

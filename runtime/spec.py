@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .errors import FlamingoExportError
+
 # Symbolic dimension names (also the TensorRT optimization-profile keys).
 BATCH = "batch"
 SEQUENCE = "sequence"
@@ -28,6 +30,8 @@ TOTAL_SEQUENCE = "total_sequence"  # past_sequence + sequence
 NUM_IMAGES = "num_images"
 MEDIA_KEYS = "media_keys"  # images per row x latents per image
 LOGITS_POSITIONS = "logits_positions"  # new positions whose logits are computed
+# the in-place decoder form's cache buffer length (past and present bound to one buffer)
+KV_CAPACITY = "kv_capacity"
 
 Dim = int | str
 
@@ -161,20 +165,100 @@ def vision_spec(dims: ModelDims, dtype: str = "float32") -> GraphSpec:
     )
 
 
-def decoder_spec(dims: ModelDims, dtype: str = "float32") -> GraphSpec:
+KV_CACHE_FORMS = ("concat", "inplace")
+INDEX_FORMS = ("inputs", "in-graph")
+
+
+class DecoderFormError(FlamingoExportError, ValueError):
+    """A decoder form that is unknown, cannot be produced from a graph, or cannot run a
+    request (e.g. in-graph indices for rows whose image counts differ)."""
+
+
+@dataclass(frozen=True)
+class DecoderForm:
+    """How a decoder graph lays out the same function (exporter/decoder_forms.py rewrites the
+    portable graph into the others; docs/ARCHITECTURE.md, "Decoder forms").
+
+    kv_cache: "concat" (portable: present = Concat(past, new), what TensorRT parses) or
+    "inplace" (onnxruntime's GroupQueryAttention; past and present may be one preallocated
+    (batch, kv_heads, kv_capacity, head_dim) buffer that the step appends to in place).
+    indices: "inputs" (media_index, logits_index fed per step) or "in-graph" (computed from
+    input_ids and the shapes by runtime.decoding.in_graph_media_index's rule, logits of every
+    new position: what onnxruntime-genai can drive).
+    Every form but the portable one is onnxruntime's alone: our TensorRT engine binds the
+    portable graph's inputs and the in-place form's contrib op has no TensorRT parser.
+    """
+
+    kv_cache: str = "concat"
+    indices: str = "inputs"
+
+    def validate(self) -> None:
+        """Raises DecoderFormError for an unknown kv_cache or indices value."""
+        if self.kv_cache not in KV_CACHE_FORMS:
+            raise DecoderFormError(
+                f"kv_cache must be one of {KV_CACHE_FORMS}, got {self.kv_cache!r}"
+            )
+        if self.indices not in INDEX_FORMS:
+            raise DecoderFormError(f"indices must be one of {INDEX_FORMS}, got {self.indices!r}")
+
+    @property
+    def portable(self) -> bool:
+        return self == PORTABLE
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Runtimes that execute this form (see the class docstring)."""
+        return ("onnxruntime", "tensorrt") if self.portable else ("onnxruntime",)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"kv_cache": self.kv_cache, "indices": self.indices}
+
+    @classmethod
+    def parse(cls, text: str) -> DecoderForm:
+        """From the CLI's comma list, e.g. "in-graph", "inplace", "inplace,in-graph", "portable"
+        (each word names a kv_cache or an indices value)."""
+        kv, idx = PORTABLE.kv_cache, PORTABLE.indices
+        for word in (w.strip() for w in text.split(",") if w.strip()):
+            if word in KV_CACHE_FORMS:
+                kv = word
+            elif word in INDEX_FORMS:
+                idx = word
+            elif word != "portable":
+                raise DecoderFormError(
+                    f"unknown decoder form {word!r}: expected a comma list of "
+                    f"{(*KV_CACHE_FORMS, *INDEX_FORMS, 'portable')}"
+                )
+        return cls(kv, idx)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> DecoderForm:
+        form = cls(**(d or {}))
+        form.validate()
+        return form
+
+
+PORTABLE = DecoderForm()
+
+
+def decoder_spec(
+    dims: ModelDims, dtype: str = "float32", form: DecoderForm = PORTABLE
+) -> GraphSpec:
     inputs = [
         TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
         TensorSpec("attention_mask", "int64", (BATCH, TOTAL_SEQUENCE)),
     ]
     if dims.uses_position_ids:
         inputs.append(TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)))
-    inputs.append(TensorSpec("media_index", "int64", (BATCH, SEQUENCE)))
-    inputs.append(TensorSpec("logits_index", "int64", (LOGITS_POSITIONS,)))
+    if form.indices == "inputs":
+        inputs.append(TensorSpec("media_index", "int64", (BATCH, SEQUENCE)))
+        inputs.append(TensorSpec("logits_index", "int64", (LOGITS_POSITIONS,)))
     xkv = (BATCH, dims.xattn_heads, MEDIA_KEYS, dims.xattn_dim_head)
     for j in dims.xattn_layers:
         inputs += [TensorSpec(n, dtype, xkv) for n in cross_attn_names(j)]
     past = (BATCH, dims.num_kv_heads, PAST_SEQUENCE, dims.head_dim)
     present = (BATCH, dims.num_kv_heads, TOTAL_SEQUENCE, dims.head_dim)
+    if form.kv_cache == "inplace":
+        past = present = (BATCH, dims.num_kv_heads, KV_CAPACITY, dims.head_dim)
     outputs = [TensorSpec("logits", dtype, (BATCH, LOGITS_POSITIONS, dims.vocab_size))]
     for i in range(dims.num_layers):
         inputs += [TensorSpec(n, dtype, past) for n in past_names(i)]

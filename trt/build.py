@@ -61,8 +61,17 @@ def make_build_plan(
     max_images: int | None = None,
     max_seq_len: int | None = None,
 ) -> BuildPlan:
-    """Limits (the export's, optionally lowered), profiles per graph, workspace per target."""
+    """Limits (the export's, optionally lowered), profiles per graph, workspace per target.
+    Raises BuildError for a decoder form TensorRT does not build (runtime.spec.DecoderForm)."""
     from runtime.spec import ModelDims
+
+    form = manifest.graphs["decoder"].form
+    if not form.portable:
+        raise BuildError(
+            f"the decoder is in form {form.to_dict()}, which runs on onnxruntime only; build "
+            "TensorRT engines from an export in the portable form (export without "
+            "--decoder-form)"
+        )
 
     limits = Limits.resolve(manifest.limits, max_batch, max_images, max_seq_len)
     dims = ModelDims.from_config(manifest.model)

@@ -5,8 +5,11 @@ Perceiver resampler + the preset's LM and cross-attention layout) or an export's
 * weights: fp32/fp16 4/2 bytes per tensor; int8 Linear weights 1 byte + an fp32 scale per
   output channel; int4 4 bits + an fp16 scale per block of 128 inputs. In int8/int4 the
   embeddings, LM head, norms, biases, patch embedding and latents stay fp16.
-* self-attention KV cache at max_batch x max_seq_len, twice (trt/engine.py binds two buffers
-  per layer); cross-attention K/V: the vision output for max_images, the decoder's per-row
+* self-attention KV cache at max_batch x max_seq_len, twice where present = Concat(past, new)
+  (the portable decoder: trt/engine.py binds two buffers per layer), once where the step
+  appends in place (the in-place decoder form on onnxruntime, runtime.spec.DecoderForm;
+  TensorRT's IKVCacheUpdateLayer, 10.15+, would allow it: docs/ARCHITECTURE.md, "Decoder
+  forms"); cross-attention K/V: the vision output for max_images, the decoder's per-row
   inputs (twice, for beam reordering) and each row's current image.
 * activations: the largest single-layer working set of either graph (they share one block)
   plus the target's TensorRT workspace; the target's runtime overhead and OS reserve
@@ -17,7 +20,7 @@ All estimates, none measured on a device here (docs/jetson.md, "Memory: what fit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flamingo.config import (
@@ -273,6 +276,9 @@ class PlanInputs:
     max_images: int
     max_seq_len: int
     precision: str
+    # copies of the self-attention KV cache: 2 (past and present buffers, the portable
+    # decoder), 1 (appended in place: the in-place decoder form)
+    kv_buffers: int = 2
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -282,6 +288,8 @@ class PlanInputs:
         for key in ("max_batch", "max_images", "max_seq_len"):
             if getattr(self, key) < 1:
                 raise PlanError(f"--{key.replace('_', '-')} must be >= 1")
+        if self.kv_buffers not in (1, 2):
+            raise PlanError(f"kv_buffers must be 1 or 2, got {self.kv_buffers}")
 
 
 def act_bytes(precision: str) -> int:
@@ -395,7 +403,8 @@ class Plan:
         out.append("memory:")
         labels = {
             "weights": "weights",
-            "kv_cache": "self-attn KV cache (x2 buffers)",
+            "kv_cache": f"self-attn KV cache (x{i.kv_buffers} buffer"
+            + ("s)" if i.kv_buffers > 1 else ")"),
             "cross_kv": "cross-attn K/V",
             "activations": "activations (estimate)",
             "workspace": "TensorRT workspace (limit)",
@@ -447,7 +456,8 @@ def _budget(
     )
     return {
         "weights": sum(c.weight_bytes(p) for c in comps.values()),
-        "kv_cache": 2 * kv_cache_bytes(cfg, inputs.max_batch, inputs.max_seq_len, p),
+        "kv_cache": inputs.kv_buffers
+        * kv_cache_bytes(cfg, inputs.max_batch, inputs.max_seq_len, p),
         # vision output, per-row inputs twice, and each row's current image for decode steps
         "cross_kv": per_image * (inputs.max_images * (1 + 2 * inputs.max_batch) + inputs.max_batch),
         "activations": act,
@@ -521,9 +531,16 @@ def plan_preset(name: str, target: Target, inputs: PlanInputs) -> Plan:
 
 
 def plan_export(manifest: Any, source: str, target: Target, inputs: PlanInputs) -> Plan:
-    """Plan from an export's manifest (its model config; its precision unless overridden)."""
+    """Plan from an export's manifest (its model config; its precision unless overridden; the
+    KV cache once where its decoder form appends in place)."""
     cfg = FlamingoConfig.from_dict(manifest.model)
     notes = []
+    if manifest.graphs["decoder"].form.kv_cache == "inplace":
+        inputs = replace(inputs, kv_buffers=1)
+        notes.append(
+            "the decoder appends to its KV cache in place (GroupQueryAttention, onnxruntime "
+            "only): the cache is counted once; TensorRT builds the portable form"
+        )
     precisions = {g.precision for g in manifest.graphs.values()}
     if precisions != {inputs.precision}:
         notes.append(

@@ -127,7 +127,7 @@ def test_run_command_streams_and_maps_flags(tiny_export, images, tmp_path) -> No
     assert sampled[0] == sampled[1]
     for args, message in (
         (["--provider", "nope"], "not available"),
-        (["--top-p", "2", "--do-sample"], "top_p"),
+        (["--top-p", "2", "--do-sample"], "--top-p"),
         (["--demos", str(tmp_path / "missing.jsonl")], "--prompt cannot be combined"),
     ):
         out = runner.invoke(main, [*base, *args])
@@ -215,6 +215,10 @@ def test_vision_workers_do_not_spin_into_the_decoder(tiny_export) -> None:
     pipe = FlamingoPipeline(tiny_export("llama"), threads=2)
     assert spinning(pipe.engine.sessions["vision"]) == "0"
     assert spinning(pipe.engine.sessions["decoder"]) == "default"
+    from runtime.engine import OnnxFlamingo
+
+    quiet = OnnxFlamingo(tiny_export("llama"), threads=2, spin=False)  # a shared machine's choice
+    assert spinning(quiet.sessions["vision"]) == spinning(quiet.sessions["decoder"]) == "0"
 
 
 def test_beams_share_their_prompts_image_kv(tiny_export, images) -> None:

@@ -241,3 +241,24 @@ def test_jetson_doc_table_is_plan_output() -> None:
             assert cell.strip() == expected, (name, precision)
             rows += 1
     assert rows == 9
+
+
+def test_inplace_form_counts_the_kv_cache_once(tiny_export, tmp_path) -> None:
+    """An export whose decoder appends in place is planned with one KV copy (and a note);
+    the portable one with two; TensorRT refuses to build the in-place form."""
+    from exporter.decoder_forms import derive_export
+    from runtime.manifest import load_manifest
+    from runtime.spec import DecoderForm
+    from trt.build import BuildError, make_build_plan
+    from trt.plan import plan_export
+
+    src = tiny_export("llama")
+    out = derive_export(src, tmp_path / "inplace", DecoderForm(kv_cache="inplace"))
+    target = get_target("orin-nano-8gb")
+    inputs = PlanInputs(1, 4, 512, "fp32")
+    two = plan_export(load_manifest(src), "portable", target, inputs)
+    one = plan_export(out, "inplace", target, inputs)
+    assert two.lines["kv_cache"] == 2 * one.lines["kv_cache"] > 0
+    assert any("in place" in n for n in one.notes) and "x1 buffer)" in one.format()
+    with pytest.raises(BuildError, match="portable"):
+        make_build_plan(out)

@@ -1,0 +1,190 @@
+"""Decode ms/token per decoder form and shot count, side by side in one run (issue 18).
+
+Why: the portable decoder's `present = Concat(past, new)` copies the whole self-attention cache
+every step, and its IOBinding rebinds every present; the in-place form (runtime.spec.DecoderForm
+kv_cache="inplace") appends into one preallocated buffer bound once. This script derives the
+forms from one portable export, prefills the same few-shot prompt (k shots: k image-text chunks
+and the query's image), decodes greedily, and records every decode step's time (the step
+model's call: graph run, binding, feeds). Forms alternate within each repeat so they share the
+machine's load; reported: the median step over all repeats (robust to a shared machine's
+stalls), its ratio to the 0-shot step and to the weight-bandwidth floor (decoder weight bytes
+read per step / measured read bandwidth, benchmarks/runtime_bench.py's), and where the time of
+a median step goes (onnxruntime's run vs the rest).
+
+    python benchmarks/decode_forms_bench.py EXPORT_DIR --threads 2 --shots 0,4,16,32 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:  # run as a plain script from anywhere
+        sys.path.insert(0, str(path))
+
+from genai_peer import cpu_name, export_demo, prompt_ids  # noqa: E402
+from runtime_bench import decode_weight_bytes, memory_bandwidth  # noqa: E402
+
+from runtime.spec import DecoderForm  # noqa: E402
+
+
+def say(message: str) -> None:
+    print(f"[decode_forms_bench] {message}", file=sys.stderr, flush=True)
+
+
+def timed_generate(engine: Any, cross: dict, n_images: int, ids: np.ndarray, new: int) -> dict:
+    """One greedy generation; per decode step: wall time of `step` and of onnxruntime's run."""
+    from runtime.generation import GenerationConfig, generate
+
+    model = engine.step_model(cross, np.array([n_images]))
+    session = engine.sessions["decoder"]
+    run_times: list[float] = []
+    step_times: list[float] = []
+    original_step = model.step
+    run = session.run_with_iobinding
+
+    def timed_run(*args: Any) -> Any:
+        start = time.perf_counter()
+        out = run(*args)
+        run_times.append(time.perf_counter() - start)
+        return out
+
+    def timed_step(*args: Any) -> Any:
+        start = time.perf_counter()
+        out = original_step(*args)
+        step_times.append(time.perf_counter() - start)
+        return out
+
+    model.step = timed_step  # type: ignore[method-assign]
+    session.run_with_iobinding = timed_run
+    try:
+        out = generate(model, ids, np.ones_like(ids), GenerationConfig(new, eos_token_ids=()))
+    finally:
+        del session.run_with_iobinding
+    return {
+        "tokens": out.sequences[0],
+        "prefill_ms": 1e3 * step_times[0],
+        "steps_ms": [1e3 * t for t in step_times[1:]],
+        "runs_ms": [1e3 * t for t in run_times[1:]],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export_dir", nargs="?", type=Path, help="portable export (default demo)")
+    parser.add_argument(
+        "--forms", default="portable;inplace", help="';'-separated forms (each a comma list)"
+    )
+    parser.add_argument("--shots", default="0,4,16,32")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="default: all CPUs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    from exporter.decoder_forms import derive_export
+    from runtime.engine import OnnxFlamingo
+
+    threads = args.threads or os.cpu_count() or 1
+    shots = [int(s) for s in args.shots.split(",")]
+    forms = {text: DecoderForm.parse(text) for text in args.forms.split(";")}
+    with tempfile.TemporaryDirectory(prefix="decode_forms_") as tmp:
+        src = args.export_dir or export_demo(Path(tmp) / "portable")
+        engines = {}
+        for text, form in forms.items():
+            folder = src if form.portable else Path(tmp) / text.replace(",", "+")
+            if not form.portable:
+                derive_export(src, folder, form)
+            engines[text] = OnnxFlamingo(folder, threads=args.threads)
+        say("memory bandwidth")
+        bandwidth = memory_bandwidth(threads)[f"{threads}_threads"]
+        weights = decode_weight_bytes(Path(src))
+        first = next(iter(engines.values()))
+        manifest, dims = first.manifest, first.dims
+        rows = []
+        for k in shots:
+            n_images = k + 1
+            rng = np.random.default_rng(args.seed)
+            size = dims.image_size
+            pixels = rng.standard_normal((n_images, 3, size, size)).astype(np.float32)
+            cross = first.rows_cross_kv(first.encode_images(pixels), [list(range(n_images))])
+            ids = prompt_ids(manifest, k, args.seed)
+            say(f"{k} shots: {ids.shape[1]} prompt tokens")
+            samples: dict[str, list[dict]] = {t: [] for t in engines}
+            for engine in engines.values():  # warm-up
+                timed_generate(engine, cross, n_images, ids, 4)
+            for _ in range(args.repeats):
+                for t, engine in engines.items():
+                    samples[t].append(
+                        timed_generate(engine, cross, n_images, ids, args.max_new_tokens)
+                    )
+            row: dict[str, Any] = {"shots": k, "prompt_tokens": int(ids.shape[1])}
+            reference = samples[next(iter(engines))][0]["tokens"]
+            row["tokens_identical"] = all(
+                s["tokens"] == reference for runs in samples.values() for s in runs
+            )
+            for t, runs in samples.items():
+                steps = [x for s in runs for x in s["steps_ms"]]
+                ort = [x for s in runs for x in s["runs_ms"]]
+                row[t] = {
+                    "decode_ms_per_token": round(statistics.median(steps), 3),
+                    "onnxruntime_run_ms": round(statistics.median(ort), 3),
+                    "mean_ms_per_token": round(statistics.fmean(steps), 3),
+                    "prefill_ms": round(statistics.median(s["prefill_ms"] for s in runs), 2),
+                }
+            rows.append(row)
+    gbs = max(bandwidth["best_gbs"], bandwidth["read_best_gbs"])
+    floor_ms = weights["per_step_bytes"] / (gbs * 1e9) * 1e3
+    for row in rows:
+        for t in engines:
+            r = row[t]
+            r["vs_weights_floor"] = round(r["decode_ms_per_token"] / floor_ms, 3)
+            zero = next(x for x in rows if x["shots"] == rows[0]["shots"])[t]
+            r["vs_first_shots"] = round(r["decode_ms_per_token"] / zero["decode_ms_per_token"], 3)
+    report = {
+        "rows": rows,
+        "forms": {t: f.to_dict() for t, f in forms.items()},
+        "weights_per_step_bytes": weights["per_step_bytes"],
+        "bandwidth_gbs": gbs,
+        "floor_ms": round(floor_ms, 3),
+        "threads": threads,
+        "cpu": cpu_name(),
+        "loadavg": os.getloadavg(),
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "export": str(args.export_dir or "models/demo (exported fp32)"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(
+        f"{report['cpu']}, {threads} threads, read bandwidth {gbs:.1f} GB/s, weight floor "
+        f"{floor_ms:.2f} ms/token; medians of every decode step over {args.repeats} repeats"
+    )
+    names = list(engines)
+    print(f"{'shots':>5} {'prompt':>6} " + " ".join(f"{n + ' ms/tok':>22}" for n in names)
+          + "  " + " ".join(f"{n + ' vs floor':>18}" for n in names) + "  identical")  # fmt: skip
+    for row in rows:
+        print(f"{row['shots']:>5} {row['prompt_tokens']:>6} "
+              + " ".join(f"{row[n]['decode_ms_per_token']:>22.3f}" for n in names) + "  "
+              + " ".join(f"{row[n]['vs_weights_floor']:>18.3f}" for n in names)
+              + f"  {row['tokens_identical']}")  # fmt: skip
+    return 0 if all(r["tokens_identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""benchmarks/genai_peer.py: onnxruntime-genai drives the in-graph indices decoder form of each
+LM family to our runtime's greedy tokens (its shared KV buffer on the in-place form too); the
+--json report carries its fields. Timings are reported, never asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FAMILIES
+
+pytest.importorskip("onnxruntime_genai")  # installed by `make venv` (the bench extra)
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import genai_peer  # noqa: E402
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("form", ["in-graph", "inplace,in-graph"])
+def test_genai_decodes_our_tokens(tiny_export: Callable, family: str, form: str, tmp_path) -> None:
+    parser_args = [str(tiny_export(family)), "--form", form, "--shots", "2"]
+    parser_args += ["--max-new-tokens", "12", "--repeats", "1", "--threads", "1"]
+    report = genai_peer.run(genai_peer.parse_args(parser_args), tmp_path)
+    assert report["tokens_identical"] is True
+    assert len(report["ours"]["tokens"]) == 12
+    assert report["ours"]["tokens"] == report["genai"]["tokens"]
+    assert math.isfinite(report["speed_ratio"]) and report["speed_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_genai_peer_json_on_the_demo_export(demo_export: Path) -> None:
+    """The script as documented: one JSON object on stdout, exit 0 when tokens are identical."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "genai_peer.py"), str(demo_export), "--json",
+         "--max-new-tokens", "8", "--repeats", "1"],
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["tokens_identical"] is True
+    for key in ("speed_ratio", "end_to_end_ratio"):
+        assert math.isfinite(report[key]) and report[key] > 0
+    assert report["form"] == {"kv_cache": "concat", "indices": "in-graph"}
+    assert report["threads"] >= 1 and report["cpu"]
+
+
+def test_decode_forms_bench_reports_each_form(tiny_export: Callable, capsys) -> None:
+    """benchmarks/decode_forms_bench.py: both forms decode the same tokens at each shot count,
+    every figure is there and finite (timings never asserted)."""
+    import decode_forms_bench
+
+    args = [str(tiny_export("mpt")), "--shots", "0,2", "--repeats", "1", "--json"]
+    assert decode_forms_bench.main([*args, "--max-new-tokens", "4", "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["shots"] for r in report["rows"]] == [0, 2]
+    for row in report["rows"]:
+        assert row["tokens_identical"] is True
+        for form in ("portable", "inplace"):
+            assert all(math.isfinite(v) and v > 0 for v in row[form].values())
+    assert report["floor_ms"] > 0 and report["cpu"]
