@@ -186,13 +186,15 @@ class FlamingoConfig:
 
 @dataclass(frozen=True)
 class Preset:
-    """A released OpenFlamingo model: which LM family and how often cross-attention sits."""
+    """A released OpenFlamingo (or IDEFICS) model: which LM family and how often
+    cross-attention sits. IDEFICS presets' full configs: flamingo.idefics.IDEFICS_HUB_CONFIGS."""
 
     name: str
     lm_family: str
     lm_layers: int
     cross_attn_every_n_layers: int
     lm_name: str
+    kind: str = "openflamingo"  # or "idefics" (loaded with --model)
 
 
 PRESETS: dict[str, Preset] = {
@@ -221,5 +223,10 @@ PRESETS: dict[str, Preset] = {
             "togethercomputer/RedPajama-INCITE-Instruct-3B-v1",
         ),
         Preset("OpenFlamingo-9B-vitl-mpt7b", "mpt", 32, 4, "mosaicml/mpt-7b"),
+        # HuggingFaceM4/idefics-*: LLaMA-7B / LLaMA-65B, cross_layer_interval 4
+        Preset("idefics-9b", "llama", 32, 4, "huggyllama/llama-7b", "idefics"),
+        Preset("idefics-9b-instruct", "llama", 32, 4, "huggyllama/llama-7b", "idefics"),
+        Preset("idefics-80b", "llama", 80, 4, "huggyllama/llama-65b", "idefics"),
+        Preset("idefics-80b-instruct", "llama", 80, 4, "huggyllama/llama-65b", "idefics"),
     )
 }

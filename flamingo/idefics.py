@@ -27,6 +27,9 @@ from typing import Any
 
 import torch
 
+from runtime.idefics import IdeficsPromptFormat
+from runtime.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig
+
 from .config import CrossAttentionConfig, FlamingoConfig, LMConfig, ResamplerConfig, VisionConfig
 from .loaders import (
     LoadError,
@@ -79,6 +82,73 @@ IDEFICS_CONFIG_SCHEMA = _obj(
     ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
      "num_attention_heads"],
 )  # fmt: skip
+
+
+# The released models' config.json (HuggingFaceM4/idefics-{9b,80b}[-instruct] on the Hub, the
+# keys the conversion reads; the -instruct models share their base's architecture). Used by
+# `plan` for the presets; a loaded folder's own config.json always wins.
+_IDEFICS_9B = {
+    "model_type": MODEL_TYPE,
+    "vocab_size": 32000,
+    "additional_vocab_size": 2,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "alpha_type": "float",
+    "cross_layer_interval": 4,
+    "qk_layer_norms": False,
+    "use_resampler": True,
+    "tie_word_embeddings": False,
+    "vision_config": {
+        "embed_dim": 1280,
+        "image_size": 224,
+        "intermediate_size": 5120,
+        "patch_size": 14,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "hidden_act": "gelu",
+    },
+    "perceiver_config": {
+        "resampler_n_latents": 64,
+        "resampler_depth": 6,
+        "resampler_n_heads": 16,
+        "resampler_head_dim": 96,
+        "qk_layer_norms_perceiver": False,
+    },
+}
+_IDEFICS_80B = {
+    **_IDEFICS_9B,
+    "hidden_size": 8192,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "qk_layer_norms": True,
+}
+IDEFICS_HUB_CONFIGS: dict[str, dict[str, Any]] = {
+    "idefics-9b": _IDEFICS_9B,
+    "idefics-9b-instruct": _IDEFICS_9B,
+    "idefics-80b": _IDEFICS_80B,
+    "idefics-80b-instruct": _IDEFICS_80B,
+}
+
+
+def check_idefics_preset(preset: str, cfg: FlamingoConfig, path: Path) -> None:
+    """A --preset given with --model must be an IDEFICS preset the folder agrees with."""
+    from .config import PRESETS
+
+    p = PRESETS.get(preset)
+    if p is None or p.kind != "idefics":
+        known = ", ".join(n for n, q in PRESETS.items() if q.kind == "idefics")
+        raise LoadError(f"--preset {preset!r} is not an IDEFICS preset (known: {known})")
+    said = (cfg.lm.num_layers, cfg.cross_attn.every_n_layers)
+    if said != (p.lm_layers, p.cross_attn_every_n_layers):
+        raise LoadError(
+            f"{path}: {said[0]} layers, cross_layer_interval {said[1]}, but preset {preset} "
+            f"has {p.lm_layers} and {p.cross_attn_every_n_layers}"
+        )
 
 
 def is_idefics_folder(path: str | Path) -> bool:
@@ -254,6 +324,49 @@ def map_idefics_key(key: str, interval: int) -> tuple[str, str] | None:
     return None
 
 
+PREPROCESSOR_SCHEMA = _obj(
+    {
+        "image_size": _POS,
+        "image_num_channels": {"const": 3},
+        "image_mean": {"type": "array", "items": {"type": "number"}, "minItems": 3,
+                       "maxItems": 3},
+        "image_std": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0},
+                      "minItems": 3, "maxItems": 3},
+        "do_rescale": {"const": True},
+        "rescale_factor": {"const": 1 / 255},
+    }
+)  # fmt: skip
+
+
+def idefics_preprocess(folder: Path, image_size: int, report: LoadReport) -> PreprocessConfig:
+    """IdeficsImageProcessor's inference transform from preprocessor_config.json: RGB first
+    (alpha over white), resize to a square (BICUBIC, no crop), /255, mean/std (IDEFICS'
+    defaults = OpenAI CLIP's)."""
+    file = folder / "preprocessor_config.json"
+    if file.is_file():
+        d = read_json_object(file, PREPROCESSOR_SCHEMA)
+    else:
+        d = {}
+        report.assumptions.append(
+            f"{file.name} not found: IdeficsImageProcessor's defaults (size {image_size}, "
+            "OpenAI CLIP mean/std)"
+        )
+    size = d.get("image_size", image_size)
+    if size != image_size:
+        raise LoadError(
+            f"{file}: image_size {size} differs from the vision tower's {image_size} "
+            "(config.json vision_config.image_size)"
+        )
+    return PreprocessConfig(
+        image_size=size,
+        mean=tuple(d.get("image_mean", OPENAI_CLIP_MEAN)),
+        std=tuple(d.get("image_std", OPENAI_CLIP_STD)),
+        interpolation="bicubic",
+        resize_mode="squash",
+        rgb_first=True,
+    )
+
+
 def load_idefics_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -268,7 +381,7 @@ def load_idefics_tokenizer(folder: Path) -> Any:
 
 
 def load_idefics(
-    folder: str | Path, *, dtype: torch.dtype = torch.float32
+    folder: str | Path, *, preset: str | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Flamingo, Any, LoadReport]:
     """The reference model from an HF IDEFICS folder: (model in eval mode, tokenizer, report).
 
@@ -281,7 +394,10 @@ def load_idefics(
         raise LoadError(f"{folder}: not an HF model folder (config.json not found)")
     hf = read_json_object(cfg_file)
     cfg = idefics_config(hf, cfg_file)
+    if preset is not None:
+        check_idefics_preset(preset, cfg, cfg_file)
     report = LoadReport(str(folder), str(folder), str(folder))
+    preprocess = idefics_preprocess(folder, cfg.vision.image_size, report)
 
     tok = load_idefics_tokenizer(folder)
     media = tok.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -374,6 +490,17 @@ def load_idefics(
         model.lang_model.lm_head.weight = model.lang_model.embed_tokens.weight
     model.lang_model._init_buffers()
     model.to(dtype).eval()
+    additional = tok.special_tokens_map.get("additional_special_tokens", [])
+    model.preprocess = preprocess.to_dict()
+    model.prompt_format = IdeficsPromptFormat(
+        bos_token=tok.bos_token,
+        image_token=IMAGE_TOKEN,
+        fake_image_token=FAKE_IMAGE_TOKEN,
+        # IdeficsProcessor adds it only when the tokenizer was trained with it
+        end_of_utterance_token=(
+            END_OF_UTTERANCE_TOKEN if END_OF_UTTERANCE_TOKEN in additional else None
+        ),
+    ).to_dict()
     blocks = model.lang_model.cross_attn_layer_indices
     report.notes.append(
         f"IDEFICS: resampler {'on' if cfg.resampler.enabled else 'off'}, "

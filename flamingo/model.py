@@ -756,6 +756,11 @@ class Flamingo(nn.Module):
             PerceiverResampler(cfg.vision.width, cfg.resampler) if cfg.resampler.enabled else None
         )
         self.lang_model = FlamingoLM(cfg)
+        # how inputs are prepared where not OpenFlamingo's way, set by a loader (IDEFICS):
+        # runtime.images.PreprocessConfig and runtime.idefics.IdeficsPromptFormat dicts,
+        # recorded in the export manifest
+        self.preprocess: dict | None = None
+        self.prompt_format: dict | None = None
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) preprocessed pixels -> (N, L, Dv) resampled latents (without a

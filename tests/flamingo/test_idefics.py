@@ -163,3 +163,46 @@ def test_refuses_a_missing_tensor(folders, tmp_path):
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LoadError, match=r"'lang_model\.cross_attn_layers\.2\.ff_gate' missing"):
         load_idefics(folder)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_plan_inventory_counts_the_real_modules(folders, variant):
+    from flamingo.inspect import count
+    from trt.plan import inventory
+
+    model, _, _ = load_idefics(folders[variant])
+    inv, lm = inventory(model.cfg), model.lang_model
+    vision = inv["vision_encoder"]
+    assert vision.params + vision.unused == count(model.vision_encoder)
+    assert inv["perceiver"].params == (count(model.perceiver) if model.perceiver else 0)
+    xattn = inv["cross_attention"].params + inv["cross_attention_kv"].params
+    assert xattn == count(lm.cross_attn_layers)
+    assert inv["language_model"].params == count(lm) - count(lm.cross_attn_layers)
+
+
+def test_presets_are_the_released_sizes_and_plan():
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from trt.plan import inventory, preset_config
+
+    totals = {
+        name: sum(c.params for c in inventory(preset_config(name)).values())
+        for name in ("idefics-9b", "idefics-9b-instruct", "idefics-80b", "idefics-80b-instruct")
+    }
+    assert 8.8e9 < totals["idefics-9b"] == totals["idefics-9b-instruct"] < 9.1e9
+    assert 79e9 < totals["idefics-80b"] == totals["idefics-80b-instruct"] < 81e9
+    runner = CliRunner()
+    listed = runner.invoke(main, ["presets"]).output
+    assert "idefics-80b-instruct" in listed
+    args = ["plan", "--preset", "idefics-9b", "--target"]
+    nano = json.loads(runner.invoke(main, [*args, "orin-nano-8gb", "--json"]).output)
+    agx = json.loads(runner.invoke(main, [*args, "orin-agx-64gb", "--json"]).output)
+    assert nano["fits"] is False and agx["fits"] is True
+
+
+def test_openflamingo_loader_refuses_an_idefics_preset(tmp_path):
+    from flamingo.loaders import resolve_cross_attn_every_n
+
+    with pytest.raises(LoadError, match="unknown OpenFlamingo preset 'idefics-9b'"):
+        resolve_cross_attn_every_n(None, "idefics-9b", [3], 4, tmp_path)
