@@ -222,7 +222,7 @@ def require_model_files(model: dict[str, Any]) -> None:
         return
     if len(named) != len(OPENFLAMINGO_FILE_KEYS):
         raise click.UsageError(
-            "the PyTorch model needs --model DIR (IDEFICS) or --lm, --vision and --checkpoint"
+            "the PyTorch model needs --lm, --vision and --checkpoint (or --model DIR, IDEFICS)"
         )
 
 

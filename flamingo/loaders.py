@@ -658,8 +658,8 @@ def resolve_cross_attn_every_n(
         if preset not in PRESETS or PRESETS[preset].kind != "openflamingo":
             known = ", ".join(n for n, p in PRESETS.items() if p.kind == "openflamingo")
             raise LoadError(
-                f"unknown OpenFlamingo preset {preset!r}; known: {known} (IDEFICS presets "
-                "go with --model)"
+                f"unknown preset {preset!r} for OpenFlamingo files; known: {known} (IDEFICS "
+                "presets go with --model)"
             )
         p = PRESETS[preset]
         if requested is not None and requested != p.cross_attn_every_n_layers:

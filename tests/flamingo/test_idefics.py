@@ -200,5 +200,5 @@ def test_presets_are_the_released_sizes_and_plan():
 def test_openflamingo_loader_refuses_an_idefics_preset(tmp_path):
     from flamingo.loaders import resolve_cross_attn_every_n
 
-    with pytest.raises(LoadError, match="unknown OpenFlamingo preset 'idefics-9b'"):
+    with pytest.raises(LoadError, match="unknown preset 'idefics-9b' for OpenFlamingo files"):
         resolve_cross_attn_every_n(None, "idefics-9b", [3], 4, tmp_path)

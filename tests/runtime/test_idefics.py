@@ -166,7 +166,8 @@ def test_cli_inspect_export_run(tmp_path):
         result.output
     )
     result = runner.invoke(main, ["inspect"])
-    assert result.exit_code != 0 and "--model DIR (IDEFICS) or --lm" in result.output
+    assert result.exit_code != 0
+    assert "needs --lm, --vision and --checkpoint (or --model DIR" in result.output
     out = tmp_path / "export"
     result = runner.invoke(main, ["export", "--model", str(folder), "--output", str(out), "-q"])
     assert result.exit_code == 0, result.output
