@@ -104,6 +104,11 @@ def bench(
         if not model_named(model):
             raise click.UsageError("--reference/--oracle need --lm, --vision and --checkpoint")
         require_model_files(model)
+        if model.pop("model_dir") is not None:
+            raise click.UsageError(
+                "bench's PyTorch reference takes OpenFlamingo files (--lm, --vision, "
+                "--checkpoint); check an IDEFICS export with `parity --model DIR`"
+            )
         require_extra("export", "bench (with the PyTorch reference)")
         files = ModelFiles(
             model.pop("lm_dir"),

@@ -46,17 +46,23 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
         echo_json(info)
         return
     lm, v = info["lm"], info["vision"]
+    stop = "<|endofchunk|>" if info["media_rule"] == "openflamingo" else "</s> (EOS)"
     lines = [
         ("LM family", info["lm_family"]),
         ("LM", f"{lm['num_layers']} layers, hidden {lm['hidden_size']}, {lm['num_heads']} heads "
                f"({lm['num_kv_heads']} KV), vocab {lm['vocab_size']}"),
         ("vision", f"ViT {v['image_size']}px/{v['patch_size']}, width {v['width']}, "
-                   f"{v['layers']} layers, {v['heads']} heads, act {v['act']}, tokens "
+                   f"{v['layers']} layers, {v['heads']} heads, act {v['act']}, "
+                   f"{'CLS + patch' if v['include_cls'] else 'patch'} tokens "
                    f"{'after' if v['tokens_after_ln_post'] else 'before'} ln_post"),
+        ("resampler", (f"{info['resampler']['depth']} layers, {info['image_tokens']} latents"
+                       if info["resampler"]["enabled"]
+                       else f"none: {info['image_tokens']} vision tokens per image")),
         ("cross-attention", f"every {info['cross_attn_every_n_layers']} layer(s): before "
                             f"decoder layers {info['cross_attn_layer_indices']}"),
         ("special tokens", f"<image>={info['media_token_id']} "
-                           f"<|endofchunk|>={info['eoc_token_id']} pad={info['pad_token_id']}"),
+                           f"{stop}={info['eoc_token_id']} pad={info['pad_token_id']}"),
+        ("media rule", info["media_rule"]),
     ]  # fmt: skip
     for label, text in lines:
         click.echo(f"{label:<21}{text}")

@@ -225,16 +225,21 @@ EXPORT_DIR = click.argument(
 
 
 def model_options(required: bool = True) -> Decorator:
-    """The files of a Flamingo model and what the loader cannot read from them."""
+    """The files of a Flamingo model and what the loader cannot read from them: an
+    OpenFlamingo model is --lm, --vision and --checkpoint; an HF IDEFICS folder is --model.
+    `required`: one of the two must be given (checked by `load_model`)."""
     what = "" if required else " (the PyTorch model, for a reference)"
     return compose(
-        click.option("--lm", "lm_dir", required=required, default=None,
+        click.option("--model", "model_dir", default=None, type=click.Path(path_type=Path),
+                     help=f"HF IDEFICS folder (config.json model_type idefics, weights, "
+                          f"tokenizer, preprocessor_config.json){what}."),
+        click.option("--lm", "lm_dir", default=None,
                      type=click.Path(path_type=Path),
                      help=f"HF language model directory (config.json, weights, tokenizer){what}."),
-        click.option("--vision", "vision_path", required=required, default=None,
+        click.option("--vision", "vision_path", default=None,
                      type=click.Path(path_type=Path),
                      help="open_clip CLIP state dict (.safetensors/.pt) or an HF CLIP directory."),
-        click.option("--checkpoint", "checkpoint_path", required=required, default=None,
+        click.option("--checkpoint", "checkpoint_path", default=None,
                      type=click.Path(path_type=Path),
                      help="OpenFlamingo checkpoint.pt (or .safetensors)."),
         click.option("--cross-attn-every-n-layers", type=int, default=None,
@@ -253,6 +258,7 @@ def model_options(required: bool = True) -> Decorator:
 
 
 MODEL_KEYS = (
+    "model_dir",
     "lm_dir",
     "vision_path",
     "checkpoint_path",
@@ -262,7 +268,11 @@ MODEL_KEYS = (
     "vision_act",
     "vision_tokens_after_ln_post",
 )
-MODEL_FILE_KEYS = ("lm_dir", "vision_path", "checkpoint_path")
+MODEL_FILE_KEYS = ("model_dir", "lm_dir", "vision_path", "checkpoint_path")
+OPENFLAMINGO_FILE_KEYS = ("lm_dir", "vision_path", "checkpoint_path")
+# options that describe OpenFlamingo files only (an IDEFICS config.json says all of it)
+OPENFLAMINGO_ONLY = ("cross_attn_every_n_layers", "vision_heads", "vision_act",
+                     "vision_tokens_after_ln_post")  # fmt: skip
 
 
 def pop_model_args(kw: dict[str, Any]) -> dict[str, Any]:
@@ -276,8 +286,19 @@ def model_named(model: dict[str, Any]) -> bool:
 
 
 def require_model_files(model: dict[str, Any]) -> None:
-    if not all(model[k] is not None for k in MODEL_FILE_KEYS):
-        raise click.UsageError("the PyTorch model needs --lm, --vision and --checkpoint")
+    """Either --model (IDEFICS) alone, or all of --lm, --vision and --checkpoint."""
+    named = [k for k in OPENFLAMINGO_FILE_KEYS if model[k] is not None]
+    if model.get("model_dir") is not None:
+        extra = named + [k for k in OPENFLAMINGO_ONLY if model.get(k)]
+        if extra:
+            flags = ", ".join("--" + k.removesuffix("_dir").removesuffix("_path")
+                              .replace("_", "-") for k in extra)  # fmt: skip
+            raise click.UsageError(f"--model (an IDEFICS folder) does not take {flags}")
+        return
+    if len(named) != len(OPENFLAMINGO_FILE_KEYS):
+        raise click.UsageError(
+            "the PyTorch model needs --lm, --vision and --checkpoint (or --model DIR, IDEFICS)"
+        )
 
 
 def load_model(
@@ -286,6 +307,11 @@ def load_model(
     """`flamingo.loaders.load_flamingo` on the model options: (model, tokenizer, report);
     `say` gets each value the files did not say and the loader assumed (with its flag)."""
     require_extra("export", click.get_current_context().info_name or "export")
+    require_model_files(model)
+    if model.get("model_dir") is not None:
+        from flamingo.idefics import load_idefics
+
+        return load_idefics(model["model_dir"], preset=model["preset"])
     from flamingo.loaders import load_flamingo
 
     loaded = load_flamingo(

@@ -148,7 +148,7 @@ def parity(
     candidate = OnnxBackend(exports[-1])
     if torch_ref:
         loaded, _, _ = load_model(model, say)
-        reference: Any = TorchBackend(loaded, f"pytorch:{model['lm_dir']}")
+        reference: Any = TorchBackend(loaded, f"pytorch:{model['model_dir'] or model['lm_dir']}")
     else:
         reference = OnnxBackend(exports[0])
     tokenizer = load_export_tokenizer(candidate.root, candidate.manifest)

@@ -378,15 +378,19 @@ def _export_into(
     tok_files = sorted(str(p.relative_to(tmp)) for p in tok_dir.rglob("*") if p.is_file())
     special = {
         "media_token": "<image>",
-        "eoc_token": "<|endofchunk|>",
+        "eoc_token": tokenizer.convert_ids_to_tokens(model.cfg.eoc_token_id),
         "media_token_id": model.cfg.media_token_id,
         "eoc_token_id": model.cfg.eoc_token_id,
         "pad_token_id": model.cfg.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
     }
-    preprocess = PreprocessConfig(image_size=model.cfg.vision.image_size)
+    # a loader that knows better (IDEFICS) sets the model's preprocessing and prompt format
+    preprocess = PreprocessConfig.from_dict(
+        model.preprocess or {"image_size": model.cfg.vision.image_size}
+    )
     manifest = Manifest(
+        prompt=model.prompt_format,
         model=cfg,
         special_tokens=special,
         preprocess=preprocess.to_dict(),

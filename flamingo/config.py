@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from runtime.spec import MEDIA_RULES, cross_attn_layer_indices, image_tokens
+
 LM_FAMILIES = ("llama", "gpt_neox", "mpt")
 
 # Where each HF causal LM keeps its decoder blocks: OpenFlamingo's decoder_layers_attr_name
@@ -33,12 +35,15 @@ class VisionConfig:
     layers: int = 24
     heads: int = 16
     mlp_ratio: float = 4.0
-    embed_dim: int = 768  # output of `proj` (pooled vector only; Flamingo uses the patch tokens)
+    embed_dim: int = 768  # output of `proj` (pooled vector only; Flamingo uses the patch tokens);
+    # 0 = no projection (IDEFICS keeps none)
     act: str = "quick_gelu"  # "quick_gelu" (OpenAI) or "gelu"
     ln_eps: float = 1e-5
     # open_clip <= 2.22 (what OpenFlamingo trained with) returns patch tokens before ln_post;
     # open_clip >= 2.23 applies ln_post to every token. False = training-time behaviour.
     tokens_after_ln_post: bool = False
+    # IDEFICS feeds the last hidden state, CLS included (1 + g*g tokens), without ln_post
+    include_cls: bool = False
 
     @property
     def grid(self) -> int:
@@ -48,29 +53,52 @@ class VisionConfig:
     def num_patches(self) -> int:
         return self.grid * self.grid
 
+    @property
+    def num_tokens(self) -> int:
+        """Vision tokens per image handed on (to the resampler, or to cross-attention)."""
+        return self.num_patches + int(self.include_cls)
+
 
 @dataclass
 class ResamplerConfig:
-    """Perceiver resampler; dim is the vision width."""
+    """Perceiver resampler; dim is the vision width. IDEFICS may leave it out (`enabled`
+    False: cross-attention attends to the vision tokens themselves), adds LayerNorms over the
+    head dim on q and k (`qk_layer_norms`, its qk_layer_norms_perceiver) and uses ReLU."""
 
     depth: int = 6
     heads: int = 8
     dim_head: int = 64
     num_latents: int = 64
     ff_mult: int = 4
+    enabled: bool = True
+    qk_layer_norms: bool = False
+    ff_act: str = "gelu"
 
 
 @dataclass
 class CrossAttentionConfig:
-    """Gated cross-attention blocks inserted before decoder layer i when (i+1) % every_n == 0."""
+    """Gated cross-attention blocks inserted before decoder layer i when
+    (i + layer_offset) % every_n == 0: OpenFlamingo's (i+1) % n (offset 1), IDEFICS'
+    i % cross_layer_interval (offset 0).
+
+    block "openflamingo": LayerNorm -> attention (fused to_kv) ; LayerNorm -> GELU FF (ff_mult).
+    block "llama" (IDEFICS): RMSNorm (LM eps) -> attention with optional RMSNorm over the head
+    dim on q and k (`qk_norm`) ; RMSNorm -> SwiGLU of `intermediate_size` with the LM's
+    activation. Gates tanh(g) are scalars (`gate_type` "float") or one per channel ("vector").
+    """
 
     every_n_layers: int = 1
     heads: int = 8
     dim_head: int = 64
     ff_mult: int = 4
+    layer_offset: int = 1
+    block: str = "openflamingo"
+    qk_norm: bool = False
+    gate_type: str = "float"
+    intermediate_size: int = 0  # llama block: the SwiGLU width
 
     def layer_indices(self, num_layers: int) -> list[int]:
-        return [i for i in range(num_layers) if (i + 1) % self.every_n_layers == 0]
+        return cross_attn_layer_indices(num_layers, self.every_n_layers, self.layer_offset)
 
 
 @dataclass
@@ -116,6 +144,20 @@ class FlamingoConfig:
     media_token_id: int = -1
     eoc_token_id: int = -1
     pad_token_id: int = -1
+    # which image a token sees (runtime.spec.MEDIA_RULES): "openflamingo", or "idefics" (no
+    # image after `eos_token_id` until the next <image>; generated tokens keep the last
+    # prompt token's image, as IdeficsProcessor and IdeficsForVisionText2Text.generate do)
+    media_rule: str = "openflamingo"
+    eos_token_id: int = -1
+
+    def __post_init__(self) -> None:
+        if self.media_rule not in MEDIA_RULES:
+            raise ValueError(f"media_rule must be one of {MEDIA_RULES}, got {self.media_rule!r}")
+
+    @property
+    def image_tokens(self) -> int:
+        """Cross-attention keys per image: the resampler's latents, or the vision tokens."""
+        return image_tokens(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,18 +179,22 @@ class FlamingoConfig:
             media_token_id=d["media_token_id"],
             eoc_token_id=d["eoc_token_id"],
             pad_token_id=d.get("pad_token_id", -1),
+            media_rule=d.get("media_rule", "openflamingo"),
+            eos_token_id=d.get("eos_token_id", -1),
         )
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A released OpenFlamingo model: which LM family and how often cross-attention sits."""
+    """A released OpenFlamingo (or IDEFICS) model: which LM family and how often
+    cross-attention sits. IDEFICS presets' full configs: flamingo.idefics.IDEFICS_HUB_CONFIGS."""
 
     name: str
     lm_family: str
     lm_layers: int
     cross_attn_every_n_layers: int
     lm_name: str
+    kind: str = "openflamingo"  # or "idefics" (loaded with --model)
 
 
 PRESETS: dict[str, Preset] = {
@@ -177,5 +223,10 @@ PRESETS: dict[str, Preset] = {
             "togethercomputer/RedPajama-INCITE-Instruct-3B-v1",
         ),
         Preset("OpenFlamingo-9B-vitl-mpt7b", "mpt", 32, 4, "mosaicml/mpt-7b"),
+        # HuggingFaceM4/idefics-*: LLaMA-7B / LLaMA-65B, cross_layer_interval 4
+        Preset("idefics-9b", "llama", 32, 4, "huggyllama/llama-7b", "idefics"),
+        Preset("idefics-9b-instruct", "llama", 32, 4, "huggyllama/llama-7b", "idefics"),
+        Preset("idefics-80b", "llama", 80, 4, "huggyllama/llama-65b", "idefics"),
+        Preset("idefics-80b-instruct", "llama", 80, 4, "huggyllama/llama-65b", "idefics"),
     )
 }

@@ -11,7 +11,7 @@ from dataclasses import fields, replace
 import numpy as np
 import torch
 
-from runtime.decoding import BaseStepModel, position_ids
+from runtime.decoding import BaseStepModel, media_reset_token, position_ids
 from runtime.generation import GenerationConfig, GenerationResult
 from runtime.generation import generate as search
 from runtime.spec import cross_attn_names, past_names
@@ -44,7 +44,11 @@ class TorchStepModel(BaseStepModel):
         return step_model
 
     def _start(self, model: Flamingo, cross_kv: list, num_images: np.ndarray) -> None:
-        super().__init__(model.cfg.media_token_id, num_images)
+        super().__init__(
+            model.cfg.media_token_id,
+            num_images,
+            media_reset_token_id=media_reset_token(model.cfg.to_dict()),
+        )
         self.model = model
         self.cross_kv = cross_kv  # per cross-attention layer (B, H, keys, Dh)
         dtype = model.lang_model.embed_tokens.weight.dtype

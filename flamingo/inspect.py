@@ -25,9 +25,12 @@ def describe(model: Flamingo, tokenizer: Any, report: LoadReport) -> dict[str, A
         "pad_token_id": cfg.pad_token_id,
         "cross_attn_every_n_layers": cfg.cross_attn.every_n_layers,
         "cross_attn_layer_indices": lm.cross_attn_layer_indices,
+        "cross_attn": asdict(cfg.cross_attn),
+        "media_rule": cfg.media_rule,
+        "image_tokens": cfg.image_tokens,
         "num_parameters": {
             "vision_encoder": count(model.vision_encoder),
-            "perceiver": count(model.perceiver),
+            "perceiver": count(model.perceiver) if model.perceiver is not None else 0,
             "cross_attention": xattn,
             "language_model": lm_total,
             "total": count(model),

@@ -655,8 +655,12 @@ def resolve_cross_attn_every_n(
     requested: int | None, preset: str | None, found: list[int], num_layers: int, path: Path
 ) -> int:
     if preset is not None:
-        if preset not in PRESETS:
-            raise LoadError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        if preset not in PRESETS or PRESETS[preset].kind != "openflamingo":
+            known = ", ".join(n for n, p in PRESETS.items() if p.kind == "openflamingo")
+            raise LoadError(
+                f"unknown preset {preset!r} for OpenFlamingo files; known: {known} (IDEFICS "
+                "presets go with --model)"
+            )
         p = PRESETS[preset]
         if requested is not None and requested != p.cross_attn_every_n_layers:
             raise LoadError(

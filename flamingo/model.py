@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FlamingoConfig, LMConfig, ResamplerConfig, VisionConfig
+from .config import CrossAttentionConfig, FlamingoConfig, LMConfig, ResamplerConfig, VisionConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -179,7 +179,8 @@ class VisionTransformerBlocks(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """CLIP ViT returning (pooled, patch tokens without CLS), like open_clip with output_tokens."""
+    """CLIP ViT returning (pooled, patch tokens without CLS), like open_clip with output_tokens;
+    with `include_cls` (IDEFICS) the tokens are the last hidden state, CLS first."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -191,7 +192,7 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.LayerNorm(w, eps=cfg.ln_eps)
         self.transformer = VisionTransformerBlocks(cfg)
         self.ln_post = nn.LayerNorm(w, eps=cfg.ln_eps)
-        self.proj = nn.Parameter(torch.zeros(w, cfg.embed_dim))
+        self.proj = nn.Parameter(torch.zeros(w, cfg.embed_dim)) if cfg.embed_dim else None
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.conv1(pixels)  # (N, D, g, g)
@@ -199,12 +200,13 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (N, 1+g*g, D)
         x = self.transformer(self.ln_pre(x))
+        first = 0 if self.cfg.include_cls else 1
         if self.cfg.tokens_after_ln_post:  # open_clip >= 2.23
             x = self.ln_post(x)
-            pooled, tokens = x[:, 0], x[:, 1:]
-        else:  # open_clip <= 2.22, what the released checkpoints were trained with
-            pooled, tokens = self.ln_post(x[:, 0]), x[:, 1:]
-        return pooled @ self.proj, tokens
+            pooled, tokens = x[:, 0], x[:, first:]
+        else:  # open_clip <= 2.22 (the released checkpoints' training), IDEFICS
+            pooled, tokens = self.ln_post(x[:, 0]), x[:, first:]
+        return (pooled if self.proj is None else pooled @ self.proj), tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,12 +214,13 @@ class VisionTransformer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
-    """LayerNorm -> Linear -> GELU -> Linear, no biases (OpenFlamingo's FeedForward)."""
+def feed_forward(dim: int, mult: int, act: str = "gelu") -> nn.Sequential:
+    """LayerNorm -> Linear -> GELU -> Linear, no biases (OpenFlamingo's FeedForward; IDEFICS'
+    perceiver MLP is the same with ReLU)."""
     return nn.Sequential(
         nn.LayerNorm(dim),
         nn.Linear(dim, dim * mult, bias=False),
-        nn.GELU(),
+        activation(act),
         nn.Linear(dim * mult, dim, bias=False),
     )
 
@@ -234,12 +237,18 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        if cfg.qk_layer_norms:  # IDEFICS: LayerNorm over the head dim of q and k
+            self.q_layer_norm = nn.LayerNorm(cfg.dim_head)
+            self.k_layer_norm = nn.LayerNorm(cfg.dim_head)
+        self.qk_layer_norms = cfg.qk_layer_norms
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         # media (N, V, D), latents (N, L, D)
         media, latents = self.norm_media(media), self.norm_latents(latents)
         q = split_heads(self.to_q(latents), self.heads)
         k, v = kv_heads(self.to_kv, torch.cat([media, latents], dim=1), self.heads)
+        if self.qk_layer_norms:
+            q, k = self.q_layer_norm(q), self.k_layer_norm(k)
         out = scaled_dot_attention(q, k, v, None, self.scale)
         return self.to_out(merge_heads(out))  # (N, L, D)
 
@@ -251,7 +260,9 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim))
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, cfg), feed_forward(dim, cfg.ff_mult)])
+            nn.ModuleList(
+                [PerceiverAttention(dim, cfg), feed_forward(dim, cfg.ff_mult, cfg.ff_act)]
+            )
             for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -269,48 +280,95 @@ class PerceiverResampler(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def media_index_from_ids(input_ids: torch.Tensor, media_token_id: int) -> torch.Tensor:
+def media_index_from_ids(
+    input_ids: torch.Tensor, media_token_id: int, eos_token_id: int | None = None
+) -> torch.Tensor:
     """1-based number of the latest `<image>` at or before each token; 0 before the first one.
 
     An integer cumsum (OpenFlamingo's bool cumsum is what broke its ONNX export, issue #256).
+    With `eos_token_id` (IDEFICS' rule, processing_idefics.image_attention_mask_for_packed_
+    input_ids): tokens after an EOS see no image until the next `<image>` (the EOS itself does).
     """
-    return torch.cumsum((input_ids == media_token_id).to(torch.int64), dim=-1)
+    is_image = input_ids == media_token_id
+    index = torch.cumsum(is_image.to(torch.int64), dim=-1)
+    if eos_token_id is None:
+        return index
+    pos = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+    none = torch.full_like(pos, -1)
+    last_image = torch.where(is_image, pos, none).cummax(-1).values
+    last_eos = torch.where(input_ids == eos_token_id, pos, none).cummax(-1).values
+    last_eos_before = torch.cat([none[..., :1], last_eos[..., :-1]], dim=-1)
+    return index.masked_fill(last_eos_before > last_image, 0)
+
+
+class SwiGLU(nn.Module):
+    """down(act(gate(x)) * up(x)): LLaMA's MLP (IDEFICS' cross-attention block uses it too)."""
+
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act_fn = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MaskedCrossAttention(nn.Module):
-    """Text queries attend only to the latents of their own (latest preceding) image."""
+    """Text queries attend only to the latents of their own (latest preceding) image.
 
-    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int) -> None:
+    OpenFlamingo: LayerNorm on the text. IDEFICS ("llama" block): RMSNorm, and optionally an
+    RMSNorm over the head dim of q and of k (`qk_norm`); k's is part of the image K/V."""
+
+    def __init__(self, dim: int, dim_visual: int, xa: CrossAttentionConfig, lm: LMConfig) -> None:
         super().__init__()
-        inner = heads * dim_head
-        self.heads, self.scale = heads, dim_head**-0.5
-        self.norm = nn.LayerNorm(dim)
+        inner = xa.heads * xa.dim_head
+        self.heads, self.scale = xa.heads, xa.dim_head**-0.5
+        llama = xa.block == "llama"
+        self.norm = RMSNorm(dim, lm.norm_eps) if llama else nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.qk_norm = xa.qk_norm
+        if xa.qk_norm:
+            self.q_layer_norm = RMSNorm(xa.dim_head, lm.norm_eps)
+            self.k_layer_norm = RMSNorm(xa.dim_head, lm.norm_eps)
 
     def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, L, Dv) latents -> K, V (N, H, L, Dh): computed once per image, not per token."""
-        return kv_heads(self.to_kv, latents, self.heads)
+        k, v = kv_heads(self.to_kv, latents, self.heads)
+        return (self.k_layer_norm(k) if self.qk_norm else k), v
 
     def forward(
         self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor, media_mask: torch.Tensor
     ) -> torch.Tensor:
         # x (B, T, D); key/value (B, H, M, Dh); media_mask (B, 1, T, M) additive 0/-inf-like
         q = split_heads(self.to_q(self.norm(x)), self.heads)
+        if self.qk_norm:
+            q = self.q_layer_norm(q)
         out = scaled_dot_attention(q, key, value, media_mask, self.scale)  # (B, H, T, Dh)
         return self.to_out(merge_heads(out))
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """x + tanh(attn_gate) * xattn(x) ; x + tanh(ff_gate) * ff(x). Gates 0 = the plain LM."""
+    """x + tanh(attn_gate) * xattn(x) ; x + tanh(ff_gate) * ff(x). Gates 0 = the plain LM.
 
-    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int) -> None:
+    ff: OpenFlamingo's LayerNorm -> GELU FeedForward, or (IDEFICS) RMSNorm -> SwiGLU. Gates are
+    one scalar each, or one value per channel (`gate_type` "vector", IDEFICS alpha_type)."""
+
+    def __init__(self, dim: int, dim_visual: int, xa: CrossAttentionConfig, lm: LMConfig) -> None:
         super().__init__()
-        self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = feed_forward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.attn = MaskedCrossAttention(dim, dim_visual, xa, lm)
+        gate = (dim,) if xa.gate_type == "vector" else (1,)
+        self.attn_gate = nn.Parameter(torch.zeros(gate))
+        if xa.block == "llama":
+            self.ff = nn.Sequential(
+                RMSNorm(dim, lm.norm_eps), SwiGLU(dim, xa.intermediate_size, lm.act)
+            )
+        else:
+            self.ff = feed_forward(dim, xa.ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(gate))
 
     def forward(
         self,
@@ -398,17 +456,9 @@ class LlamaAttention(nn.Module):
         return self.o_proj(merge_heads(out)), (k, v)
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(SwiGLU):
     def __init__(self, cfg: LMConfig) -> None:
-        super().__init__()
-        d, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(d, i, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(i, d, bias=cfg.mlp_bias)
-        self.act_fn = activation(cfg.act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.act, cfg.mlp_bias)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -569,9 +619,7 @@ class FlamingoLM(nn.Module):
         # keyed by decoder-layer index, like OpenFlamingo's `<layers>.<i>.gated_cross_attn_layer`
         self.cross_attn_layers = nn.ModuleDict(
             {
-                str(i): GatedCrossAttentionBlock(
-                    lm.hidden_size, cfg.vision.width, xa.heads, xa.dim_head, xa.ff_mult
-                )
+                str(i): GatedCrossAttentionBlock(lm.hidden_size, cfg.vision.width, xa, lm)
                 for i in self.cross_attn_layer_indices
             }
         )
@@ -651,7 +699,7 @@ class FlamingoLM(nn.Module):
         rope = self.rope(position_ids, dtype) if self.cfg.lm.uses_position_ids else None
         num_keys = cross_kv[0][0].shape[2] if cross_kv else 0
         media_mask, has_media = cross_attention_mask(
-            media_index, num_keys, self.cfg.resampler.num_latents, dtype
+            media_index, num_keys, self.cfg.image_tokens, dtype
         )
         present: KVCache = []
         xattn_kv = dict(zip(self.cross_attn_layer_indices, cross_kv))
@@ -704,13 +752,26 @@ class Flamingo(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_encoder = VisionTransformer(cfg.vision)
-        self.perceiver = PerceiverResampler(cfg.vision.width, cfg.resampler)
+        self.perceiver = (
+            PerceiverResampler(cfg.vision.width, cfg.resampler) if cfg.resampler.enabled else None
+        )
         self.lang_model = FlamingoLM(cfg)
+        # how inputs are prepared where not OpenFlamingo's way, set by a loader (IDEFICS):
+        # runtime.images.PreprocessConfig and runtime.idefics.IdeficsPromptFormat dicts,
+        # recorded in the export manifest
+        self.preprocess: dict | None = None
+        self.prompt_format: dict | None = None
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) preprocessed pixels -> (N, L, Dv) resampled latents."""
-        _, patch_tokens = self.vision_encoder(pixels)  # (N, g*g, Dv), no CLS
-        return self.perceiver(patch_tokens)
+        """(N, 3, H, W) preprocessed pixels -> (N, L, Dv) resampled latents (without a
+        resampler, IDEFICS: the vision tokens themselves, L = cfg.image_tokens)."""
+        _, tokens = self.vision_encoder(pixels)  # (N, g*g [+1 CLS], Dv)
+        return tokens if self.perceiver is None else self.perceiver(tokens)
+
+    def media_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) prompt ids -> which image each token attends to (cfg.media_rule)."""
+        eos = self.cfg.eos_token_id if self.cfg.media_rule == "idefics" else None
+        return media_index_from_ids(input_ids, self.cfg.media_token_id, eos)
 
     def cross_kv_for_rows(self, latents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(B, T_img, L, Dv) latents of each row's images -> per layer (B, H, T_img*L, Dh)."""
@@ -751,7 +812,7 @@ class Flamingo(nn.Module):
         logits, _ = self.lang_model(
             lang_x,
             attention_mask,
-            media_index_from_ids(lang_x, self.cfg.media_token_id),
+            self.media_index(lang_x),
             cross_kv,
             self.lang_model.empty_cache(lang_x.shape[0], self.lang_model.embed_tokens.weight.dtype),
             position_ids_from_mask(attention_mask, lang_x.shape[1]),

@@ -816,6 +816,7 @@ def _quantize_into(
         tokenizer_files=list(source.tokenizer_files),
         tools=tool_versions(),
         quantization=record,
+        prompt=source.prompt,
     )
     manifest.record_files(tmp)
     manifest.write(tmp)

@@ -20,6 +20,14 @@ from .spec import ModelDims, cross_attn_names
 ImageFeatures = Mapping[str, np.ndarray | Sequence[np.ndarray]]
 
 
+def media_reset_token(model_cfg: dict) -> int | None:
+    """The token after which no image is seen until the next `<image>` (IDEFICS' EOS), from a
+    FlamingoConfig dict; None under OpenFlamingo's rule (runtime.spec.MEDIA_RULES)."""
+    if model_cfg.get("media_rule", "openflamingo") == "idefics":
+        return int(model_cfg["eos_token_id"])
+    return None
+
+
 class MediaCounter:
     """Which image each new token attends to, carried across prefill and decode steps.
 
@@ -28,22 +36,55 @@ class MediaCounter:
     across steps, so every generated token attends to the prompt's last image, as OpenFlamingo's
     cached-media generation does. Indices are capped at the row's image count so a generated
     `<image>` token keeps attending to the last real image instead of to nothing.
+
+    With `reset_token_id` (IDEFICS, processing_idefics.image_attention_mask_for_packed_input_
+    ids): tokens after that token (EOS) see no image until the next `<image>`; and once the
+    prompt has run (`end_prompt`), every generated token keeps the prompt's last index, as
+    IdeficsForVisionText2Text.generate repeats the last image_attention_mask row.
     """
 
-    def __init__(self, media_token_id: int, num_images: np.ndarray) -> None:
+    def __init__(
+        self, media_token_id: int, num_images: np.ndarray, reset_token_id: int | None = None
+    ) -> None:
         self.media_token_id = media_token_id
+        self.reset_token_id = reset_token_id
         self.num_images = np.asarray(num_images, dtype=np.int64)
         self.count = np.zeros_like(self.num_images)
+        self.blocked = np.zeros(self.num_images.shape, dtype=bool)  # a reset since the image
+        self.last = np.zeros_like(self.num_images)  # the latest token's index
+        self.frozen = False
 
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
-        step = np.cumsum(input_ids == self.media_token_id, axis=-1, dtype=np.int64)
+        if self.frozen:
+            return np.repeat(self.last[:, None], input_ids.shape[1], axis=1)
+        is_image = input_ids == self.media_token_id
+        step = np.cumsum(is_image, axis=-1, dtype=np.int64)
         index = np.minimum(self.count[:, None] + step, self.num_images[:, None])
         self.count = index[:, -1].copy()
+        if self.reset_token_id is not None:
+            pos = np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape)
+            last_image = np.maximum.accumulate(np.where(is_image, pos, -1), axis=-1)
+            last_reset = np.maximum.accumulate(
+                np.where(input_ids == self.reset_token_id, pos, -1), axis=-1
+            )
+            before = np.concatenate([np.full_like(last_reset[:, :1], -1), last_reset[:, :-1]], 1)
+            blocked = (before > last_image) | (self.blocked[:, None] & (last_image < 0))
+            index = np.where(blocked, 0, index)
+            self.blocked = (last_reset[:, -1] > last_image[:, -1]) | (
+                self.blocked & (last_image[:, -1] < 0)
+            )
+        self.last = index[:, -1].copy()
         return index
+
+    def end_prompt(self) -> None:
+        """The prompt has run: under IDEFICS' rule, generated tokens keep its last index."""
+        self.frozen = self.reset_token_id is not None
 
     def reorder(self, index: np.ndarray) -> None:
         self.count = self.count[index]
         self.num_images = self.num_images[index]
+        self.blocked = self.blocked[index]
+        self.last = self.last[index]
 
 
 def in_graph_media_index(
@@ -167,10 +208,15 @@ class BaseStepModel:
     """
 
     def __init__(
-        self, media_token_id: int, num_images: np.ndarray, media_count: np.ndarray | None = None
+        self,
+        media_token_id: int,
+        num_images: np.ndarray,
+        media_count: np.ndarray | None = None,
+        media_reset_token_id: int | None = None,
     ) -> None:
-        """`media_count`: images each row has already seen (a cached prefix's)."""
-        self.media = MediaCounter(media_token_id, num_images)
+        """`media_count`: images each row has already seen (a cached prefix's);
+        `media_reset_token_id`: IDEFICS' rule (MediaCounter, `media_reset_token`)."""
+        self.media = MediaCounter(media_token_id, num_images, media_reset_token_id)
         if media_count is not None:
             self.media.count = np.asarray(media_count, dtype=np.int64).copy()
         self.batch = len(self.media.num_images)
@@ -224,6 +270,7 @@ class BaseStepModel:
         logits = self._forward(ids, mask, all_positions=False)[:, -1].astype(np.float32)
         if self.prefill_end is None:
             self.prefill_end = time.perf_counter()
+            self.media.end_prompt()  # later steps run generated tokens
         return logits
 
     def reorder_cache(self, index: np.ndarray) -> None:

@@ -22,6 +22,7 @@ from .decoding import (
     current_image_offsets,
     in_graph_media_index,
     logits_index,
+    media_reset_token,
     position_ids,
 )
 from .errors import FlamingoExportError
@@ -238,6 +239,7 @@ class OnnxFlamingo(RowsCrossKV):
         self.media_token_id: int = tokens["media_token_id"]
         self.eoc_token_id: int = tokens["eoc_token_id"]
         self.pad_token_id: int = tokens["pad_token_id"]
+        self.media_reset_token_id = media_reset_token(self.manifest.model)
 
     @property
     def limits(self) -> dict[str, int]:
@@ -295,7 +297,9 @@ class OrtStepModel(BaseStepModel):
         media_count: np.ndarray | None = None,
         io_binding: bool = True,
     ) -> None:
-        super().__init__(engine.media_token_id, num_images, media_count)
+        super().__init__(
+            engine.media_token_id, num_images, media_count, engine.media_reset_token_id
+        )
         self.engine = engine
         self.session = engine.sessions["decoder"]
         self.cross_kv = cross_kv

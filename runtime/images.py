@@ -79,6 +79,9 @@ class PreprocessConfig:
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
+    # IdeficsImageProcessor: convert to RGB first, alpha composited over white (open_clip
+    # converts last and drops alpha)
+    rgb_first: bool = False
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -361,6 +364,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("RGB")
 
 
+def _composite_rgb(im: Image.Image) -> Image.Image:
+    """IdeficsImageProcessor's convert_to_rgb: RGBA composited over white, then RGB."""
+    if im.mode == "RGB":
+        return im
+    rgba = im.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
 def _shortest_side_box(im: Image.Image, size: int) -> tuple[float, float, float, float]:
     """The region of `im` that torchvision's Resize(size) + CenterCrop(size) keep, in source
     pixels (the resized image is at least `size` on both sides: no padding)."""
@@ -483,6 +495,8 @@ def preprocess_one(item: ImageInput, config: PreprocessConfig, name: str) -> np.
     size = config.image_size
     im = load_image(item, name=name)
     try:
+        if config.rgb_first:
+            im = _composite_rgb(im)
         im = _to_rgb(_geometry(im, config, name))
     except ImageError:
         raise

@@ -25,7 +25,7 @@ from .onnx_external import OnnxFormatError, external_tensors
 from .schema import check_document, load_json
 from .spec import PORTABLE, DecoderForm, GraphSpec, ModelDims, decoder_spec, vision_spec
 
-SCHEMA_VERSION = 2  # 2: decoder input logits_index
+SCHEMA_VERSION = 3  # 2: decoder input logits_index; 3: IDEFICS (model fields, prompt)
 MANIFEST_NAME = "manifest.json"
 SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 MANIFEST_SCHEMA: dict[str, Any] = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
@@ -116,10 +116,13 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
     # quantized exports: per-graph method/settings/backends, calibration, source export
     quantization: dict[str, Any] = field(default_factory=dict)
+    # how prompts are built, where not OpenFlamingo's templates (runtime.prompts.PromptFormat)
+    prompt: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"quantization": self.quantization} if self.quantization else {}
+        extra.update({"prompt": self.prompt} if self.prompt else {})
         return {
             "schema_version": self.schema_version,
             "model": self.model,
@@ -157,6 +160,7 @@ class Manifest:
             tools=d.get("tools", {}),
             files=d["files"],
             quantization=d.get("quantization", {}),
+            prompt=d.get("prompt"),
         )
         for name, entry in manifest.graphs.items():
             declared = d["graphs"][name].get("backends")

@@ -30,6 +30,7 @@ from .cache import ImageKV, PixelMemo, PrefixCache, PrefixState, VisionCache, pi
 from .contracts import DecoderStepModel, Engine
 from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
 from .generation import GenerationConfig, GenerationResult, ShouldStop, generate
+from .idefics import IdeficsPromptFormat, idefics_text
 from .images import (
     ImageError,
     ImageInput,
@@ -38,7 +39,14 @@ from .images import (
     preprocess_one,
     source_key,
 )
-from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match, check_text
+from .prompts import (
+    EOC_TOKEN,
+    Demonstration,
+    Task,
+    build_few_shot_prompt,
+    check_images_match,
+    check_text,
+)
 from .spec import cross_attn_names, trained_context
 from .tokenizer import ExportTokenizer, load_export_tokenizer, stable_text
 
@@ -175,6 +183,8 @@ class FlamingoPipeline:
             warnings.warn(f"{export_dir}: {note}", RuntimeWarning, stacklevel=2)
         self.tokenizer = load_export_tokenizer(self.engine.root, self.engine.manifest)
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
+        prompt = self.engine.manifest.prompt
+        self.idefics_prompt = IdeficsPromptFormat.from_dict(prompt) if prompt else None
         self.max_seq_len, self._context = self._context_limit()
         self.max_images = self.engine.limits["max_images"]
         self.use_prefix_cache = prefix_cache
@@ -320,8 +330,12 @@ class FlamingoPipeline:
         *,
         seed: int | None = None,
     ) -> Generation:
-        """OpenFlamingo few-shot query: demonstrations (cached after the first call) + query."""
+        """OpenFlamingo few-shot query: demonstrations (cached after the first call) + query.
+        IDEFICS has no end-of-chunk token: its demonstrations end with the separator only, and
+        the prompt is then built as IdeficsProcessor builds it (runtime.idefics)."""
         prompt, images = build_few_shot_prompt(demos, question, task, query_image=query_image)
+        if self.idefics_prompt is not None:  # demonstrations cannot contain the marker
+            prompt = prompt.replace(EOC_TOKEN, "")
         return self.generate(prompt, images, config, on_token, seed=seed)
 
     def clear_caches(self) -> None:
@@ -394,7 +408,7 @@ class FlamingoPipeline:
             raise ValueError(
                 f"{where}{len(images)} images exceed this export's limit of {self.max_images}"
             )
-        ids = np.array(self.tokenizer.encode(prompt).ids, dtype=np.int64)
+        ids = self._token_ids(prompt)
         total = len(ids) + config.max_new_tokens
         if total > self.max_seq_len:
             raise ValueError(
@@ -411,8 +425,11 @@ class FlamingoPipeline:
                 f"{len(images)} images"
             )
         pixels, hashes = self._pixels(images)
-        # a split needs a token after it: the first step must have something to run
+        # a split needs a token after it: the first step must have something to run; IDEFICS'
+        # media state at a split is more than the image count: no prefix reuse (yet)
         boundaries = np.flatnonzero(ids[:-1] == self.engine.eoc_token_id) + 1
+        if self.idefics_prompt is not None:
+            boundaries = boundaries[:0]
         return _Row(ids, media_positions, pixels, hashes, boundaries, [None] * len(images))
 
     def _pixels(self, images: list[Any]) -> tuple[np.ndarray | None, list[str]]:
@@ -434,6 +451,14 @@ class FlamingoPipeline:
             pixels[i] = known[0]
             hashes.append(known[1])
         return pixels, hashes
+
+    def _token_ids(self, prompt: str) -> np.ndarray:
+        """OpenFlamingo: the prompt as the tokenizer reads it; IDEFICS: the text
+        IdeficsProcessor builds from it, without added special tokens (runtime.idefics)."""
+        if self.idefics_prompt is None:
+            return np.array(self.tokenizer.encode(prompt).ids, dtype=np.int64)
+        text = idefics_text(prompt, self.idefics_prompt)
+        return np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int64)
 
     def _encode_missing_images(self, rows: list[_Row]) -> None:
         """Fill every row's image K/V: from its prefix state, the vision cache, or one vision

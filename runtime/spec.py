@@ -105,12 +105,12 @@ class ModelDims:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelDims:
         lm, xa = cfg["lm"], cfg["cross_attn"]
-        every = xa["every_n_layers"]
+        every, offset = xa["every_n_layers"], xa.get("layer_offset", 1)
         return cls(
             image_size=cfg["vision"]["image_size"],
             vision_width=cfg["vision"]["width"],
-            num_latents=cfg["resampler"]["num_latents"],
-            xattn_layers=tuple(i for i in range(lm["num_layers"]) if (i + 1) % every == 0),
+            num_latents=image_tokens(cfg),
+            xattn_layers=tuple(cross_attn_layer_indices(lm["num_layers"], every, offset)),
             xattn_heads=xa["heads"],
             xattn_dim_head=xa["dim_head"],
             num_layers=lm["num_layers"],
@@ -122,6 +122,28 @@ class ModelDims:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Which image a token attends to (FlamingoConfig.media_rule): OpenFlamingo's latest <image>;
+# IDEFICS' the same, but none after an EOS until the next <image>, and generated tokens keep
+# the last prompt token's image (runtime.decoding.MediaCounter).
+MEDIA_RULES = ("openflamingo", "idefics")
+
+
+def cross_attn_layer_indices(num_layers: int, every_n: int, offset: int = 1) -> list[int]:
+    """Decoder layers preceded by a gated cross-attention block: (i + offset) % every_n == 0
+    (OpenFlamingo offset 1, IDEFICS offset 0)."""
+    return [i for i in range(num_layers) if (i + offset) % every_n == 0]
+
+
+def image_tokens(cfg: dict[str, Any]) -> int:
+    """Cross-attention keys per image from a FlamingoConfig dict: the resampler's latents, or
+    (no resampler, IDEFICS) the vision tokens: the patches plus CLS where included."""
+    resampler, vision = cfg["resampler"], cfg["vision"]
+    if resampler.get("enabled", True):
+        return resampler["num_latents"]
+    grid = vision["image_size"] // vision["patch_size"]
+    return grid * grid + int(vision.get("include_cls", False))
 
 
 # LM families whose attention takes no position ids (ALiBi biases): they run past the length

@@ -26,6 +26,7 @@ from runtime.decoding import (
     RowsCrossKV,
     current_image_offsets,
     logits_index,
+    media_reset_token,
     position_ids,
 )
 from runtime.engines import (
@@ -228,7 +229,9 @@ class TrtStepModel(BaseStepModel):
         past: dict[str, np.ndarray] | None = None,
         media_count: np.ndarray | None = None,
     ) -> None:
-        super().__init__(engine.media_token_id, num_images, media_count)
+        super().__init__(
+            engine.media_token_id, num_images, media_count, media_reset_token(engine.manifest.model)
+        )
         self.engine = engine
         self.dec = engine.executors["decoder"]
         self.dev = engine.device

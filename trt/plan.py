@@ -95,10 +95,17 @@ class PlanError(FlamingoExportError, ValueError):
 
 
 def preset_config(name: str) -> FlamingoConfig:
-    """A released OpenFlamingo model's config: ViT-L/14 (OpenAI) + resampler + preset LM."""
+    """A released OpenFlamingo model's config: ViT-L/14 (OpenAI) + resampler + preset LM;
+    an IDEFICS preset's from its Hub config.json (flamingo.idefics)."""
     if name not in PRESETS:
         raise PlanError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     preset = PRESETS[name]
+    if preset.kind == "idefics":
+        from pathlib import Path
+
+        from flamingo.idefics import IDEFICS_HUB_CONFIGS, idefics_config
+
+        return idefics_config(IDEFICS_HUB_CONFIGS[name], Path(f"{name} (preset)"))
     lm = LMConfig(**PRESET_LMS[preset.lm_name])
     return FlamingoConfig(
         vision=VisionConfig(),
@@ -180,29 +187,35 @@ def inventory(cfg: FlamingoConfig) -> dict[str, Component]:
         graph="vision",
     )
     inner, ff = r.heads * r.dim_head, r.ff_mult * w
+    depth = r.depth if r.enabled else 0  # IDEFICS may have no resampler
     perceiver = Component(
         linears=[
-            Linear("to_q", w, inner, r.depth),
-            Linear("to_kv", w, 2 * inner, r.depth),
-            Linear("to_out", inner, w, r.depth),
-            Linear("ff.1", w, ff, r.depth),
-            Linear("ff.3", ff, w, r.depth),
+            Linear("to_q", w, inner, depth),
+            Linear("to_kv", w, 2 * inner, depth),
+            Linear("to_out", inner, w, depth),
+            Linear("ff.1", w, ff, depth),
+            Linear("ff.3", ff, w, depth),
         ],
-        other=r.num_latents * w + r.depth * 3 * 2 * w + 2 * w,
+        other=(r.num_latents * w + depth * (3 * 2 * w + 4 * r.dim_head * r.qk_layer_norms)
+               + 2 * w) if r.enabled else 0,
         graph="vision",
-    )
+    )  # fmt: skip
     d = lm.hidden_size
     n_x = len(xa.layer_indices(lm.num_layers))
-    x_inner, x_ff = xa.heads * xa.dim_head, xa.ff_mult * d
+    x_inner = xa.heads * xa.dim_head
     cross_kv = Component(linears=[Linear("to_kv", w, 2 * x_inner, n_x)], graph="vision")
+    gates = 2 * (d if xa.gate_type == "vector" else 1)
+    if xa.block == "llama":  # IDEFICS: RMSNorm, q/k RMSNorm, SwiGLU
+        ffn = [Linear(n, d, xa.intermediate_size, n_x) for n in ("ff.gate_proj", "ff.up_proj")]
+        ffn.append(Linear("ff.down_proj", xa.intermediate_size, d, n_x))
+        norms = 2 * d + 2 * xa.dim_head * xa.qk_norm
+    else:
+        x_ff = xa.ff_mult * d
+        ffn = [Linear("ff.1", d, x_ff, n_x), Linear("ff.3", x_ff, d, n_x)]
+        norms = 2 * d + 2 * d  # attn LayerNorm, ff LayerNorm
     cross = Component(
-        linears=[
-            Linear("to_q", d, x_inner, n_x),
-            Linear("to_out", x_inner, d, n_x),
-            Linear("ff.1", d, x_ff, n_x),
-            Linear("ff.3", x_ff, d, n_x),
-        ],
-        other=n_x * (2 * d + 2 * d + 2),  # attn norm, ff norm, two gates
+        linears=[Linear("to_q", d, x_inner, n_x), Linear("to_out", x_inner, d, n_x), *ffn],
+        other=n_x * (norms + gates),
     )
     language = Component(
         linears=_decoder_linears(lm),
@@ -304,7 +317,7 @@ def kv_cache_bytes(cfg: FlamingoConfig, batch: int, seq: int, precision: str) ->
 
 def cross_kv_per_image(cfg: FlamingoConfig, precision: str) -> int:
     xa, n_x = cfg.cross_attn, len(cfg.cross_attn.layer_indices(cfg.lm.num_layers))
-    return 2 * n_x * xa.heads * cfg.resampler.num_latents * xa.dim_head * act_bytes(precision)
+    return 2 * n_x * xa.heads * cfg.image_tokens * xa.dim_head * act_bytes(precision)
 
 
 def decoder_activation_bytes(cfg: FlamingoConfig, batch: int, seq: int, images: int, p: str) -> int:
@@ -316,7 +329,7 @@ def decoder_activation_bytes(cfg: FlamingoConfig, batch: int, seq: int, images: 
     qkv = tokens * (lm.num_heads + 2 * lm.num_kv_heads) * lm.head_dim * a
     scores = 2 * batch * lm.num_heads * seq * seq * a  # scores + probabilities, unfused
     mlp = tokens * lm.intermediate_size * a * (2 if lm.family == "llama" else 1)
-    media = images * cfg.resampler.num_latents
+    media = images * cfg.image_tokens
     xscores = 2 * batch * xa.heads * seq * media * a
     return logits + hidden + max(qkv + scores, mlp, xscores)
 

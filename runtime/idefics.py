@@ -1,0 +1,68 @@
+"""IDEFICS prompts (torch-free): the text IdeficsProcessor builds, from what the manifest records.
+
+A prompt is written with `<image>` markers, as for OpenFlamingo; it is split there into the
+processor's item list (text, image, text, ...; empty text between markers is no item) and
+rebuilt as `IdeficsProcessor.__call__` does (transformers 4.57, processing_idefics.py):
+BOS first; each text item stripped of spaces (`strip(" ")`); an image as
+`<fake_token_around_image><image><fake_token_around_image>`, or `<image><fake_token_around_image>`
+right after another image (they share the fake token); with an `<end_of_utterance>` token in
+the tokenizer (-instruct), that token between two consecutive text items. The result is
+tokenized without adding special tokens (the processor's add_special_tokens=False).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+FORMAT = "idefics"
+
+
+@dataclass(frozen=True)
+class IdeficsPromptFormat:
+    """The tokens IdeficsProcessor writes; `end_of_utterance_token` None where the tokenizer
+    has none (then no separator is written). Stored as the manifest's `prompt`."""
+
+    bos_token: str
+    image_token: str = "<image>"
+    fake_image_token: str = "<fake_token_around_image>"
+    end_of_utterance_token: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IdeficsPromptFormat:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"prompt format {d.get('format')!r} is not {FORMAT!r}")
+        return cls(**{k: v for k, v in d.items() if k != "format"})
+
+
+def prompt_items(prompt: str, image_token: str = "<image>") -> list[str | None]:
+    """`prompt` as the processor's item list: text strings, None for each image."""
+    items: list[str | None] = []
+    for i, text in enumerate(prompt.split(image_token)):
+        if i:
+            items.append(None)
+        if text:
+            items.append(text)
+    return items
+
+
+def idefics_text(prompt: str, fmt: IdeficsPromptFormat) -> str:
+    """The processor's full text for a prompt with `<image>` markers (see the module doc)."""
+    out = fmt.bos_token
+    last_was_image = False
+    for i, item in enumerate(prompt_items(prompt, fmt.image_token)):
+        last_was_text = i > 0 and not last_was_image
+        if item is None:
+            if not last_was_image:
+                out += fmt.fake_image_token
+            out += fmt.image_token + fmt.fake_image_token
+            last_was_image = True
+        else:
+            if fmt.end_of_utterance_token and last_was_text:
+                out += fmt.end_of_utterance_token
+            out += item.strip(" ")
+            last_was_image = False
+    return out

@@ -1,0 +1,179 @@
+"""IDEFICS through export + the torch-free runtime, against transformers' own
+IdeficsForVisionText2Text.generate fed by IdeficsProcessor: prompt text, token ids, pixels,
+the media rule across steps, and greedy / 3-beam generations token for token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from exporter.export import export_model
+from fixtures.idefics import build_tiny_idefics
+from flamingo.idefics import load_idefics
+from runtime.decoding import MediaCounter
+from runtime.idefics import IdeficsPromptFormat, idefics_text
+from runtime.images import PreprocessConfig, preprocess
+from runtime.manifest import load_manifest
+from runtime.pipeline import FlamingoPipeline
+
+VARIANTS = {
+    # beam search works in transformers only without decoupled logits
+    "resampler-float-2-instruct": dict(cross_layer_interval=2, instruct=True),
+    "noresampler-vector-1-decoupled": dict(
+        use_resampler=False, alpha_type="vector", decoupled=True, qk_layer_norms=True
+    ),
+}
+
+
+def pictures() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    out = [
+        Image.fromarray(rng.integers(0, 256, (40, 30 + 5 * i, 3), dtype=np.uint8)) for i in range(3)
+    ]
+    rgba = rng.integers(0, 256, (23, 41, 4), dtype=np.uint8)
+    out.append(Image.fromarray(rgba, "RGBA"))  # alpha: IDEFICS composites it over white
+    return out
+
+
+# (runtime prompt with <image> markers, images) and the processor's item list for it:
+# interleaved multi-image, consecutive images, text before the first image, an EOS in the
+# text (the next tokens see no image), a one-image row shorter than the others (left padding)
+def cases():
+    a, b, c, d = pictures()
+    return [
+        (
+            "A red<image>circle on a <image><image> The cat</s> dog sits<image>Output:",
+            [a, b, c, d],
+            ["A red", a, "circle on a ", b, c, " The cat</s> dog sits", d, "Output:"],
+        ),
+        ("<image>The cat", [a], [a, "The cat"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from transformers import AutoProcessor, IdeficsForVisionText2Text
+
+    root = tmp_path_factory.mktemp("idefics_export")
+    out = {}
+    for name, kw in VARIANTS.items():
+        folder = build_tiny_idefics(root / name, **kw)
+        model, tok, _ = load_idefics(folder)
+        export_model(model, tok, root / f"{name}-export", progress=None)
+        hf = IdeficsForVisionText2Text.from_pretrained(folder).eval()
+        out[name] = (root / f"{name}-export", hf, AutoProcessor.from_pretrained(folder))
+    return out
+
+
+def test_prompt_text_is_the_processors(exported):
+    from transformers.models.idefics.processing_idefics import IdeficsProcessor
+
+    _, _, processor = exported["resampler-float-2-instruct"]
+    fmt = IdeficsPromptFormat.from_dict(
+        load_manifest(exported["resampler-float-2-instruct"][0]).prompt
+    )
+    assert fmt.end_of_utterance_token == "<end_of_utterance>"
+    seen = []
+    original = processor.tokenizer.__class__.__call__
+
+    def spy(self, text, **kw):
+        seen.extend(text)
+        return original(self, text, **kw)
+
+    processor.tokenizer.__class__.__call__ = spy
+    try:
+        for prompt, _, items in cases():
+            IdeficsProcessor.__call__(processor, text=[items], return_tensors="pt")
+            assert idefics_text(prompt, fmt) == seen[-1]
+    finally:
+        processor.tokenizer.__class__.__call__ = original
+
+
+def test_pixels_are_the_image_processors(exported):
+    export, _, processor = exported["resampler-float-2-instruct"]
+    config = PreprocessConfig.from_dict(load_manifest(export).preprocess)
+    assert config.resize_mode == "squash" and config.rgb_first
+    images = [*pictures(), pictures()[0].convert("P"), pictures()[1].convert("L")]
+    expected = processor.image_processor(images, return_tensors="pt").numpy()
+    assert np.abs(preprocess(images, config) - expected).max() <= 1e-6
+
+
+def test_media_rule_across_steps_is_the_processors(exported):
+    _, _, processor = exported["resampler-float-2-instruct"]
+    _, _, items = cases()[0]
+    inputs = processor(text=[items], return_tensors="pt")
+    ids = inputs["input_ids"].numpy()
+    hf = (inputs["image_attention_mask"].long() * torch.arange(1, 5)).sum(-1).numpy()
+    tok = processor.tokenizer
+    for split in (1, 7, ids.shape[1] - 3):  # a cached prefix, then the rest
+        counter = MediaCounter(tok.convert_tokens_to_ids("<image>"), [4], tok.eos_token_id)
+        got = np.concatenate([counter(ids[:, :split]), counter(ids[:, split:])], axis=1)
+        assert np.array_equal(got, hf)
+    assert (hf == 0).sum() > 1 and hf[0, -1] == 4
+    # generated tokens keep the prompt's last image, whatever they are (generate's rule)
+    counter.end_prompt()
+    generated = np.array([[tok.eos_token_id, tok.convert_tokens_to_ids("<image>"), 5]])
+    assert np.array_equal(counter(generated), [[4, 4, 4]])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generations_match_transformers(exported, variant, beams):
+    if beams > 1 and "decoupled" in variant:
+        pytest.skip("transformers 4.57's beam search fails on decoupled logits")
+    export, hf, processor = exported[variant]
+    rows = cases()
+    inputs = processor(text=[items for _, _, items in rows], return_tensors="pt")
+    assert (inputs["attention_mask"] == 0).any()  # a left-padded batch
+    new = 10
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=new, do_sample=False, num_beams=beams)
+    expected = out[:, inputs["input_ids"].shape[1] :].tolist()
+    pipe = FlamingoPipeline(export)
+    for (prompt, _, _), ids, mask in zip(
+        rows, inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()
+    ):
+        assert pipe._token_ids(prompt).tolist() == [t for t, m in zip(ids, mask) if m]
+    config = pipe.default_config(max_new_tokens=new, num_beams=beams)
+    generations = pipe.generate_batch([p for p, _, _ in rows], [i for _, i, _ in rows], config)
+    pad = hf.generation_config.pad_token_id
+    for want, got in zip(expected, generations):
+        eos = hf.generation_config.eos_token_id
+        if eos in want:  # HF pads a finished row after its EOS
+            want = want[: want.index(eos) + 1]
+        assert got.token_ids == want, (want, got.token_ids, pad)
+    assert any(len(set(g.token_ids)) > 1 for g in generations)
+
+
+def test_cli_inspect_export_run(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    folder = build_tiny_idefics(tmp_path / "tiny", decoupled=True, use_resampler=False)
+    runner = CliRunner()
+    result = runner.invoke(main, ["inspect", "--model", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["media_rule"] == "idefics" and info["image_tokens"] == 5
+    assert info["num_parameters"]["perceiver"] == 0
+    result = runner.invoke(main, ["inspect", "--model", str(folder), "--lm", str(folder)])
+    assert result.exit_code != 0 and "--model (an IDEFICS folder) does not take --lm" in (
+        result.output
+    )
+    result = runner.invoke(main, ["inspect"])
+    assert result.exit_code != 0
+    assert "needs --lm, --vision and --checkpoint (or --model DIR" in result.output
+    out = tmp_path / "export"
+    result = runner.invoke(main, ["export", "--model", str(folder), "--output", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(out).prompt["format"] == "idefics"
+    image = tmp_path / "a.png"
+    pictures()[0].save(image)
+    args = ["run", str(out), "--prompt", "User:<image>Describe", "--image", str(image)]
+    result = runner.invoke(main, [*args, "--max-new-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
