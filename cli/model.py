@@ -91,10 +91,14 @@ def export(
     quiet: bool,
     **kw: Any,
 ) -> None:
-    """Write OUTPUT/vision.onnx, OUTPUT/decoder.onnx, the tokenizer and manifest.json
-    (at --precision: exported fp32, then quantized)."""
+    """Write OUTPUT/vision.onnx, OUTPUT/decoder.onnx, the tokenizer and manifest.json.
+
+    At --precision fp16, int4 or int8 --int8-mode weight-only the weights are converted from
+    the model files one tensor at a time (the whole model is never in memory); W8A8 int8 is
+    exported fp32, then quantized (its calibration runs the fp32 graphs)."""
     from exporter.export import ExportOptions, check_output
     from precision.quantize import export_at_precision
+    from precision.streaming import export_streaming, streams
 
     limits = {"max_images": max_images, "max_seq_len": max_seq_len}
     options = ExportOptions(
@@ -105,9 +109,12 @@ def export(
     check_output(output, force)
     model_args = pop_model_args(kw)
     quantize = make_quantize_options(kw, force)
-    model, tok, _ = load_model(model_args)
     say = progress_printer(quiet)
-    manifest = export_at_precision(model, tok, output, options, quantize, progress=say)
+    if streams(quantize):
+        manifest = export_streaming(model_args, output, options, quantize, progress=say)
+    else:
+        model, tok, _ = load_model(model_args)
+        manifest = export_at_precision(model, tok, output, options, quantize, progress=say)
     summary = {
         "output": str(output),
         "files": manifest.files,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,18 +76,21 @@ def unwrap_training_save(sd: dict[str, Any], path: Path) -> dict[str, torch.Tens
     return out
 
 
-def read_hf_weights(lm_dir: Path) -> dict[str, torch.Tensor]:
+Reader = Callable[[Path], dict[str, Any]]  # read_state_dict, or flamingo.lazy's lazy reader
+
+
+def read_hf_weights(lm_dir: Path, reader: Reader = read_state_dict) -> dict[str, torch.Tensor]:
     """All tensors of an HF model directory: single file or sharded, safetensors preferred."""
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (lm_dir / single).is_file():
-            return read_state_dict(lm_dir / single)
+            return reader(lm_dir / single)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = lm_dir / index_name
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             sd: dict[str, torch.Tensor] = {}
             for shard in shards:
-                sd.update(read_state_dict(lm_dir / shard))
+                sd.update(reader(lm_dir / shard))
             return sd
     raise LoadError(
         f"{lm_dir}: no weights found (expected model.safetensors, pytorch_model.bin or a "
@@ -312,7 +315,7 @@ def vision_config_from_open_clip(
 
 
 def read_vision(
-    path: Path, heads: int | None = None, act: str | None = None
+    path: Path, heads: int | None = None, act: str | None = None, reader: Reader = read_state_dict
 ) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
     """(config, open_clip-named visual tensors) from an open_clip file or an HF CLIP directory."""
     path = Path(path)
@@ -322,7 +325,7 @@ def read_vision(
             raise LoadError(f"{path}: HF CLIP directory without config.json")
         hf_cfg = json.loads(cfg_file.read_text())
         vcfg = hf_cfg.get("vision_config", hf_cfg)
-        sd = clip_hf_to_open_clip(read_hf_weights(path))
+        sd = clip_hf_to_open_clip(read_hf_weights(path, reader))
         cfg = vision_config_from_open_clip(
             sd,
             path,
@@ -331,7 +334,7 @@ def read_vision(
         )
         cfg.ln_eps = vcfg.get("layer_norm_eps", 1e-5)
         return cfg, sd
-    sd = read_state_dict(path)
+    sd = reader(path)
     sd = unwrap_training_save(sd, path) if "model_state_dict" in sd else sd
     if any(k.startswith("visual.") for k in sd):
         sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
@@ -481,15 +484,54 @@ def load_flamingo(
     vision_path: str | Path,
     checkpoint_path: str | Path,
     *,
+    dtype: torch.dtype = torch.float32,
+    **options: Any,
+) -> tuple[Flamingo, Any, LoadReport]:
+    """The reference model from local files: (model in eval mode, tokenizer, report).
+
+    `options`: resolve_flamingo's keywords (cross_attn_every_n_layers, preset, vision_heads,
+    vision_act, vision_tokens_after_ln_post, tokenizer_dir)."""
+    resolved = resolve_flamingo(lm_dir, vision_path, checkpoint_path, **options)
+    cfg, loaded = resolved.config, resolved.tensors
+    with torch.device("meta"):
+        model = Flamingo(cfg)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: v.to(dtype) for k, v in loaded.items()}, strict=False, assign=False)
+    if cfg.lm.tie_word_embeddings:
+        model.lang_model.lm_head.weight = model.lang_model.embed_tokens.weight
+    model.lang_model._init_buffers()
+    model.to(dtype).eval()
+    return model, resolved.tokenizer, resolved.report
+
+
+@dataclass
+class ResolvedFlamingo:
+    """What the files resolve to before any model is built: the config, the extended
+    tokenizer, the report, and every weight under our parameter name (a tied LM head is not
+    listed: it is the input embedding)."""
+
+    config: FlamingoConfig
+    tokenizer: Any
+    report: LoadReport
+    tensors: dict[str, torch.Tensor]
+
+
+def resolve_flamingo(
+    lm_dir: str | Path,
+    vision_path: str | Path,
+    checkpoint_path: str | Path,
+    *,
     cross_attn_every_n_layers: int | None = None,
     preset: str | None = None,
     vision_heads: int | None = None,
     vision_act: str | None = None,
     vision_tokens_after_ln_post: bool = False,
     tokenizer_dir: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Flamingo, Any, LoadReport]:
-    """The reference model from local files: (model in eval mode, tokenizer, report)."""
+    reader: Reader = read_state_dict,
+) -> ResolvedFlamingo:
+    """Config, tokenizer and weights (by our names) from local files, every check of
+    load_flamingo included. `reader` reads one weight file (flamingo.lazy's reads shapes only:
+    the streaming export)."""
     lm_dir, vision_path, ckpt_path = Path(lm_dir), Path(vision_path), Path(checkpoint_path)
     report = LoadReport(str(lm_dir), str(vision_path), str(ckpt_path))
     cfg_file = lm_dir / "config.json"
@@ -502,10 +544,10 @@ def load_flamingo(
     lm_cfg = lm_config_from_hf(hf_config, cfg_file)
     is_mosaic = hf_config.get("model_type") == "mosaic_gpt"
 
-    vision_cfg, vision_sd = read_vision(vision_path, vision_heads, vision_act)
+    vision_cfg, vision_sd = read_vision(vision_path, vision_heads, vision_act, reader)
     vision_cfg.tokens_after_ln_post = vision_tokens_after_ln_post
 
-    ckpt = read_state_dict(ckpt_path)
+    ckpt = reader(ckpt_path)
     ckpt = unwrap_training_save(ckpt, ckpt_path)
     found = cross_attn_layers_in_checkpoint(ckpt)
     if not found:
@@ -560,7 +602,7 @@ def load_flamingo(
         loaded[our_key] = tensor
 
     # 1. LM weights
-    lm_sd = read_hf_weights(lm_dir)
+    lm_sd = read_hf_weights(lm_dir, reader)
     if is_mosaic:
         from .mosaic_gpt import map_mosaic_gpt_state_dict
 
@@ -619,11 +661,5 @@ def load_flamingo(
     if report.missing:
         raise LoadError(f"{lm_dir}: output embeddings missing ({report.missing[0]})")
 
-    model = model.to_empty(device="cpu")
-    model.load_state_dict({k: v.to(dtype) for k, v in loaded.items()}, strict=False, assign=False)
-    if lm_cfg.tie_word_embeddings:
-        model.lang_model.lm_head.weight = model.lang_model.embed_tokens.weight
-    model.lang_model._init_buffers()
-    model.to(dtype).eval()
     report.notes.append(f"cross_attn_every_n_layers={every_n}; vocabulary {base_vocab} -> {vocab}")
-    return model, tok, report
+    return ResolvedFlamingo(cfg, tok, report, loaded)
