@@ -22,6 +22,7 @@ traced again with their values (`real`), so torch deduplicates them as the fp32 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pathlib import Path
 import onnx
 import torch
 from onnx import TensorProto, numpy_helper
+from torch import nn
 
 from flamingo.config import FlamingoConfig
 from flamingo.model import Flamingo
@@ -97,16 +99,36 @@ def fingerprint_key(tensor: torch.Tensor | ParamView, dtype: str = "float32") ->
     return f"{str(tensor.dtype).removeprefix('torch.')}{tuple(tensor.shape)}{tensor.stride()}"
 
 
-def fingerprint(values: torch.Tensor) -> tuple[float, float] | None:
-    """Sums of the values and their squares (float64): equal tensors have equal fingerprints;
-    None when a NaN makes the tensor equal to nothing (torch.equal semantics)."""
-    if not (values.is_floating_point() or values.is_complex()):
-        values = values.double()
-    total = values.sum(dtype=torch.float64).item() if values.numel() else 0.0
-    if total != total:
-        return None
-    squares = (values.double() ** 2).sum().item() if values.numel() else 0.0
-    return total, squares
+def fingerprint(values: torch.Tensor) -> tuple[float, ...] | None:
+    """Counts of +inf and -inf, sums of the finite values and of their squares (float64, in
+    chunks: no full-size copy): equal tensors have equal fingerprints. None when a NaN makes
+    the tensor equal to nothing (torch.equal semantics)."""
+    flat = values.reshape(-1)
+    out = [0.0, 0.0, 0.0, 0.0]
+    step = 1 << 22
+    for start in range(0, flat.numel(), step):
+        chunk = flat[start : start + step].double()
+        if torch.isnan(chunk).any():
+            return None
+        finite = torch.isfinite(chunk)
+        if not finite.all():
+            out[0] += float((chunk == float("inf")).sum())
+            out[1] += float((chunk == float("-inf")).sum())
+            chunk = chunk[finite]
+        out[2] += float(chunk.sum())
+        out[3] += float(chunk.dot(chunk))
+    return tuple(out)
+
+
+def untouched(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor in a fresh private anonymous mapping: reading it maps the kernel's zero page,
+    so until written it takes no memory (torch.empty may reuse dirty heap memory)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = max(1, numel * torch.empty((), dtype=dtype).element_size())
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)
 
 
 def build_model(
@@ -116,20 +138,27 @@ def build_model(
     small_bytes: int = SMALL_PARAM_BYTES,
     real: frozenset[str] = frozenset(),
 ) -> Flamingo:
-    """The export's fp32 model with real values only in small parameters (and those in
-    `real`); the others are allocated, never written. Built like loaders.load_flamingo."""
+    """The export's fp32 model (as loaders.load_flamingo builds it: contiguous parameters, tied
+    head, config buffers) with real values only in small parameters and those in `real`; the
+    others are `untouched` memory."""
     with torch.device("meta"):
         model = Flamingo(cfg)
-    model = model.to_empty(device="cpu")
+    for name, param in list(model.named_parameters()):
+        nbytes = param.numel() * 4
+        if nbytes <= small_bytes or name in real:
+            value = materialize(tensors[name]).to(torch.float32).contiguous()
+        else:
+            value = untouched(tuple(param.shape))
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     if cfg.lm.tie_word_embeddings:
         model.lang_model.lm_head.weight = model.lang_model.embed_tokens.weight
     model.lang_model._init_buffers()
-    model.eval().requires_grad_(False)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.numel() * param.element_size() <= small_bytes or name in real:
-                param.copy_(materialize(tensors[name]).to(param.dtype))
-    return model
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ExportError(f"cannot build the traced model: {meta[:3]} have no values")
+    return model.eval()
 
 
 @contextlib.contextmanager

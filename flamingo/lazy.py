@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_META = torch.empty(0, device="meta")
 # Chunk of a mapped tensor copied before its pages are given back.
 _COPY_CHUNK_BYTES = 64 << 20
 
@@ -233,21 +234,42 @@ class SourceFiles:
         return value
 
     def materialize(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The real values of a (lazy) tensor; a plain tensor is returned as is."""
-        return self._run(tensor, {})
+        """The real values of a (lazy) tensor; a plain tensor is returned as is. Each step's
+        result is dropped as soon as the last step using it has run."""
+        uses: Counter[int] = Counter()
+        self._count(tensor, uses, set())
+        return self._run(tensor, {}, uses)
 
-    def _run(self, node: Any, memo: dict[int, Any]) -> Any:
-        # plain recursion, no closures: a cycle through a memo of tensors would keep every
-        # value alive until the garbage collector runs
+    def _count(self, node: Any, uses: Counter[int], seen: set[int]) -> None:
         if isinstance(node, LazyTensor):
-            return self._run_recipe(node._recipe, memo)
+            recipe = node._recipe
+            uses[id(recipe)] += 1
+            if id(recipe) not in seen:
+                seen.add(id(recipe))
+                if recipe[0] == "op":
+                    self._count(recipe[2], uses, seen)
+                    self._count(recipe[3], uses, seen)
+                elif recipe[0] == "item":
+                    self._count(LazyTensor.__new__(LazyTensor, _META, recipe[1]), uses, seen)
+        elif isinstance(node, (list, tuple)):
+            for n in node:
+                self._count(n, uses, seen)
+        elif isinstance(node, dict):
+            for n in node.values():
+                self._count(n, uses, seen)
+
+    # plain recursion, no closures: a reference cycle through the memo would keep every value
+    # alive until the garbage collector runs
+    def _run(self, node: Any, memo: dict[int, Any], uses: Counter[int]) -> Any:
+        if isinstance(node, LazyTensor):
+            return self._run_recipe(node._recipe, memo, uses)
         if isinstance(node, (list, tuple)):
-            return type(node)(self._run(n, memo) for n in node)
+            return type(node)(self._run(n, memo, uses) for n in node)
         if isinstance(node, dict):
-            return {k: self._run(v, memo) for k, v in node.items()}
+            return {k: self._run(v, memo, uses) for k, v in node.items()}
         return node
 
-    def _run_recipe(self, recipe: Recipe, memo: dict[int, Any]) -> Any:
+    def _run_recipe(self, recipe: Recipe, memo: dict[int, Any], uses: Counter[int]) -> Any:
         key = id(recipe)
         if key not in memo:
             kind = recipe[0]
@@ -255,10 +277,11 @@ class SourceFiles:
                 memo[key] = self.read(recipe[1], recipe[2], recipe[3])
             elif kind == "op":
                 _, func, args, kwargs = recipe
-                memo[key] = func(*self._run(args, memo), **self._run(kwargs, memo))
+                memo[key] = func(*self._run(args, memo, uses), **self._run(kwargs, memo, uses))
             else:  # ("item", op, i): one output of an op returning several tensors
-                memo[key] = self._run_recipe(recipe[1], memo)[recipe[2]]
-        return memo[key]
+                memo[key] = self._run_recipe(recipe[1], memo, uses)[recipe[2]]
+        uses[key] -= 1
+        return memo[key] if uses[key] > 0 else memo.pop(key)
 
     def close(self) -> None:
         self._torch.clear()

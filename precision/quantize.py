@@ -482,7 +482,11 @@ def _int8_per_channel(weights: np.ndarray, axis: int) -> tuple[np.ndarray, np.nd
 
 class _WeightsOnDemand:
     """onnxruntime's per-node int4 quantizer, given each MatMul weight only while it quantizes
-    that node (a streamed graph holds no weights; one is read, quantized and moved out)."""
+    that node: a streamed graph holds no weights, so the weight is read into a graph of its own
+    (the quantizer looks initializers up in the graph stack it is given) and what the quantizer
+    makes there is handed to the store, then added to the real graph. (A protobuf message keeps
+    the memory of every byte string ever set in it until it is freed: no weight enters the
+    long-lived graph.)"""
 
     def __init__(self, inner: Any, weights: WeightStore) -> None:
         self.inner, self.weights = inner, weights
@@ -491,18 +495,20 @@ class _WeightsOnDemand:
         graph = graph_stack[-1]
         name = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else None
         tensor = next((t for t in graph.initializer if t.name == name), None) if name else None
-        before = len(graph.initializer)
         if tensor is None or not self.weights.deferred(tensor):
+            before = len(graph.initializer)
             out = self.inner.quantize(node, graph_stack)
-        else:
-            kept = TensorProto()
-            kept.CopyFrom(tensor)
-            tensor.CopyFrom(numpy_helper.from_array(self.weights.array(tensor), name))
-            try:
-                out = self.inner.quantize(node, graph_stack)
-            finally:
-                tensor.CopyFrom(kept)
-        self.weights.added(list(graph.initializer[before:]))
+            self.weights.added(list(graph.initializer[before:]))
+            return out
+        own = onnx.GraphProto()
+        weight = own.initializer.add()
+        weight.name, weight.data_type = name, tensor.data_type
+        weight.dims.extend(tensor.dims)
+        weight.raw_data = self.weights.array(tensor).tobytes()
+        out = self.inner.quantize(node, [own])
+        made = list(own.initializer[1:])
+        self.weights.added(made)
+        graph.initializer.extend(made)
         return out
 
 
@@ -520,8 +526,8 @@ def _dequantize_initializer(
         numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero_point"),
     ]
     del q
+    weights.added(new)  # before they are copied into the graph (see _WeightsOnDemand)
     model.graph.initializer.extend(new)
-    weights.added(list(model.graph.initializer[-len(new) :]))
     return helper.make_node(
         "DequantizeLinear",
         [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
