@@ -13,6 +13,7 @@ from .options import (
     load_model,
     make_quantize_options,
     model_options,
+    needs_extra,
     output_options,
     pop_model_args,
     precision_options,
@@ -26,6 +27,7 @@ from .options import (
 @model_options()
 @output_options
 @user_errors()
+@needs_extra("export")
 def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     """Load a model from local files and print what was resolved."""
     from flamingo.inspect import describe
@@ -53,7 +55,11 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     click.echo("parameters")
     for name, n in info["num_parameters"].items():
         click.echo(f"  {name:<19}{n:>14,}")
-    for label, items in (("unexpected", report.unexpected), ("filled", report.filled)):
+    for label, items in (
+        ("unexpected", report.unexpected),
+        ("filled", report.filled),
+        ("assumed", report.assumptions),
+    ):
         for item in items:
             click.echo(f"{label}: {item}")
 
@@ -75,12 +81,18 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     show_default=True,
     help="ONNX opset (17 runs on TensorRT 8.5+, i.e. JetPack 5 and later).",
 )
-@limit_options(batch=False, lowered=False)
+@limit_options(
+    batch=False,
+    lowered=False,
+    seq_default="the LM's context (max_position_embeddings), at most 2048; a longer value is "
+    "refused, except for ALiBi LMs (MPT), which extrapolate: a warning",
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @precision_options(default="fp32")
 @quantize_options
 @output_options
 @user_errors()
+@needs_extra("export")
 def export(
     output: Path,
     opset: int,
@@ -113,7 +125,7 @@ def export(
     if streams(quantize):
         manifest = export_streaming(model_args, output, options, quantize, progress=say)
     else:
-        model, tok, _ = load_model(model_args)
+        model, tok, _ = load_model(model_args, say)
         manifest = export_at_precision(model, tok, output, options, quantize, progress=say)
     summary = {
         "output": str(output),

@@ -8,13 +8,16 @@ code never sees click: commands turn the parsed values into the libraries' optio
 from __future__ import annotations
 
 import functools
+import importlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
+from runtime.errors import FlamingoExportError
 from runtime.manifest import PRECISIONS
 
 Decorator = Callable[[Any], Any]
@@ -50,8 +53,21 @@ def progress_printer(quiet: bool, prefix: str = "flamingo-export") -> Callable[[
     return say
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) as None: JSON has no such numbers, and
+    Python's bare `NaN` / `Infinity` literals break strict parsers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2))
+    """`value` as strict JSON (never NaN or Infinity) on stdout."""
+    click.echo(json.dumps(json_safe(value), indent=2, allow_nan=False))
 
 
 def user_errors(*also: type[Exception]) -> Decorator:
@@ -59,8 +75,6 @@ def user_errors(*also: type[Exception]) -> Decorator:
     types) as one line and exit 1, instead of a traceback."""
 
     def decorate(f: Any) -> Any:
-        from runtime.errors import FlamingoExportError
-
         caught = (FlamingoExportError, *also)
 
         @functools.wraps(f)
@@ -84,6 +98,47 @@ def parse_shots(_ctx: Any, _param: Any, value: str) -> tuple[int, ...]:
     if not shots or any(k < 0 for k in shots):
         raise click.BadParameter(f"expected non-negative integers, got {value!r}")
     return shots
+
+
+# What each extra brings that commands import (pyproject.toml [project.optional-dependencies]).
+EXTRA_MODULES = {
+    "export": ("torch", "transformers", "safetensors", "onnx"),
+    "check": ("onnx",),
+}
+
+
+class MissingExtraError(FlamingoExportError):
+    """A command needs modules of an extra that is not installed."""
+
+
+def require_extra(extra: str, command: str, modules: Sequence[str] | None = None) -> None:
+    """MissingExtraError saying which extra to install when any of its modules (or `modules`)
+    cannot be imported here (absent, or broken, e.g. built for another numpy)."""
+    missing = []
+    for name in modules if modules is not None else EXTRA_MODULES[extra]:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(
+            f"`flamingo-export {command}` needs the '{extra}' extra, which is not installed "
+            f"here (cannot import {', '.join(missing)}): pip install 'flamingo-export[{extra}]'"
+        )
+
+
+def needs_extra(extra: str) -> Decorator:
+    """Check `extra` is installed before the command runs (place under `user_errors`)."""
+
+    def decorate(f: Any) -> Any:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            require_extra(extra, click.get_current_context().info_name or f.__name__)
+            return f(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 EXPORT_DIR = click.argument(
@@ -150,11 +205,15 @@ def require_model_files(model: dict[str, Any]) -> None:
         raise click.UsageError("the PyTorch model needs --lm, --vision and --checkpoint")
 
 
-def load_model(model: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """`flamingo.loaders.load_flamingo` on the model options: (model, tokenizer, report)."""
+def load_model(
+    model: dict[str, Any], say: Callable[[str], None] | None = None
+) -> tuple[Any, Any, Any]:
+    """`flamingo.loaders.load_flamingo` on the model options: (model, tokenizer, report);
+    `say` gets each value the files did not say and the loader assumed (with its flag)."""
+    require_extra("export", click.get_current_context().info_name or "export")
     from flamingo.loaders import load_flamingo
 
-    return load_flamingo(
+    loaded = load_flamingo(
         model["lm_dir"],
         model["vision_path"],
         model["checkpoint_path"],
@@ -164,12 +223,15 @@ def load_model(model: dict[str, Any]) -> tuple[Any, Any, Any]:
         vision_act=model["vision_act"],
         vision_tokens_after_ln_post=model["vision_tokens_after_ln_post"],
     )
+    for assumption in loaded[2].assumptions if say is not None else ():
+        say(f"assumed: {assumption}")
+    return loaded
 
 
 # ------------------------------------------------------------------ limits
 
 
-def limit_options(*, batch: bool, lowered: bool) -> Decorator:
+def limit_options(*, batch: bool, lowered: bool, seq_default: str = "2048") -> Decorator:
     """`--max-images`, `--max-seq-len` (and `--max-batch`): the shapes graphs or engines are
     made for. `lowered`: the default is the export's own, and values may only lower it."""
     suffix = " (default: the export's; may only be lowered)" if lowered else ""
@@ -177,7 +239,8 @@ def limit_options(*, batch: bool, lowered: bool) -> Decorator:
         click.option("--max-images", type=int, default=None,
                      help=f"Most images per prompt{suffix or ' (default 32)'}."),
         click.option("--max-seq-len", type=int, default=None,
-                     help=f"Most tokens per row, prompt + generated{suffix or ' (default 2048)'}."),
+                     help=f"Most tokens per row, prompt + generated"
+                          f"{suffix or f' (default {seq_default})'}."),
     ]  # fmt: skip
     if batch:
         options.insert(
@@ -369,8 +432,8 @@ def engine_options(f: Any) -> Any:
                      help="onnxruntime execution provider, in priority order (repeatable; cpu, "
                           "cuda, tensorrt or a full name; default cpu). Only with --engine "
                           "onnxruntime."),
-        click.option("--threads", type=int, default=None,
-                     help="Intra-op threads (default: onnxruntime's, all cores)."),
+        click.option("--threads", type=click.IntRange(min=0), default=None,
+                     help="Intra-op threads (default or 0: onnxruntime's, all cores)."),
         click.option("--allow-other-device", is_flag=True,
                      help="--engine tensorrt: accept engines built on another GPU of the same "
                           "compute capability."),

@@ -16,6 +16,7 @@ from .options import (
     make_quantize_options,
     model_named,
     model_options,
+    needs_extra,
     output_options,
     pop_model_args,
     precision_options,
@@ -44,6 +45,7 @@ FORCE = click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.
 @quantize_options
 @output_options
 @user_errors()
+@needs_extra("export")
 def quantize(
     export_dir: Path, output: Path, force: bool, as_json: bool, quiet: bool, **kw: Any
 ) -> None:
@@ -118,11 +120,10 @@ def parity(
     """Compare the export CANDIDATE with a reference: `parity REFERENCE CANDIDATE` (two export
     folders), or `parity CANDIDATE --lm ... --vision ... --checkpoint ...` (the PyTorch model).
     Exits 1 when a threshold is missed."""
-    from tokenizers import Tokenizer
-
     from precision.data import calibration_set
     from precision.parity import OnnxBackend, TorchBackend, dumps, parse_thresholds, run_parity
     from precision.parity import write_report as write_md
+    from runtime.tokenizer import load_export_tokenizer
 
     model = pop_model_args(kw)
     torch_ref = model_named(model)
@@ -138,11 +139,11 @@ def parity(
     overrides = parse_thresholds(thresholds)
     candidate = OnnxBackend(exports[-1])
     if torch_ref:
-        loaded, _, _ = load_model(model)
+        loaded, _, _ = load_model(model, say)
         reference: Any = TorchBackend(loaded, f"pytorch:{model['lm_dir']}")
     else:
         reference = OnnxBackend(exports[0])
-    tokenizer = Tokenizer.from_file(str(exports[-1] / "tokenizer" / "tokenizer.json"))
+    tokenizer = load_export_tokenizer(candidate.root, candidate.manifest)
     episodes_ = calibration_set(
         data, episodes=episodes, max_shots=max_shots, seed=episode_seed, progress=say
     ).episodes
@@ -224,6 +225,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 @quantize_options
 @output_options
 @user_errors()
+@needs_extra("export")
 def sensitivity(
     export_dir: Path,
     precision: str,

@@ -87,9 +87,14 @@ def run(
     --engine says which runtime executes the graphs (onnxruntime, or the TensorRT engines of
     `build`); --provider picks onnxruntime's execution provider.
     """
-    from runtime.pipeline import TextStream
-    from runtime.prompts import build_few_shot_prompt, load_demos_jsonl
+    import warnings
 
+    from runtime.pipeline import TextStream
+    from runtime.prompts import build_few_shot_prompt, check_text, load_demos_jsonl
+
+    for flag, text in (("--prompt", prompt), ("--question", question)):
+        if text is not None:  # argv bytes that are not UTF-8 arrive as lone surrogates
+            check_text(text, flag)
     if prompt is not None and (demos is not None or task is not None or question is not None):
         raise click.UsageError("--prompt cannot be combined with --demos, --task or --question")
     if prompt is None and len(images) != 1:
@@ -102,8 +107,11 @@ def run(
     say = progress_printer(quiet)
     search = {k: kw.pop(k) for k in GENERATION_KEYS}
     pipe = open_pipeline(export_dir, engine, providers, threads, allow_other_device, say)
-    config = pipe.default_config(**search)
-    config.validate()
+    with warnings.catch_warnings(record=True) as caught:  # e.g. --temperature without sampling
+        warnings.simplefilter("always", UserWarning)
+        config = pipe.default_config(**search)
+    for w in caught:
+        say(f"note: {w.message}")
     streamer = TextStream(pipe.tokenizer, config.eos_token_ids) if stream else None
 
     def on_token(row: int, token_id: int) -> None:

@@ -8,15 +8,14 @@ cache, a repeated image encoded once by its vision cache), post-processes and sc
 Several exports get the same plan, so their scores differ by the engines alone.
 
 Generation tasks decode the new tokens as OpenFlamingo's `tokenizer.batch_decode(...,
-skip_special_tokens=True)` does, including transformers' `clean_up_tokenization` when the
-export's tokenizer_config.json asks for it. Hateful Memes scores each class name's tokens
-after the prompt (mean log-probability, `get_rank_classifications` with normalize_length) in
-one left-padded prefill of one row per class.
+skip_special_tokens=True)` does: the pipeline's text is transformers' `decode` of the export's
+tokenizer (runtime.tokenizer, `clean_up_tokenization_spaces` included). Hateful Memes scores
+each class name's tokens after the prompt (mean log-probability, `get_rank_classifications`
+with normalize_length) in one left-padded prefill of one row per class.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -242,23 +241,6 @@ def plan_demo(options: EvalOptions) -> list[Trial]:
 # ------------------------------------------------------------------ running
 
 
-def _cleanup(text: str) -> str:
-    """transformers' `clean_up_tokenization` (decode with clean_up_tokenization_spaces)."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
-                          (" 're", "'re")):  # fmt: skip
-        text = text.replace(before, after)
-    return text
-
-
-def _cleans_up(pipe: Any) -> bool:
-    path = Path(pipe.engine.root) / "tokenizer" / "tokenizer_config.json"
-    try:
-        return bool(json.loads(path.read_text()).get("clean_up_tokenization_spaces", False))
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def class_logprobs(
     pipe: Any, prompt: str, images: Sequence[Any], class_ids: Sequence[Sequence[int]]
 ) -> np.ndarray:
@@ -317,7 +299,6 @@ def _generate(
         num_beams=task.num_beams,
         length_penalty=task.length_penalty,
     )
-    clean = _cleans_up(pipe)
     post = task.postprocess or (lambda s: s)
     out = []
     for start in range(0, len(queries), batch_size):
@@ -325,7 +306,7 @@ def _generate(
         answers = pipe.generate_batch([q.prompt for q in chunk], [q.images for q in chunk], config)
         for q, answer in zip(chunk, answers):
             text = answer.text
-            out.append({"id": q.id, "prediction": post(_cleanup(text) if clean else text)})
+            out.append({"id": q.id, "prediction": post(text)})
             _tick(len(out), len(queries), say)
     return out
 

@@ -6,6 +6,8 @@ runtime and this reference cannot drift apart; this module only supplies logits 
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+
 import numpy as np
 import torch
 
@@ -90,13 +92,16 @@ def generate(
 ) -> GenerationResult:
     """OpenFlamingo's `generate`: vision_x (B, T_img, 1, C, H, W), left-padded lang_x (B, T).
 
-    Stops at `<|endofchunk|>` by default, like OpenFlamingo.
+    `overrides` are GenerationConfig fields applied to `config` (a copy; checked like the
+    config). Unset eos / pad ids are the model's: it stops at `<|endofchunk|>`, like OpenFlamingo.
     """
-    config = config or GenerationConfig(
-        eos_token_ids=(model.cfg.eoc_token_id,), pad_token_id=model.cfg.pad_token_id
-    )
-    for k, v in overrides.items():
-        setattr(config, k, v)
+    unknown = sorted(set(overrides) - {f.name for f in fields(GenerationConfig)})
+    if unknown:
+        raise ValueError(f"unknown generation setting(s) {unknown}")
+    config = config or GenerationConfig()
+    if overrides:
+        config = replace(config, **overrides)
+    config = config.with_model_defaults((model.cfg.eoc_token_id,), model.cfg.pad_token_id)
     if attention_mask is None:
         attention_mask = torch.ones_like(lang_x)
     # each row's real image count (rows of vision_x are padded to the longest): a generated

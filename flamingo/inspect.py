@@ -43,4 +43,5 @@ def describe(model: Flamingo, tokenizer: Any, report: LoadReport) -> dict[str, A
         },
         "unexpected_keys": report.unexpected,
         "filled": report.filled,
+        "assumptions": report.assumptions,
     }

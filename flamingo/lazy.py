@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .loaders import LoadError
+from .loaders import LoadError, all_finite
 
 # safetensors header dtype names -> torch dtypes
 _SAFETENSORS_DTYPES = {
@@ -230,6 +230,10 @@ class SourceFiles:
             raise LoadError(
                 f"{path}: cannot read tensor {'/'.join(key)!r} ({type(e).__name__}: {e})"
             ) from e
+        if value.is_floating_point() and not all_finite(value):
+            # loaders.check_weight's value check, which a lazy tensor defers to its read
+            name = "/".join(key)
+            raise LoadError(f"{path}: tensor {name!r} holds non-finite values (NaN or Inf)")
         self.bytes_read += value.numel() * value.element_size()
         return value
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
-from tokenizers import Tokenizer
 
 from runtime.engine import OnnxFlamingo, ort_session_factory
 from runtime.images import PreprocessConfig, preprocess
+from runtime.tokenizer import load_export_tokenizer
 
 from .data import CalibrationError, Episode
 
@@ -55,7 +55,7 @@ class EpisodeRunner:
         self._make_session = ort_session_factory()
         self._recorder: _RecordingSession | None = None
         self.engine = OnnxFlamingo(export_dir, verify_hashes=False, session_factory=self._session)
-        self.tokenizer = Tokenizer.from_file(str(self.engine.root / "tokenizer" / "tokenizer.json"))
+        self.tokenizer = load_export_tokenizer(self.engine.root, self.engine.manifest)
         self.preprocess = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         self.decode_steps = decode_steps
         self.image_batch = image_batch

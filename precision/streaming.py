@@ -38,7 +38,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.export import ExportOptions, check_output, write_atomically, write_manifest
+from exporter.export import (
+    ExportOptions,
+    check_free_space,
+    check_output,
+    write_atomically,
+    write_manifest,
+)
 from exporter.skeleton import (
     PLACEHOLDER_LOCATION,
     SMALL_PARAM_BYTES,
@@ -79,6 +85,17 @@ def streams(options: QuantizeOptions) -> bool:
     if all(p == "fp32" for p in precisions):
         return False
     return not ("int8" in precisions and options.int8_mode == "w8a8")
+
+
+# bytes per weight as written, per precision (int4: 4 bits plus an fp32 scale per block of 32)
+_WRITTEN_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
+
+
+def output_size(resolved: ResolvedFlamingo, options: QuantizeOptions) -> int:
+    """At least the bytes the streamed export writes, checked against the free space before
+    the slow part: every weight once, at the smaller of the two graphs' precisions."""
+    per_weight = min(_WRITTEN_BYTES[options.precision(g)] for g in ("vision", "decoder"))
+    return int(sum(t.numel() for t in resolved.tensors.values()) * per_weight)
 
 
 def tensor_group(param: str) -> str:
@@ -346,6 +363,10 @@ def export_streaming(
     check_output(out, options.force)
     say("reading the shapes of the model files' tensors (no weights)...")
     resolved = resolve_flamingo(**model_files, reader=read_lazy_state_dict)
+    for assumption in resolved.report.assumptions:
+        say(f"assumed: {assumption}")
+    export_options = export_options.with_model(resolved.config.to_dict(), say)
+    check_free_space(out, output_size(resolved, options))
     source = {k: str(model_files[k]) for k in ("lm_dir", "vision_path", "checkpoint_path")}
     return write_atomically(
         out,

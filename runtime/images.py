@@ -13,6 +13,7 @@ Details and reasons: docs/preprocessing.md.
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+import PIL
 from PIL import Image, ImageOps
 
 from .errors import FlamingoExportError
@@ -30,6 +32,7 @@ __all__ = [
     "ImageError",
     "ImageInput",
     "PreprocessConfig",
+    "image_list",
     "load_image",
     "preprocess",
 ]
@@ -39,7 +42,14 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 
 ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
+# Largest intermediate image (pixels) of a "shortest" resize done whole, as torchvision does;
+# thinner images resize only their crop region (see _geometry).
+EXACT_RESIZE_PIXELS = 1 << 22
+
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_SUPPORT = {Image.Resampling.BICUBIC: 2.0, Image.Resampling.BILINEAR: 1.0}  # Pillow's filters
+# Pillow >= 12.2 resizes tall images (height > 100 x width, shrinking) vertically first.
+_TALL_VERTICAL_FIRST = tuple(int(p) for p in PIL.__version__.split(".")[:2]) >= (12, 2)
 _RESIZE_MODES = ("shortest", "longest", "squash")
 # Modes that go through resize/crop unchanged and are converted to RGB at the end, like
 # open_clip does.  Everything else is first normalised by _normalise_mode.
@@ -314,13 +324,75 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("RGB")
 
 
-def _geometry(im: Image.Image, config: PreprocessConfig) -> Image.Image:
+def _shortest_side_box(im: Image.Image, size: int) -> tuple[float, float, float, float]:
+    """The region of `im` that torchvision's Resize(size) + CenterCrop(size) keep, in source
+    pixels (the resized image is at least `size` on both sides: no padding)."""
+    target_w, target_h = _shortest_side_size(im.width, im.height, size)
+    left = round((target_w - size) / 2.0)
+    top = round((target_h - size) / 2.0)
+    sx, sy = im.width / target_w, im.height / target_h
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+
+def _resize_region(
+    im: Image.Image, size: int, resample: int, box: tuple[float, float, float, float]
+) -> Image.Image:
+    """`size` x `size` pixels of `im` resized so that `box` (source pixels) fills them, as the
+    whole-image resize computes them, reading only a window around the box.
+
+    Pillow resizes in two separable passes (horizontal first; from 12.2 vertical first for
+    images taller than 100x their width whose height shrinks), each rounding to 8 bits, and
+    premultiplies alpha once; this takes the same passes in the same order on the window, with
+    the box relative to it (Pillow parses boxes as float32: small coordinates keep them exact
+    to ~1e-5 px). Palette and bilevel images use Pillow's single nearest-neighbour mapping.
+    """
+    x0, y0, x1, y1 = box
+    support = _SUPPORT.get(resample, 0.0)
+
+    def window(lo: float, hi: float, limit: int) -> tuple[int, int]:
+        reach = support * max((hi - lo) / size, 1.0) + 2  # the filter's taps, and a margin
+        return max(0, math.floor(lo - reach)), min(limit, math.ceil(hi + reach))
+
+    (left, right), (top, bottom) = window(x0, x1, im.width), window(y0, y1, im.height)
+    work = im.crop((left, top, right, bottom))
+    x0, x1, y0, y1 = x0 - left, x1 - left, y0 - top, y1 - top
+    if im.mode in ("1", "P"):  # Pillow forces NEAREST: one affine mapping, no passes
+        return work.resize((size, size), resample=resample, box=(x0, y0, x1, y1))
+    premultiplied = {"LA": "La", "RGBA": "RGBa"}.get(im.mode)
+    if premultiplied:
+        work = work.convert(premultiplied)
+    w, h = work.size
+    target_h = _shortest_side_size(im.width, im.height, size)[1]
+    if _TALL_VERTICAL_FIRST and im.height > im.width * 100 and target_h < im.height:
+        work = work.resize((w, size), resample=resample, box=(0, y0, w, y1))
+        work = work.resize((size, size), resample=resample, box=(x0, 0, x1, size))
+    else:
+        work = work.resize((size, h), resample=resample, box=(x0, 0, x1, h))
+        work = work.resize((size, size), resample=resample, box=(0, y0, size, y1))
+    return work.convert(im.mode) if premultiplied else work
+
+
+def _geometry(im: Image.Image, config: PreprocessConfig, name: str) -> Image.Image:
+    """Resize + centre crop (or squash) to image_size, with memory bounded for any aspect
+    ratio. "shortest" resizes the whole image, like torchvision, while that intermediate holds
+    at most EXACT_RESIZE_PIXELS; a thinner image (a 1 x 200,000 PNG would become 224 x 44.8M)
+    has only the region the crop keeps resized (`resize(box=...)`: the same source-pixel mapping
+    and filter taps, pixels outside the box included), equal to resize-then-crop up to one
+    8-bit step where the box coordinates round differently.
+    """
     size = config.image_size
     resample = _INTERPOLATIONS[config.interpolation]
     if config.resize_mode == "shortest":
         target = _shortest_side_size(im.width, im.height, size)
+        if target[0] * target[1] > EXACT_RESIZE_PIXELS:
+            return _resize_region(im, size, resample, _shortest_side_box(im, size))
     elif config.resize_mode == "longest":
         target = _longest_side_size(im.width, im.height, size)
+        if min(target) < 1:
+            raise ImageError(
+                f"{name}: {im.width}x{im.height} is too thin for resize_mode 'longest' at "
+                f"{size} px (its short side would be {min(target)} px)"
+            )
     else:  # squash
         target = (size, size)
     if target != im.size:
@@ -332,20 +404,21 @@ def _geometry(im: Image.Image, config: PreprocessConfig) -> Image.Image:
     return im
 
 
-def _check_batch(images: Any) -> list[Any]:
+def image_list(images: Any, *, allow_empty: bool = False) -> list[Any]:
+    """`images` as a list: a sequence of images (or an NxHxWxC array). A single image (a path,
+    bytes, a PIL image, an HxWxC array) is refused with ImageError rather than read as a
+    sequence (a path would become its characters); so is an empty one unless `allow_empty`."""
     single = (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)
     if isinstance(images, single) or (isinstance(images, np.ndarray) and images.ndim != 4):
         raise ImageError(
-            "preprocess expects a sequence of images (a list, or an NxHxWxC array); "
-            "wrap a single image in a list"
+            "expected a sequence of images (a list, or an NxHxWxC array), got "
+            f"{type(images).__name__}; wrap a single image in a list"
         )
     try:
         batch = list(images)
     except TypeError:
-        raise ImageError(
-            f"preprocess expects a sequence of images, got {type(images).__name__}"
-        ) from None
-    if not batch:
+        raise ImageError(f"expected a sequence of images, got {type(images).__name__}") from None
+    if not batch and not allow_empty:
         raise ImageError("no images given (empty sequence)")
     return batch
 
@@ -357,7 +430,7 @@ def preprocess(images: Sequence[ImageInput], config: PreprocessConfig) -> np.nda
     stacking open_clip's eval transform over the images.  Errors name the offending input as
     ``image #i`` (plus its path for path inputs).
     """
-    batch = _check_batch(images)
+    batch = image_list(images)
     size = config.image_size
     mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
@@ -366,7 +439,13 @@ def preprocess(images: Sequence[ImageInput], config: PreprocessConfig) -> np.nda
         name = f"image #{i}"
         if isinstance(item, (str, os.PathLike)):
             name += f" ({os.fspath(item)})"
-        im = _to_rgb(_geometry(load_image(item, name=name), config))
+        im = load_image(item, name=name)
+        try:
+            im = _to_rgb(_geometry(im, config, name))
+        except ImageError:
+            raise
+        except (ValueError, OSError, MemoryError) as e:  # Pillow's resize/convert failures
+            raise ImageError(f"{name}: cannot preprocess the image ({_describe(e)})") from e
         if im.size != (size, size):  # defensive: geometry must give the crop size
             raise ImageError(f"{name}: internal error, got {im.size} after preprocessing")
         # ToTensor: uint8 HWC -> float32 CHW / 255, then Normalize: (x - mean) / std.

@@ -30,9 +30,10 @@ from .cache import ImageKV, PrefixCache, PrefixState, VisionCache, pixel_digest
 from .contracts import DecoderStepModel, Engine
 from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
 from .generation import GenerationConfig, GenerationResult, ShouldStop, generate
-from .images import ImageInput, PreprocessConfig, preprocess
-from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match
-from .spec import cross_attn_names
+from .images import ImageError, ImageInput, PreprocessConfig, image_list, preprocess
+from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match, check_text
+from .spec import cross_attn_names, trained_context
+from .tokenizer import ExportTokenizer, load_export_tokenizer, stable_text
 
 OnToken = Callable[[int, int], None]
 
@@ -41,22 +42,38 @@ OnToken = Callable[[int, int], None]
 class Generation:
     """One prompt's continuation. `timings_ms` are the whole request's (shared by a batch):
     vision (preprocess + hash + vision graph), prefill (prompt up to its first logits, cached
-    prefixes excluded), decode (the rest), total. `stats` are this prompt's counts."""
+    prefixes excluded), decode (the rest), total. `stats` are this prompt's counts.
+
+    Beam search: `score` is the sequence's length-normalised score (HF `sequences_scores`).
+    With `num_return_sequences` n > 1, `generate` returns the best sequence with the next
+    n - 1 in `alternatives`, best first; `generate_batch` returns all n per prompt (HF's
+    layout) and leaves `alternatives` empty.
+    """
 
     text: str
     token_ids: list[int]
     logprobs: list[float]
     timings_ms: dict[str, float] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
+    score: float | None = None
+    alternatives: list[Generation] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "text": self.text,
             "token_ids": self.token_ids,
             "logprobs": self.logprobs,
             "timings_ms": self.timings_ms,
             "stats": self.stats,
         }
+        if self.score is not None:
+            out["score"] = self.score
+        if self.alternatives:
+            out["alternatives"] = [
+                {"text": a.text, "token_ids": a.token_ids, "logprobs": a.logprobs, "score": a.score}
+                for a in self.alternatives
+            ]
+        return out
 
 
 @dataclass
@@ -83,14 +100,20 @@ class _Row:
 
 
 class TextStream:
-    """Incremental detokenizer for streaming: returns only complete characters.
+    """Incremental detokenizer for streaming: the pieces add up to `Generation.text`.
 
     Byte-level BPE splits multi-byte characters over tokens; decoding a partial sequence ends in
-    U+FFFD, so text is held back until the character is complete.
+    U+FFFD, so text is held back until the character is complete. A tokenizer that cleans up
+    tokenization spaces (" ." -> ".", runtime.tokenizer) has its text held back from the last
+    space a later token's clean-up could still change.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_ids: Sequence[int] = ()) -> None:
-        self.tokenizer = tokenizer
+    def __init__(
+        self, tokenizer: ExportTokenizer | Tokenizer, skip_ids: Sequence[int] = ()
+    ) -> None:
+        self.tokenizer = (
+            tokenizer if isinstance(tokenizer, ExportTokenizer) else ExportTokenizer(tokenizer)
+        )
         self.skip_ids = set(skip_ids)
         self.ids: list[int] = []
         self.emitted = 0
@@ -99,16 +122,18 @@ class TextStream:
         if token_id in self.skip_ids:
             return ""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        raw = self.tokenizer.decode(self.ids, clean_up_tokenization_spaces=False)
+        if raw.endswith("\ufffd"):
             return ""
-        return self._emit(text)
+        return self._emit(stable_text(raw, self.tokenizer.clean_up_tokenization_spaces))
 
     def flush(self) -> str:
         """Whatever is left (incomplete bytes included) at the end of generation."""
-        return self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        return self._emit(self.tokenizer.decode(self.ids))
 
     def _emit(self, text: str) -> str:
+        if len(text) <= self.emitted:
+            return ""
         new = text[self.emitted :]
         self.emitted = len(text)
         return new
@@ -138,9 +163,9 @@ class FlamingoPipeline:
         )
         for note in self.engine.performance_notes():
             warnings.warn(f"{export_dir}: {note}", RuntimeWarning, stacklevel=2)
-        self.tokenizer = Tokenizer.from_file(str(self.engine.root / "tokenizer" / "tokenizer.json"))
+        self.tokenizer = load_export_tokenizer(self.engine.root, self.engine.manifest)
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
-        self.max_seq_len = self.engine.limits["max_seq_len"]
+        self.max_seq_len, self._context = self._context_limit()
         self.max_images = self.engine.limits["max_images"]
         self.use_prefix_cache = prefix_cache
         self.use_vision_cache = vision_cache
@@ -165,13 +190,21 @@ class FlamingoPipeline:
         config: GenerationConfig | None = None,
         on_token: OnToken | None = None,
         should_stop: ShouldStop | None = None,
+        *,
+        seed: int | None = None,
     ) -> Generation:
         """Greedy/beam/sampled continuation of an interleaved prompt (OpenFlamingo semantics).
 
         `on_token(0, token_id)` streams tokens (greedy/sampling: as chosen; beams: at the end);
         `should_stop(0)` -> True ends the generation early (runtime.generation.generate).
+        `seed` (sampling) overrides `config.seed`.
         """
-        return self.generate_batch([prompt], [images], config, on_token, should_stop)[0]
+        seeds = None if seed is None else [seed]
+        best, *others = self.generate_batch(
+            [prompt], [images], config, on_token, should_stop, seeds=seeds
+        )
+        best.alternatives = others
+        return best
 
     def generate_batch(
         self,
@@ -180,21 +213,38 @@ class FlamingoPipeline:
         config: GenerationConfig | None = None,
         on_token: OnToken | None = None,
         should_stop: ShouldStop | None = None,
+        *,
+        seeds: Sequence[int | None] | None = None,
     ) -> list[Generation]:
-        """Several prompts in one left-padded decoder batch; each row gets what it would get
-        alone (to float rounding). Rows with fewer images get zero K/V slots no token attends to.
-        `should_stop(row)` -> True finishes that row early (e.g. its client disconnected).
+        """Several prompts in one left-padded decoder batch: one Generation per prompt, or with
+        `num_return_sequences` n > 1 (beam search) n per prompt, best first, prompt-major (HF
+        `generate`'s layout: Generation i * n + j is sequence j of prompt i); each row gets
+        what it would get alone (to float rounding), sampled rows included: every row
+        draws from its own random stream, seeded by `seeds[i]` (default `config.seed`). Rows
+        with fewer images get zero K/V slots no token attends to. Unset eos / pad ids in
+        `config` are the export's (`<|endofchunk|>` and its pad id).
+
+        `on_token(row, token_id)`: greedy/sampling stream as tokens are chosen; beam search
+        calls it after the search for every returned sequence, `row = i * n + j` for sequence j
+        of prompt i (n = num_return_sequences). `should_stop(row)` -> True finishes that row
+        early (e.g. its client disconnected).
         """
         if isinstance(prompts, str):
             raise ValueError("generate_batch takes a list of prompts; use generate for one")
+        if isinstance(images_per_prompt, (str, bytes)):
+            raise ValueError("images_per_prompt must be a list with one list of images per prompt")
+        prompts, images_per_prompt = list(prompts), list(images_per_prompt)
         if len(prompts) != len(images_per_prompt):
             raise ValueError(
                 f"{len(prompts)} prompts but {len(images_per_prompt)} image lists were given"
             )
         if not prompts:
             raise ValueError("no prompts given")
-        config = config or self.default_config()
-        config.validate()
+        config = self._resolve(config)
+        if seeds is not None:
+            seeds = list(seeds)
+            if len(seeds) != len(prompts):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         start = time.perf_counter()
         rows = [
             self._prepare(prompt, images, config, f"prompt #{i}: " if len(prompts) > 1 else "")
@@ -211,7 +261,7 @@ class FlamingoPipeline:
         if self.use_prefix_cache:
             for row in rows:
                 self._extend_prefix(row)
-        result, step_model, cached = self._decode_batch(rows, config, on_token, should_stop)
+        result, step_model, cached = self._decode_batch(rows, config, on_token, should_stop, seeds)
         end = time.perf_counter()
         prefill_end = step_model.prefill_end or end
         timings = {
@@ -223,24 +273,26 @@ class FlamingoPipeline:
         n_ret = config.num_return_sequences if config.num_beams > 1 else 1
         out = []
         for b, row in enumerate(rows):
-            tokens = result.sequences[b * n_ret]
-            text_ids = [t for t in tokens if t not in config.eos_token_ids]
-            stats = {
-                "prompt_tokens": len(row.ids),
-                "cached_tokens": cached[b],
-                "new_tokens": len(tokens),
-                "images": len(row.hashes),
-                "batch_size": len(rows),
-            }
-            out.append(
-                Generation(
-                    text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
-                    token_ids=tokens,
-                    logprobs=result.logprobs[b * n_ret],
-                    timings_ms=dict(timings),
-                    stats=stats,
+            for k in range(b * n_ret, (b + 1) * n_ret):
+                tokens = result.sequences[k]
+                text_ids = [t for t in tokens if t not in (config.eos_token_ids or ())]
+                stats = {
+                    "prompt_tokens": len(row.ids),
+                    "cached_tokens": cached[b],
+                    "new_tokens": len(tokens),
+                    "images": len(row.hashes),
+                    "batch_size": len(rows),
+                }
+                out.append(
+                    Generation(
+                        text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+                        token_ids=tokens,
+                        logprobs=result.logprobs[k],
+                        timings_ms=dict(timings),
+                        stats=stats,
+                        score=result.scores[k] if result.scores is not None else None,
+                    )
                 )
-            )
         return out
 
     def few_shot(
@@ -251,10 +303,12 @@ class FlamingoPipeline:
         question: str | None = None,
         config: GenerationConfig | None = None,
         on_token: OnToken | None = None,
+        *,
+        seed: int | None = None,
     ) -> Generation:
         """OpenFlamingo few-shot query: demonstrations (cached after the first call) + query."""
-        prompt, images = build_few_shot_prompt(list(demos), question, task, query_image=query_image)
-        return self.generate(prompt, images, config, on_token)
+        prompt, images = build_few_shot_prompt(demos, question, task, query_image=query_image)
+        return self.generate(prompt, images, config, on_token, seed=seed)
 
     def clear_caches(self) -> None:
         """Drop cached prefixes and image K/V (and reset their counters)."""
@@ -267,13 +321,52 @@ class FlamingoPipeline:
 
     # ------------------------------------------------------------------ steps
 
+    def _context_limit(self) -> tuple[int, str]:
+        """The most tokens per row, prompt + new: the engine's max_seq_len, or the LM's own
+        trained positions when fewer (a rotary LM never saw later positions; an ALiBi one
+        extrapolates, and its export's limit stands), and where that number comes from."""
+        limit = int(self.engine.limits["max_seq_len"])
+        trained, extrapolates = trained_context(self.engine.manifest.model)
+        if trained is not None and trained < limit and not extrapolates:
+            return trained, (
+                f"the language model's max_position_embeddings; this export allows {limit}"
+            )
+        return limit, "this export's max_seq_len"
+
+    def _resolve(self, config: GenerationConfig | None) -> GenerationConfig:
+        """`config` checked, unset eos / pad filled in with the export's, ids in the vocab."""
+        if config is None:
+            config = GenerationConfig()
+        elif not isinstance(config, GenerationConfig):
+            raise ValueError(
+                f"config must be a runtime.generation.GenerationConfig, got {type(config).__name__}"
+            )
+        config = config.with_model_defaults((self.engine.eoc_token_id,), self.engine.pad_token_id)
+        vocab = self.engine.dims.vocab_size
+        for name, ids in (
+            ("eos_token_ids", config.eos_token_ids),
+            ("pad_token_id", [config.pad_token_id]),
+        ):
+            outside = [t for t in ids or () if t >= vocab]
+            if outside:
+                raise ValueError(
+                    f"{name} {outside} outside this export's vocabulary of {vocab} tokens"
+                )
+        return config
+
     def _prepare(
         self, prompt: str, images: Sequence[ImageInput], config: GenerationConfig, where: str
     ) -> _Row:
         """Validate, tokenize, preprocess and hash one prompt (no state is touched)."""
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise ValueError(f"{where}the prompt must be a str, got {type(prompt).__name__}")
+        check_text(prompt, f"{where}the prompt")
+        if not prompt.strip():
             raise ValueError(f"{where}the prompt is empty")
-        images = list(images)
+        try:
+            images = image_list(images, allow_empty=True)
+        except ImageError as e:
+            raise ImageError(f"{where}images: {e}") from None
         try:
             check_images_match(prompt, len(images))
         except ValueError as e:
@@ -283,10 +376,12 @@ class FlamingoPipeline:
                 f"{where}{len(images)} images exceed this export's limit of {self.max_images}"
             )
         ids = np.array(self.tokenizer.encode(prompt).ids, dtype=np.int64)
-        if len(ids) + config.max_new_tokens > self.max_seq_len:
+        total = len(ids) + config.max_new_tokens
+        if total > self.max_seq_len:
             raise ValueError(
-                f"{where}prompt of {len(ids)} tokens + {config.max_new_tokens} new tokens exceeds "
-                f"the exported maximum context of {self.max_seq_len}"
+                f"{where}prompt of {len(ids)} tokens + {config.max_new_tokens} new tokens = "
+                f"{total} exceeds the maximum context of {self.max_seq_len} tokens "
+                f"({self._context})"
             )
         if len(ids) == 0:
             raise ValueError(f"{where}the prompt is empty (no tokens)")
@@ -365,6 +460,7 @@ class FlamingoPipeline:
         config: GenerationConfig,
         on_token: OnToken | None,
         should_stop: ShouldStop | None = None,
+        seeds: Sequence[int | None] | None = None,
     ) -> tuple[GenerationResult, DecoderStepModel, list[int]]:
         """Left-pad the rows, start the decoder from their cached states, run the search.
 
@@ -390,7 +486,7 @@ class FlamingoPipeline:
             media_count=np.array(media_count),
             io_binding=self.io_binding,
         )
-        result = generate(model, ids, mask, config, on_token, should_stop)
+        result = generate(model, ids, mask, config, on_token, should_stop, seeds=seeds)
         reused = [min(r.reused, max(0, past_len - p)) for r, p in zip(rows, pads)]
         return result, model, reused
 

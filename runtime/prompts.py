@@ -12,12 +12,18 @@ Like ``evaluate.py``, demonstrations are concatenated each followed by ``"\\n"``
 ``demo_separator`` argument), captions are ``.strip()``-ed and VQA text is used as given.
 A demonstration whose ``image`` is ``None`` is a text-only demonstration: its ``<image>``
 marker is dropped (OpenFlamingo's zero-shot setting keeps demo text without images).
+
+Demonstration and question text must be valid Unicode and must not contain the template's own
+markers (``<image>``, ``<|endofchunk|>``): the tokenizer would read them as the special tokens
+and one record would silently change the few-shot template's shape. A raw prompt given to the
+pipeline is the user's own and keeps its special tokens (it is only checked to be valid Unicode).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +36,7 @@ __all__ = [
     "build_few_shot_prompt",
     "caption_prompt",
     "check_images_match",
+    "check_text",
     "count_media",
     "load_demos_jsonl",
     "vqa_prompt",
@@ -69,33 +76,57 @@ def vqa_prompt(question: str, answer: str | None = None) -> str:
     return f"{MEDIA_TOKEN}Question:{question} Short answer:{answer}{EOC_TOKEN}"
 
 
+def check_text(text: Any, what: str, *, markers: bool = True) -> str:
+    """`text` if it is a str of valid Unicode, else ValueError naming `what`. With
+    ``markers=False`` it must not contain ``<image>`` or ``<|endofchunk|>`` either.
+
+    Valid Unicode means encodable as UTF-8: a lone surrogate (from undecodable bytes in a
+    command-line argument, or a ``"\\ud800"`` JSON escape) is refused before tokenizing.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid UTF-8 text: character {e.start} ({text[e.start]!r}) is a lone "
+            "surrogate (undecodable bytes, e.g. a non-UTF-8 command-line argument, or a "
+            "'\\ud800' escape in JSON)"
+        ) from None
+    if not markers:
+        for marker in (MEDIA_TOKEN, EOC_TOKEN):
+            if marker in text:
+                raise ValueError(
+                    f"{what} must not contain {marker!r}: the template adds the markers "
+                    "(the tokenizer would read it as the special token)"
+                )
+    return text
+
+
 def _demo_text(demo: Demonstration, index: int, task: str) -> str:
     where = f"demonstration #{index}"
     if not isinstance(demo, Demonstration):
         raise ValueError(f"{where}: expected a Demonstration, got {type(demo).__name__}")
+    fields = {"caption": ("text",), "vqa": ("question", "answer"), "raw": ("text",)}[task]
+    missing = [f for f in fields if getattr(demo, f) is None]
+    if missing:
+        needs = {"caption": "text (the caption)", "vqa": "both question and answer"}
+        raise ValueError(f"{where}: task {task!r} needs {needs.get(task, 'text')}")
+    for name in fields:
+        check_text(getattr(demo, name), f"{where}: {name}", markers=False)
     if task == "caption":
-        if demo.text is None:
-            raise ValueError(f"{where}: task 'caption' needs text (the caption)")
-        piece = caption_prompt(demo.text.strip())
+        piece = caption_prompt(demo.text.strip())  # type: ignore[union-attr]
     elif task == "vqa":
-        if demo.question is None or demo.answer is None:
-            raise ValueError(f"{where}: task 'vqa' needs both question and answer")
-        piece = vqa_prompt(demo.question, demo.answer)
+        piece = vqa_prompt(demo.question, demo.answer)  # type: ignore[arg-type]
     else:  # raw
-        if demo.text is None:
-            raise ValueError(f"{where}: task 'raw' needs text")
         piece = f"{MEDIA_TOKEN}{demo.text}{EOC_TOKEN}"
     if demo.image is None:
         piece = piece.replace(MEDIA_TOKEN, "")
-    elif count_media(piece) != 1:
-        raise ValueError(
-            f"{where}: text must not contain {MEDIA_TOKEN!r}; the marker is added for its image"
-        )
     return piece
 
 
 def build_few_shot_prompt(
-    demos: list[Demonstration],
+    demos: Sequence[Demonstration],
     query_question: str | None = None,
     task: Task = "caption",
     *,
@@ -112,6 +143,12 @@ def build_few_shot_prompt(
     """
     if task not in _TASKS:
         raise ValueError(f"task must be one of {list(_TASKS)}, got {task!r}")
+    if isinstance(demos, (str, os.PathLike, Demonstration)):
+        raise ValueError(
+            f"demos must be a list of Demonstration, got {type(demos).__name__} "
+            "(load_demos_jsonl reads a JSONL file; wrap a single demonstration in a list)"
+        )
+    demos = list(demos)
     pieces = [_demo_text(d, i, task) + demo_separator for i, d in enumerate(demos)]
     images = [d.image for d in demos if d.image is not None]
     if task == "caption":
@@ -121,11 +158,11 @@ def build_few_shot_prompt(
     elif task == "vqa":
         if query_question is None:
             raise ValueError("task 'vqa' needs query_question")
-        query = vqa_prompt(query_question)
+        query = vqa_prompt(check_text(query_question, "query_question", markers=False))
     else:
+        if query_question is not None:
+            check_text(query_question, "query_question", markers=False)
         query = MEDIA_TOKEN + (query_question or "")
-    if count_media(query) != 1:
-        raise ValueError(f"query_question must not contain {MEDIA_TOKEN!r}")
     if query_image is not None:
         images.append(query_image)
     return "".join(pieces) + query, images
@@ -149,8 +186,8 @@ def check_images_match(prompt: str, n_images: int) -> None:
 
 def _opt_str(record: dict[str, Any], key: str, where: str) -> str | None:
     value = record.get(key)
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    if value is not None:
+        check_text(value, f"{where}: {key!r}", markers=key == "image")
     return value
 
 
@@ -181,8 +218,8 @@ def load_demos_jsonl(path: str | os.PathLike, *, check_exists: bool = True) -> l
             raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        image = record.get("image")
-        if not isinstance(image, str) or not image:
+        image = _opt_str(record, "image", where)
+        if not image:
             raise ValueError(f"{where}: missing or empty 'image' path")
         image_path = Path(image)
         if not image_path.is_absolute():
@@ -196,7 +233,7 @@ def load_demos_jsonl(path: str | os.PathLike, *, check_exists: bool = True) -> l
             answers = record["answers"]
             if not isinstance(answers, list) or not answers or not isinstance(answers[0], str):
                 raise ValueError(f"{where}: 'answers' must be a non-empty list of strings")
-            answer = answers[0]
+            answer = check_text(answers[0], f"{where}: 'answers'[0]", markers=False)
         if caption is None and (question is None or answer is None):
             raise ValueError(f"{where}: needs 'caption' or both 'question' and 'answer'")
         demos.append(

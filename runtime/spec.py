@@ -120,6 +120,20 @@ class ModelDims:
         return asdict(self)
 
 
+# LM families whose attention takes no position ids (ALiBi biases): they run past the length
+# they were trained on (answers there are the model's extrapolation), where a rotary family
+# would meet positions it never saw.
+EXTRAPOLATING_FAMILIES = ("mpt",)
+
+
+def trained_context(cfg: dict[str, Any]) -> tuple[int | None, bool]:
+    """(positions the LM was trained on, whether its family extrapolates past them) from a
+    FlamingoConfig dict: HF's `max_position_embeddings` (MPT: `max_seq_len`); None if unknown."""
+    lm = cfg["lm"]
+    positions = lm.get("max_position_embeddings")
+    return (int(positions) if positions else None), lm["family"] in EXTRAPOLATING_FAMILIES
+
+
 def cross_attn_names(layer: int) -> tuple[str, str]:
     return f"cross_attn.{layer}.key", f"cross_attn.{layer}.value"
 

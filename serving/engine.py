@@ -11,11 +11,11 @@ boundary unchanged):
     {"type": "usage", "prompt_tokens", "completion_tokens", "cached_tokens"}  last event
 
 The batch thread takes the oldest waiting job and every waiting job whose `GenerationConfig`
-is equal (`generate_batch` takes one config for all rows), up to `max_batch_size` rows; under
-load (the last batch had company, or more jobs wait) it waits up to `batch_wait_ms` for more,
-a lone request is never held back. Seeded sampled jobs run alone: the search draws one random
-stream for the whole batch, so a seed gives the same answer alone or batched only at batch
-size 1 (until per-row random streams exist). Vision and prefix caches are the pipeline's,
+is equal but for the seed (`generate_batch` takes one config for all rows, and a seed per
+row: every row draws from its own random stream, so a seeded request gets the same answer
+alone or batched), up to `max_batch_size` rows; under load (the last batch had company, or
+more jobs wait) it waits up to `batch_wait_ms` for more, a lone request is never held back.
+Vision and prefix caches are the pipeline's,
 shared by every request. The event loop never runs inference; a request whose consumer goes
 away (a client that disconnects) stops its rows through `generate_batch(should_stop=...)`.
 """
@@ -23,6 +23,7 @@ away (a client that disconnects) stops its rows through `generate_batch(should_s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -152,7 +153,8 @@ class Job:
         self.outputs = outputs
         self.emit = emit
         self.cancelled = threading.Event()
-        self.batchable = not (config.do_sample and config.seed is not None)
+        # jobs batch when their settings but the seed agree: every row draws from its own seed
+        self.key = dataclasses.replace(config, seed=None)
 
     def on_token(self, j: int, token: int) -> None:
         out = self.outputs[j]
@@ -402,8 +404,8 @@ class Engine:
                 batch = [first]
                 busy = last_rows > 1 or bool(self._pending)
                 deadline = time.monotonic() + (wait_s if busy else 0.0)
-                while first.batchable and len(batch) < self.settings.max_batch_size:
-                    self._take_matching(first.config, batch)
+                while len(batch) < self.settings.max_batch_size:
+                    self._take_matching(first.key, batch)
                     left = deadline - time.monotonic()
                     if len(batch) >= self.settings.max_batch_size or left <= 0:
                         break
@@ -411,12 +413,12 @@ class Engine:
             last_rows = len(batch)
             self._run(batch)
 
-    def _take_matching(self, config: GenerationConfig, batch: list[Job]) -> None:
+    def _take_matching(self, key: GenerationConfig, batch: list[Job]) -> None:
         keep: deque[Job] = deque()
         while self._pending:
             job = self._pending.popleft()
             room = len(batch) < self.settings.max_batch_size
-            if room and job.batchable and job.config == config and not job.cancelled.is_set():
+            if room and job.key == key and not job.cancelled.is_set():
                 batch.append(job)
             else:
                 keep.append(job)
@@ -425,7 +427,8 @@ class Engine:
     def _run(self, batch: list[Job]) -> None:
         pipe = self.pipe
         assert pipe is not None
-        config = batch[0].config
+        config = batch[0].key
+        seeds = [job.config.seed for job in batch] if config.do_sample else None
         n_ret = config.num_return_sequences if config.num_beams > 1 else 1
         emitted = False
 
@@ -445,8 +448,9 @@ class Engine:
         self.counters["rows"] += len(batch)
         try:
             generations = pipe.generate_batch(
-                [j.prompt for j in batch], [j.images for j in batch], config, on_token, should_stop
-            )
+                [j.prompt for j in batch], [j.images for j in batch], config, on_token,
+                should_stop, seeds=seeds,
+            )  # fmt: skip
         except ValueError as e:  # a row the pipeline refuses (ImageError is one)
             if len(batch) > 1 and not emitted:
                 for job in batch:  # find it; the others still get their answers
@@ -460,7 +464,7 @@ class Engine:
             for job in batch:
                 job.fail(500, f"internal error: {type(e).__name__}: {e}")
             return
-        for job, generation in zip(batch, generations):
+        for job, generation in zip(batch, generations[::n_ret]):  # n_ret per prompt
             if job.cancelled.is_set():
                 self.counters["cancelled_jobs"] += 1
             job.finish(generation)

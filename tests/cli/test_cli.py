@@ -92,3 +92,53 @@ def test_quiet_silences_progress(tiny_export: Callable, tmp_path: Path) -> None:
     assert "[flamingo-export]" in loud.stderr
     assert quiet.stderr == ""
     assert quiet.stdout == loud.stdout.replace(str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+def test_json_output_is_strict_json() -> None:
+    import json
+
+    from cli.options import json_safe
+
+    value = {"logprobs": [float("nan"), -1.5, float("-inf")], "score": float("inf"), "n": 3}
+    assert json_safe(value) == {"logprobs": [None, -1.5, None], "score": None, "n": 3}
+    text = json.dumps(json_safe(value), allow_nan=False)
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_run_refuses_bad_settings_in_one_line(tiny_export: Callable, tmp_path: Path) -> None:
+    """rel-02 / rel-03 / rel-04 / rel-05's kinds at the command line: each a one-line error
+    naming the setting, never a traceback, an empty answer or an unbounded allocation."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "q.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(image)
+    base = ["run", str(tiny_export("llama")), "--image", str(image), "--max-new-tokens", "3"]
+    prompt = ["--prompt", "<image>Output:"]
+    demos = tmp_path / "demos.jsonl"
+    cases = [
+        ([*prompt, "--num-beams", "50000"], 1, "num_beams must be in [1, 64], got 50000"),
+        ([*prompt, "--num-beams", "3", "--length-penalty", "nan"], 1,
+         "length_penalty must be a finite number, got nan"),
+        ([*prompt, "--num-beams", "3", "--length-penalty", "-inf"], 1,
+         "length_penalty must be a finite number, got -inf"),
+        ([*prompt, "--do-sample", "--temperature", "inf"], 1, "temperature must be a finite"),
+        ([*prompt, "--do-sample", "--seed", "-1"], 1, "seed must be >= 0"),
+        ([*prompt, "--threads", "-1"], 2, "-1 is not in the range x>=0"),
+        ([*prompt, "--threads", "100000"], 1, "threads must be an int in [0, 256]"),
+        (["--prompt", "\udcff<image>Output:"], 1, "--prompt is not valid UTF-8 text"),
+        (["--demos", str(demos)], 1, "demos.jsonl:1: 'caption' is not valid UTF-8 text"),
+        (["--demos", str(demos)], 1, "demos.jsonl:1: 'caption' must not contain '<|endofchunk|>'"),
+    ]  # fmt: skip
+    captions = ["\ud800"] * 9 + ["red<|endofchunk|>Output:green"]
+    for (args, code, message), caption in zip(cases, captions):
+        demos.write_text(json.dumps({"image": str(image), "caption": caption}) + "\n")
+        result = CliRunner().invoke(main, [*base, *args])
+        assert result.exit_code == code, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, result.output
+    result = CliRunner().invoke(main, [*base, *prompt, "--temperature", "0.5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "note: temperature=0.5: only used by sampling" in result.stderr
+    json.loads(result.stdout)

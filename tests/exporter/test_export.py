@@ -325,3 +325,69 @@ def test_interrupted_export_leaves_nothing(tiny_model, tmp_path, monkeypatch) ->
         ex.export_model(model, tok, tmp_path / "out", progress=None)
     assert calls == ["vision", "decoder"]
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ limits (the LM's context)
+
+
+def test_max_seq_len_defaults_to_the_lms_context(tiny_export) -> None:
+    """The tiny LMs were trained on 256 positions (max_position_embeddings; MPT's max_seq_len):
+    that, not 2048, is what the export declares."""
+    for family in FAMILIES:
+        manifest = load_manifest(tiny_export(family), verify_hashes=False)
+        assert manifest.model["lm"]["max_position_embeddings"] == 256
+        assert manifest.limits == {"max_images": 32, "max_seq_len": 256}
+
+
+def test_max_seq_len_beyond_a_rotary_lms_context_is_refused(tiny_model, tmp_path) -> None:
+    from exporter.export import ExportError, ExportOptions, export_model
+
+    for family in ("llama", "gpt_neox"):
+        model, tok, _, _ = tiny_model(family)
+        with pytest.raises(ExportError, match=rf"--max-seq-len 257 exceeds .* {family} LM was "
+                           r"trained on 256 positions .* use at most 256"):  # fmt: skip
+            export_model(model, tok, tmp_path / "out", ExportOptions(max_seq_len=257), None)
+        assert not list(tmp_path.iterdir())  # refused before anything is written
+    model, tok, _, _ = tiny_model("llama")
+    with pytest.raises(ExportError, match="--max-images 100 exceeds max_seq_len 64"):
+        export_model(
+            model, tok, tmp_path / "o", ExportOptions(max_images=100, max_seq_len=64), None
+        )
+    for bad, message in (
+        (ExportOptions(max_seq_len=10**12), r"--max-seq-len must be in \[2, 1048576\]"),
+        (ExportOptions(max_seq_len=1), r"--max-seq-len must be in \[2, 1048576\]"),
+        (ExportOptions(max_seq_len="512"), "--max-seq-len must be an int"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(ExportError, match=message):
+            bad.validate()
+
+
+def test_an_alibi_lm_may_extrapolate_with_a_warning(tiny_model, tmp_path) -> None:
+    """MPT's ALiBi biases have no position table: past the trained length is allowed, said,
+    and the runtime holds prompts to the export's limit, not to the trained length."""
+    from exporter.export import ExportOptions, export_model
+    from runtime.pipeline import FlamingoPipeline
+
+    model, tok, _, _ = tiny_model("mpt")
+    said: list[str] = []
+    export_model(model, tok, tmp_path / "out", ExportOptions(max_seq_len=512), said.append)
+    assert any(
+        "warning: --max-seq-len 512 is beyond the 256 positions this mpt LM" in m for m in said
+    )
+    assert load_manifest(tmp_path / "out").limits["max_seq_len"] == 512
+    pipe = FlamingoPipeline(tmp_path / "out")
+    assert pipe.max_seq_len == 512
+    out = pipe.generate(" red" * 300, [], GenerationConfig(max_new_tokens=2))
+    assert out.stats["prompt_tokens"] > 256
+
+
+def test_cli_export_refuses_an_absurd_max_seq_len_before_loading(tmp_path) -> None:
+    missing = tmp_path / "nothing-here"
+    result = CliRunner().invoke(
+        main,
+        ["export", "--lm", str(missing), "--vision", str(missing), "--checkpoint", str(missing),
+         "-o", str(tmp_path / "out"), "--max-seq-len", str(10**12)],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "--max-seq-len must be in [2, 1048576], got 1000000000000" in result.output
+    assert "nothing-here" not in result.output and "Traceback" not in result.output

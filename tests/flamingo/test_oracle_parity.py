@@ -77,6 +77,21 @@ def test_generations_match_oracle(tiny_model, family: str, num_beams: int) -> No
     assert ours.sequences == ref
     assert all(len(s) > 0 for s in ours.sequences)
     assert np.isfinite([lp for row in ours.logprobs for lp in row]).all()
+    # unset eos / pad are the model's, as OpenFlamingo's own defaults: a hand-built config or
+    # keyword overrides give the same generations (and leave the caller's config unchanged)
+    plain = GenerationConfig(max_new_tokens=12, num_beams=num_beams)
+    assert generate(model, vision_x, ids, mask, plain).sequences == ref
+    assert (
+        generate(model, vision_x, ids, mask, max_new_tokens=12, num_beams=num_beams).sequences
+        == ref
+    )
+    short = generate(model, vision_x, ids, mask, plain, max_new_tokens=2).sequences
+    assert plain.max_new_tokens == 12 and all(len(row) <= 2 for row in short)
+    if num_beams == 1:
+        assert short == [row[:2] for row in ref]
+    assert plain.eos_token_ids is None
+    with pytest.raises(ValueError, match=r"unknown generation setting\(s\) \['beams'\]"):
+        generate(model, vision_x, ids, mask, beams=3)
 
 
 @pytest.mark.parametrize("family", ["llama"])

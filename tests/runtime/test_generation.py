@@ -68,6 +68,14 @@ class HFStepModel:
         self.cache.reorder_cache(torch.from_numpy(np.asarray(index, dtype=np.int64)))
 
 
+def _cfg(**kw: object) -> GenerationConfig:
+    """A config for the HF comparisons: no eos and pad PAD unless given (HF's model defaults
+    here, see _fresh_generation_config)."""
+    kw.setdefault("eos_token_ids", ())
+    kw.setdefault("pad_token_id", PAD)
+    return GenerationConfig(**kw)  # type: ignore[arg-type]
+
+
 def _fresh_generation_config(model: torch.nn.Module) -> None:
     """Drop config-derived defaults (bos/eos ids) so only what a test passes is in effect."""
     model.generation_config = transformers.GenerationConfig(pad_token_id=PAD)
@@ -187,7 +195,7 @@ def lm(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, int]:
     model = build()
     _boost_eos(model, alpha)
     ids, mask = _prompt(7)
-    cfg = GenerationConfig(max_new_tokens=16, num_beams=4)
+    cfg = _cfg(max_new_tokens=16, num_beams=4)
     out = _hf(model, ids, mask, cfg)
     counts = Counter(out.sequences[:, ids.shape[1] + 2 :].flatten().tolist())
     counts.pop(PAD, None)
@@ -200,10 +208,10 @@ def test_greedy_matches_hf(lm: tuple[torch.nn.Module, int]) -> None:
     ids, mask = _prompt(7)
     hit = 0
     for cfg in (
-        GenerationConfig(max_new_tokens=14),
-        GenerationConfig(max_new_tokens=14, eos_token_ids=(eos,)),
-        GenerationConfig(max_new_tokens=16, eos_token_ids=(BOOSTED_EOS,), pad_token_id=5),
-        GenerationConfig(max_new_tokens=14, eos_token_ids=(eos, 2), no_repeat_ngram_size=2),
+        _cfg(max_new_tokens=14),
+        _cfg(max_new_tokens=14, eos_token_ids=(eos,)),
+        _cfg(max_new_tokens=16, eos_token_ids=(BOOSTED_EOS,), pad_token_id=5),
+        _cfg(max_new_tokens=14, eos_token_ids=(eos, 2), no_repeat_ngram_size=2),
     ):
         out = _hf(model, ids, mask, cfg)
         res, step_model, streamed = _ours(model, ids, mask, cfg)
@@ -249,7 +257,7 @@ def test_beam_search_matches_hf(lm: tuple[torch.nn.Module, int]) -> None:
     for i, case in enumerate(BEAM_CASES):
         max_new = 12 + 2 * (i % 4)
         for eos_ids in ((), (eos,), (BOOSTED_EOS, eos)):
-            cfg = GenerationConfig(max_new_tokens=max_new, eos_token_ids=eos_ids, **case)
+            cfg = _cfg(max_new_tokens=max_new, eos_token_ids=eos_ids, **case)
             out = _hf(model, ids, mask, cfg)
             res, step_model, streamed = _ours(model, ids, mask, cfg)
             gen = [_trim(g, eos_ids) for g in out.sequences[:, ids.shape[1] :].tolist()]
@@ -285,7 +293,7 @@ def test_beam_search_eos_heavy() -> None:
     ids, mask = _prompt(11)
     for case in BEAM_CASES[:5]:
         for eos_ids in ((BOOSTED_EOS,), (BOOSTED_EOS, 7, 11)):
-            cfg = GenerationConfig(max_new_tokens=12, eos_token_ids=eos_ids, **case)
+            cfg = _cfg(max_new_tokens=12, eos_token_ids=eos_ids, **case)
             out = _hf(model, ids, mask, cfg)
             res, step_model, _ = _ours(model, ids, mask, cfg)
             gen = [_trim(g, eos_ids) for g in out.sequences[:, ids.shape[1] :].tolist()]
@@ -413,7 +421,7 @@ def test_sampling_distribution() -> None:
     )
     n = 40_000
     ids = np.ones((n, 2), dtype=np.int64)
-    res = generate(FixedLogits(logits), ids, np.ones_like(ids), cfg)
+    res = generate(FixedLogits(logits), ids, np.ones_like(ids), cfg, seeds=range(n))
     freq = np.bincount([s[0] for s in res.sequences], minlength=logits.size) / n
     expect = _filtered_softmax(logits, 0.7, 7, 0.85)
     assert np.all(freq[expect == 0] == 0)

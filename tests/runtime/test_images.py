@@ -20,10 +20,12 @@ import pytest
 from PIL import Image, ImageFile
 
 from runtime.images import (
+    EXACT_RESIZE_PIXELS,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     ImageError,
     PreprocessConfig,
+    image_list,
     load_image,
     preprocess,
 )
@@ -105,6 +107,17 @@ def _rand_rgb(w: int, h: int, seed: int = 0) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
+def _python(code: str, *args: str) -> str:
+    """stdout of `code` run in a fresh interpreter (the repository importable), which must
+    succeed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
 def _png_bytes(img: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", **kw)
@@ -123,7 +136,7 @@ SIZES = [
     (225, 333),  # odd, crop offset .5 -> round half to even
     (451, 227),  # odd landscape
     (1001, 224),  # short side already 224: crop only
-    (3, 500),  # extreme aspect ratio
+    (3, 250),  # extreme aspect ratio (224 x 18666: still resized whole)
 ]
 
 
@@ -150,6 +163,77 @@ def test_parity_bilinear() -> None:
     img = Image.fromarray(_rand_rgb(400, 260, seed=5))
     ours = preprocess([img], PreprocessConfig(interpolation="bilinear"))
     assert np.abs(ours[0] - reference(img, resample=Image.BILINEAR)).max() <= 1e-6
+
+
+# Thin images: only the crop region is resized (EXACT_RESIZE_PIXELS). One 8-bit step is
+# 1/255/std in the normalised output.
+STEP = 1 / 255 / min(OPENAI_CLIP_STD) + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("w", "h", "size", "mode"),
+    [
+        (3, 500, 224, "RGB"),  # tall, upscaled across: horizontal pass first
+        (500, 3, 224, "RGB"),  # wide
+        (300, 40000, 224, "RGB"),  # tall and shrinking: Pillow >= 12.2 goes vertical first
+        (40000, 300, 224, "L"),
+        (7, 40000, 64, "L"),
+        (2, 9000, 64, "RGB"),
+        (100, 60000, 97, "RGB"),
+    ],
+)
+def test_thin_images_resize_their_crop_only(w: int, h: int, size: int, mode: str) -> None:
+    """Beyond EXACT_RESIZE_PIXELS the same pixels as resize-then-crop, up to one 8-bit step
+    where the crop box's coordinates round differently (a handful of pixels)."""
+    full = _ref_resize(Image.new("RGB", (w, h)), size, "shortest", Image.BICUBIC).size
+    assert full[0] * full[1] > EXACT_RESIZE_PIXELS
+    img = Image.fromarray(_rand_rgb(w, h, seed=w + h)).convert(mode)
+    ours = preprocess([img], PreprocessConfig(image_size=size))[0]
+    diff = np.abs(ours - reference(img, size))
+    assert diff.max() <= STEP
+    assert (diff > 1e-6).mean() < 0.005
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "1"])
+def test_thin_images_of_other_modes(mode: str) -> None:
+    """Premultiplied alpha and nearest-neighbour modes through the same crop-only resize: the
+    same pixels but where a coordinate rounds to the neighbouring source pixel (or, for
+    RGBA, where a premultiplied step is divided by a small alpha)."""
+    rgb = _rand_rgb(4, 3000, seed=9)
+    img = Image.fromarray(np.dstack([rgb, 255 - rgb[..., 0]]), "RGBA")
+    img = img if mode == "RGBA" else img.convert("RGB").convert(mode)
+    ours = preprocess([img], PreprocessConfig(image_size=64))[0]
+    diff = np.abs(ours - reference(img, 64))
+    assert (diff > STEP).mean() < 0.01
+
+
+def test_thin_image_memory_is_bounded(tmp_path: Path) -> None:
+    """A 1 x 200,000 PNG (~1 KB) used to be resized to 224 x 44.8M pixels (~8 GB RSS) before
+    the centre crop; now the whole preprocessing stays within a few MB of the interpreter."""
+    path = tmp_path / "thin.png"
+    Image.new("L", (1, 200_000), 128).save(path)
+    assert path.stat().st_size < 5000
+    code = (
+        "import resource, sys\n"
+        "from runtime.images import preprocess, PreprocessConfig\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "for size in (64, 224):\n"
+        "    for mode in ('shortest', 'squash'):\n"
+        "        cfg = PreprocessConfig(image_size=size, resize_mode=mode)\n"
+        "        x = preprocess([sys.argv[1]], cfg)\n"
+        "        assert x.shape == (1, 3, size, size)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    assert int(_python(code, str(path))) < 50_000  # KiB
+
+
+def test_longest_mode_refuses_an_image_thinner_than_a_pixel() -> None:
+    img = Image.new("RGB", (1, 5000))
+    with pytest.raises(ImageError, match=r"image #0: 1x5000 is too thin for resize_mode 'longest'"):
+        preprocess([img], PreprocessConfig(image_size=64, resize_mode="longest"))
+    assert preprocess([Image.new("RGB", (1, 100))], PreprocessConfig(64, resize_mode="longest"))[
+        0
+    ].shape == (3, 64, 64)
 
 
 def test_batch_matches_single_images() -> None:
@@ -420,6 +504,10 @@ def test_bad_inputs_name_the_image(bad, pattern: str) -> None:
 def test_empty_and_non_sequence_inputs() -> None:
     with pytest.raises(ImageError, match="no images"):
         preprocess([], CFG)
+    assert image_list([], allow_empty=True) == []
+    for single in ("photo.jpg", Path("photo.jpg"), b"\x89PNG", Image.new("RGB", (2, 2))):
+        with pytest.raises(ImageError, match=r"got \w+; wrap a single image in a list"):
+            image_list(single, allow_empty=True)
     with pytest.raises(ImageError, match="wrap a single image"):
         preprocess("photo.jpg", CFG)  # type: ignore[arg-type]
     with pytest.raises(ImageError, match="wrap a single image"):
@@ -470,9 +558,4 @@ def test_imports_without_torch_or_transformers() -> None:
         "assert rp.count_media(rp.MEDIA_TOKEN * 2) == 2\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "ok"
+    assert _python(code).strip() == "ok"

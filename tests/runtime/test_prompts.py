@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from runtime.prompts import (
     build_few_shot_prompt,
     caption_prompt,
     check_images_match,
+    check_text,
     count_media,
     load_demos_jsonl,
     vqa_prompt,
@@ -90,6 +92,59 @@ def test_build_errors() -> None:
         build_few_shot_prompt([], "<image>?", task="vqa")
 
 
+@pytest.mark.parametrize(
+    ("demo", "task", "pattern"),
+    [
+        (Demonstration("a", text="red<|endofchunk|>Output:green"), "caption", "text"),
+        (Demonstration("a", question="q<|endofchunk|>", answer="a"), "vqa", "question"),
+        (Demonstration("a", question="q", answer="<|endofchunk|>a"), "vqa", "answer"),
+        (Demonstration(None, text="x<|endofchunk|>"), "raw", "text"),
+        (Demonstration("a", text="<image>"), "raw", "text"),
+    ],
+)
+def test_template_markers_are_refused_in_demonstration_text(
+    demo: Demonstration, task: str, pattern: str
+) -> None:
+    """One record must stay one chunk of the template: a marker inside its text would be
+    tokenized as the special token (an extra chunk, an extra image)."""
+    question = "q" if task == "vqa" else None
+    with pytest.raises(ValueError, match=rf"demonstration #1: {pattern} must not contain '<"):
+        build_few_shot_prompt([Demonstration("a", "ok", "q", "a"), demo], question, task=task)
+
+
+def test_question_text_is_checked_like_demonstrations() -> None:
+    for task in ("vqa", "raw"):
+        with pytest.raises(
+            ValueError, match=re.escape("query_question must not contain '<|endofchunk|>'")
+        ):
+            build_few_shot_prompt([], "why<|endofchunk|>", task=task)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"query_question is not valid UTF-8 text: character 3"):
+        build_few_shot_prompt([], "why\udcff?", task="vqa")
+    with pytest.raises(ValueError, match="query_question must be a string, got int"):
+        build_few_shot_prompt([], 3, task="vqa")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("a\ud800b", r"text is not valid UTF-8 text: character 1 \('\\ud800'\) is a lone"),
+        ("\udcff<x", "text is not valid UTF-8"),
+        (42, "text must be a string, got int"),
+        (b"bytes", "text must be a string, got bytes"),
+    ],
+)
+def test_demonstration_text_must_be_valid_unicode(text: object, pattern: str) -> None:
+    with pytest.raises(ValueError, match=rf"demonstration #0: {pattern}"):
+        build_few_shot_prompt([Demonstration("a", text=text)])  # type: ignore[arg-type]
+
+
+def test_check_text() -> None:
+    assert check_text("<image>a<|endofchunk|>", "prompt") == "<image>a<|endofchunk|>"
+    assert check_text("naïve 日本 🙂", "x", markers=False) == "naïve 日本 🙂"
+    with pytest.raises(ValueError, match=r"^--prompt is not valid UTF-8 text: character 0"):
+        check_text("\udcff<image>Output:", "--prompt")
+
+
 def test_count_and_check() -> None:
     assert count_media("no images") == 0
     assert count_media("<image>a<image>b<image>") == 3
@@ -150,6 +205,11 @@ def test_load_demos_jsonl(tmp_path: Path) -> None:
         (json.dumps({"image": "ok.jpg", "caption": 3}), "'caption' must be a string"),
         (json.dumps({"image": "ok.jpg", "question": "q", "answers": []}), "answers"),
         (json.dumps({"image": "missing.jpg", "caption": "c"}), "not found"),
+        ('{"image": "ok.jpg", "caption": "\\ud800"}', "'caption' is not valid UTF-8 text"),
+        ('{"image": "ok\\udcff.jpg", "caption": "c"}', "'image' is not valid UTF-8 text"),
+        (json.dumps({"image": "ok.jpg", "caption": "a<|endofchunk|>b"}), "must not contain"),
+        (json.dumps({"image": "ok.jpg", "question": "<image>?", "answer": "a"}), "'question'"),
+        (json.dumps({"image": "ok.jpg", "question": "q", "answers": ["\ud800"]}), "answers"),
     ],
 )
 def test_load_demos_jsonl_errors(tmp_path: Path, bad_line: str, pattern: str) -> None:

@@ -52,7 +52,7 @@ def _text(events: list[dict]) -> str:
     return "".join(e["text"] for e in events if e["type"] == "text")
 
 
-def test_engine_batches_equal_configs_and_runs_seeded_sampling_alone(
+def test_engine_batches_equal_configs_and_seeded_sampling_per_row(
     demo_export: Path, episodes
 ) -> None:
     engine = Engine(
@@ -72,15 +72,24 @@ def test_engine_batches_equal_configs_and_runs_seeded_sampling_alone(
         for (p, i), ev in zip(prompts, events):
             assert _text(ev) == pipe.generate(p, i).text
             assert ev[-1]["type"] == "usage" and ev[-1]["completion_tokens"] >= 1
-        seeded = SamplingParams(temperature=1.5, seed=11, max_tokens=6, ignore_eos=True)
+        # seeded sampled requests batch together, each drawing from its own seed
         p, i = prompts[0]
-        events = asyncio.run(_texts(engine, [GenerateRequest(p, i, seeded)] * 3))
-        assert engine.counters["batches"] == 2 + 3  # each seeded request alone
-        config = pipe.default_config(
-            max_new_tokens=6, do_sample=True, temperature=1.5, seed=11, eos_token_ids=()
-        )
-        expected = pipe.tokenizer.decode(pipe.generate(p, i, config).token_ids)
-        assert [_text(ev) for ev in events] == [expected] * 3
+        seeds = (11, 12, 11)
+        sampled = [
+            GenerateRequest(p, i, SamplingParams(temperature=1.5, seed=seed, max_tokens=6,
+                                                 ignore_eos=True))
+            for seed in seeds
+        ]  # fmt: skip
+        events = asyncio.run(_texts(engine, [busy, *sampled]))[1:]
+        assert engine.counters["batches"] == 2 + 2  # the busy request, then the three together
+        answers = []
+        for seed, ev in zip(seeds, events):
+            config = pipe.default_config(
+                max_new_tokens=6, do_sample=True, temperature=1.5, seed=seed, eos_token_ids=()
+            )
+            assert _text(ev) == pipe.tokenizer.decode(pipe.generate(p, i, config).token_ids)
+            answers.append(_text(ev))
+        assert answers[0] == answers[2]
     finally:
         engine.close()
 

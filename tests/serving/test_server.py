@@ -188,7 +188,7 @@ def test_bad_inputs_get_their_status_and_the_server_goes_on(server, episodes, me
         error = r.json()["error"]
         assert error["param"] == param and error["message"], r.text
         assert error["type"] == "invalid_request_error"
-    # too many images and an over-long prompt (the export: 32 images, 2048 tokens)
+    # too many images and an over-long prompt (the export: 32 images, 512 tokens)
     tiny = data_url(ep.image("query.png"))
     for body, param in (
         ({"model": "m", "prompt": "<image>" * 33, "images": [tiny] * 33}, "images"),
@@ -223,11 +223,15 @@ def _metric(server, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_metrics_and_a_client_that_goes_away(server, episodes) -> None:
+def test_metrics_and_a_client_that_goes_away(server, demo_export: Path, episodes) -> None:
     ep = episodes(0)
     before = _metric(server, "flamingo_engine_generated_tokens_total")
     cancelled = _metric(server, "flamingo_engine_cancelled_jobs_total")
-    body = {"model": "m", "messages": chat_messages(ep), "stream": True, "max_tokens": 1900,
+    # as many tokens as the export's context leaves after the prompt
+    context = json.loads((demo_export / "manifest.json").read_text())["limits"]["max_seq_len"]
+    probe = {"model": "m", "messages": chat_messages(ep), "max_tokens": 1}
+    most = context - _post(server, probe).json()["usage"]["prompt_tokens"]
+    body = {"model": "m", "messages": chat_messages(ep), "stream": True, "max_tokens": most,
             "ignore_eos": True}  # fmt: skip
     conn = http_client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request(
@@ -242,13 +246,13 @@ def test_metrics_and_a_client_that_goes_away(server, episodes) -> None:
     assert any(line.startswith(b"data: ") for line in got)
     conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
     conn.close()
-    # the connection is closed: the row must stop long before its 1900 tokens
+    # the connection is closed: the row must stop long before its `most` tokens
     deadline = time.monotonic() + 30
     while _metric(server, "flamingo_engine_cancelled_jobs_total") == cancelled:
         assert time.monotonic() < deadline, "the generation was not cancelled"
         time.sleep(0.1)
     generated = _metric(server, "flamingo_engine_generated_tokens_total") - before
-    assert 1 <= generated < 1900
+    assert 1 <= generated < most
     text = http(server, "GET", "/metrics").text
     for name in ("flamingo_requests_total", "flamingo_prompt_tokens_total",
                  "flamingo_generated_tokens_total", "flamingo_queue_depth",

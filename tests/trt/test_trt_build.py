@@ -57,7 +57,8 @@ def _dims(tiny_export, family: str = "llama") -> tuple[ModelDims, dict]:
 
 def test_default_profiles_from_manifest_limits(tiny_export) -> None:
     dims, limits = _dims(tiny_export)
-    lim = Limits.resolve(limits)
+    assert limits["max_seq_len"] == 256  # the tiny LM's context: opt would equal max
+    lim = Limits.resolve({**limits, "max_seq_len": 2048})  # an export declaring 2048
     assert lim.to_dict() == {"max_batch": DEFAULT_MAX_BATCH, "max_images": 32, "max_seq_len": 2048}
     (vision,) = graph_profiles("vision", dims, lim)
     assert vision.dims["num_images"].to_list() == [1, 5, 32]
@@ -103,13 +104,13 @@ def test_profiles_are_consistent_for_any_limits(tiny_export, seq: int, batch: in
 
 def test_limits_may_be_lowered_not_raised(tiny_export) -> None:
     _, limits = _dims(tiny_export)
-    assert Limits.resolve(limits, 3, 4, 512).to_dict() == {
+    assert Limits.resolve(limits, 3, 4, 128).to_dict() == {
         "max_batch": 3,
         "max_images": 4,
-        "max_seq_len": 512,
+        "max_seq_len": 128,
     }
-    with pytest.raises(ProfileError, match="exceeds the export's max_seq_len 2048"):
-        Limits.resolve(limits, max_seq_len=4096)
+    with pytest.raises(ProfileError, match="exceeds the export's max_seq_len 256"):
+        Limits.resolve(limits, max_seq_len=512)
     with pytest.raises(ProfileError, match="--max-batch must be >= 1"):
         Limits.resolve(limits, max_batch=0)
 
@@ -141,7 +142,7 @@ def test_engines_json_round_trip_and_schema(tiny_export, tmp_path: Path) -> None
     data = json.loads((out / ENGINES_NAME).read_text())
     assert data["schema_version"] == 1 and data["tensorrt_version"] == "10.3.0"
     assert data["device"] == {"name": "Stand-in GPU", "compute_capability": "8.7"}
-    assert data["limits"] == {"max_batch": 2, "max_images": 32, "max_seq_len": 2048}
+    assert data["limits"] == {"max_batch": 2, "max_images": 32, "max_seq_len": 256}
     assert data["target"] == "orin-nano-8gb" and data["strongly_typed"] is True
     manifest = load_manifest(out)
     assert data["engines"]["decoder"]["source"] == {"decoder.onnx": manifest.files["decoder.onnx"]}
@@ -195,7 +196,7 @@ def test_engines_must_match_the_export(tiny_export, tmp_path: Path) -> None:
         check_against_export(engines, manifest, out)
     engines = load_engines_manifest(out)
     engines.limits["max_seq_len"] = 4096
-    with pytest.raises(EngineMismatchError, match="max_seq_len 4096 > the export's 2048"):
+    with pytest.raises(EngineMismatchError, match="max_seq_len 4096 > the export's 256"):
         check_against_export(engines, manifest, out)
     engines = load_engines_manifest(out)
     engines.export_manifest_sha256 = "f" * 64
