@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +39,8 @@ from tests.conftest import FAMILIES
 SMALL = 2048
 QUICK = {"block_size": 32, "int8_mode": "weight-only"}
 PRECISIONS = ("fp16", "int8", "int4")
-DEMO = Path(__file__).resolve().parents[2] / "models" / "demo"
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "models" / "demo"
 
 
 def _files(paths: Any, **kw: Any) -> dict[str, Any]:
@@ -278,6 +283,60 @@ def test_an_interrupted_streaming_export_leaves_nothing(
         _stream(_files(tiny_paths("mpt")), parent / "out",
                 QuantizeOptions("int4", "int4", **QUICK), small=0)  # fmt: skip
     assert calls[0] == 12 and list(parent.iterdir()) == []
+
+
+def _streaming_writer(files: dict, out: Path, force: bool = False) -> subprocess.Popen:
+    """A process streaming an int4 export of `files` to OUT that prints "streaming" and waits
+    once it reads weights (inside its temporary folder), as tests/exporter/test_output.py's
+    writers wait in their build."""
+    paths = {k: str(v) for k, v in files.items()}
+    code = f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from pathlib import Path
+        from exporter.export import ExportOptions
+        from precision.quantize import QuantizeOptions
+        from precision.streaming import export_streaming
+        def progress(message):
+            if "tensor groups" in message:
+                print("streaming", flush=True)
+                time.sleep(60)
+        files = {{k: Path(v) for k, v in {paths!r}.items()}}
+        export_streaming(files, Path({str(out)!r}), ExportOptions(force={force}),
+                         QuantizeOptions("int4", "int4", block_size=32), progress, small_bytes=0)
+    """
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_signals_while_streaming_leave_nothing_behind(
+    tiny_paths: Callable, tiny_export: Callable, tmp_path: Path
+) -> None:
+    """SIGTERM while weights stream: exit 128 + 15 and nothing left beside OUT; SIGKILL: the
+    next export to OUT reclaims the killed writer's folder; an existing OUT replaced with
+    --force is still the old export after either."""
+    files = _files(tiny_paths("mpt"))
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    out = parent / "OUT"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        writer = _streaming_writer(files, out)
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "streaming"
+        assert any(p.name.startswith(".OUT.tmp-") for p in parent.iterdir())
+        writer.send_signal(sig)
+        assert writer.wait() == (128 + signal.SIGTERM if sig == signal.SIGTERM else -sig)
+        if sig == signal.SIGTERM:
+            assert list(parent.iterdir()) == []
+    export_streaming(files, out, ExportOptions(), QuantizeOptions("fp16", "fp16"))
+    assert [p.name for p in parent.iterdir()] == ["OUT"]  # the killed writer's folder reclaimed
+    before = load_manifest(out).files
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        writer = _streaming_writer(files, out, force=True)
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "streaming"
+        writer.send_signal(sig)
+        writer.wait()
+        assert load_manifest(out).files == before
 
 
 def test_streaming_refuses_what_it_cannot_write(tiny_paths: Callable, tmp_path: Path) -> None:
