@@ -291,41 +291,10 @@ def smoke(out: Path) -> dict[str, Any]:
 
 
 def _smoke_here(out: str) -> dict[str, Any]:
-    import numpy as np
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from export_3b import smoke_check
 
-    from runtime.engine import make_session
-    from runtime.manifest import load_manifest
-    from runtime.spec import ModelDims
-
-    start = time.perf_counter()
-    manifest = load_manifest(out, verify_hashes=False)
-    entry = manifest.graphs["decoder"]
-    dims = ModelDims.from_config(manifest.model)
-    session = make_session(Path(out) / entry.file, ["CPUExecutionProvider"], None)
-    load_s = time.perf_counter() - start
-    sizes = {"batch": 1, "sequence": 1, "past_sequence": 0, "total_sequence": 1,
-             "media_keys": dims.num_latents, "logits_positions": 1}  # fmt: skip
-    rng = np.random.default_rng(0)
-    feed = {}
-    for t in entry.spec.inputs:
-        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
-        if t.name == "logits_index":
-            feed[t.name] = np.zeros(shape, dtype=np.int64)
-        elif t.dtype == "int64":
-            feed[t.name] = np.ones(shape, dtype=np.int64)
-        else:
-            feed[t.name] = rng.standard_normal(shape).astype(t.dtype)
-    start = time.perf_counter()
-    logits = session.run(["logits"], feed)[0]
-    status = Path("/proc/self/status").read_text()
-    hwm = re.search(r"VmHWM:\s+(\d+)", status)
-    return {
-        "ok": bool(np.isfinite(logits).all()) and logits.shape == (1, 1, dims.vocab_size),
-        "logits_shape": list(logits.shape),
-        "session_load_s": round(load_s, 1),
-        "prefill_s": round(time.perf_counter() - start, 2),
-        "peak_rss_bytes": int(hwm[1]) * 1024 if hwm else None,
-    }
+    return smoke_check(Path(out))
 
 
 def sizes_vs_plan(out: Path) -> dict[str, Any]:

@@ -921,6 +921,25 @@ def check_keep_nodes(src: Path, source: Manifest, patterns: tuple[str, ...]) -> 
             )
 
 
+def written_graph(
+    path: Path,
+    model: onnx.ModelProto,
+    fp32_spec: GraphSpec,
+    precision: str,
+    external: list[str],
+    start: float,
+    say: Progress,
+) -> GraphEntry:
+    """The manifest entry of a graph just written at `path` (checked by onnx's checker, I/O
+    dtypes read from the graph), with a progress line of its size and time since `start`."""
+    onnx.checker.check_model(str(path), full_check=False)
+    spec = spec_from_graph(model, fp32_spec)
+    size = sum((path.parent / f).stat().st_size for f in (path.name, *external))
+    name = path.name.removesuffix(".onnx")
+    say(f"{name} graph: {precision}, {size / 2**20:.2f} MiB in {time.perf_counter() - start:.1f} s")
+    return GraphEntry(path.name, precision, default_opset(model), spec, external)
+
+
 def _quantize_into(
     src: Path, source: Manifest, tmp: Path, options: QuantizeOptions, say: Progress
 ) -> Manifest:
@@ -940,15 +959,8 @@ def _quantize_into(
             model, info = rewrite_graph(model, name, options, readers.get(name), work)
             path = tmp / entry.file
             external = save_graph(model, path)
-            onnx.checker.check_model(str(path), full_check=False)
-            spec = spec_from_graph(model, entry.spec)
-            graphs[name] = GraphEntry(entry.file, precision, default_opset(model), spec, external)
+            graphs[name] = written_graph(path, model, entry.spec, precision, external, start, say)
             record[name] = info
-            size = sum((tmp / f).stat().st_size for f in (entry.file, *external))
-            say(
-                f"{name} graph: {precision}, {size / 2**20:.2f} MiB "
-                f"in {time.perf_counter() - start:.1f} s"
-            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for rel in source.tokenizer_files:

@@ -59,7 +59,6 @@ from flamingo.lazy import SourceFiles, read_lazy_state_dict
 from flamingo.loaders import ResolvedFlamingo, resolve_flamingo
 from runtime.manifest import GraphEntry, Manifest
 from runtime.spec import ModelDims, decoder_spec, vision_spec
-from trt.graph_index import default_opset
 
 from .quantize import (
     QuantizeError,
@@ -67,7 +66,7 @@ from .quantize import (
     WeightStore,
     exceeds_proto_limit,
     rewrite_graph,
-    spec_from_graph,
+    written_graph,
 )
 
 Progress = Any  # Callable[[str], None]
@@ -422,15 +421,8 @@ def _stream_into(
                     stale.unlink(missing_ok=True)
                 real |= duplicates
                 model = build_model(cfg, resolved.tensors, files.materialize, small_bytes, real)
-            onnx.checker.check_model(str(path), full_check=False)
-            spec = spec_from_graph(graph, specs[name])
-            graphs[name] = GraphEntry(path.name, precision, default_opset(graph), spec, external)
+            graphs[name] = written_graph(path, graph, specs[name], precision, external, start, say)
             record[name] = info
-            size = sum((tmp / f).stat().st_size for f in (path.name, *external))
-            say(
-                f"{name} graph: {precision}, {size / 2**20:.2f} MiB "
-                f"in {time.perf_counter() - start:.1f} s"
-            )
         del model
     finally:
         files.close()
