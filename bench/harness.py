@@ -88,8 +88,8 @@ class BenchOptions:
             raise BenchError("--threads must be >= 1")
         if self.image_size < 8:
             raise BenchError("image_size must be >= 8")
-        if self.settle_ms < 0:
-            raise BenchError("settle_ms must be >= 0")
+        if not 0 <= self.settle_ms <= 60_000:  # NaN and inf fail too
+            raise BenchError(f"--settle-ms must be within [0, 60000], got {self.settle_ms}")
 
     def resolved_threads(self) -> int:
         if self.threads:
@@ -190,6 +190,24 @@ def _images(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def check_fits(pipe: Any, options: BenchOptions) -> None:
+    """BenchError unless the largest prompt (its images, its tokens + the new tokens) fits
+    the export's limits: before any prompt is built or timed."""
+    most = max(options.shots)
+    if most + 1 > pipe.max_images:
+        raise BenchError(
+            f"--shots {most}: a {most}-shot prompt has {most + 1} images, this export takes "
+            f"at most {pipe.max_images}"
+        )
+    tokens = len(pipe.tokenizer.encode(caption_prompt_of(most)).ids)
+    if tokens + options.new_tokens > pipe.max_seq_len:
+        raise BenchError(
+            f"--shots {most} with --max-new-tokens {options.new_tokens}: {tokens} prompt "
+            f"tokens + {options.new_tokens} new tokens exceed this export's context of "
+            f"{pipe.max_seq_len} tokens"
+        )
+
+
 def caption_prompt_of(k: int) -> str:
     """The bench's k-shot caption prompt (k demonstrations + the query), `<image>` markers in."""
     from runtime.prompts import Demonstration, build_few_shot_prompt
@@ -244,6 +262,7 @@ def run_bench(
         lambda: RuntimeBackend(Path(export_dir), threads, options.new_tokens)
     )
     model_rss = {"runtime": runtime_rss}
+    check_fits(runtime.pipe, options)
     baselines: dict[str, Any] = {}
     for path in baseline_exports:
         name = _export_case_name(Path(path), baselines)

@@ -11,6 +11,7 @@ import click
 
 from .options import (
     EXPORT_DIR,
+    FiniteFloatRange,
     echo_json,
     model_named,
     model_options,
@@ -69,7 +70,7 @@ from .options import (
 )
 @click.option(
     "--settle-ms",
-    type=float,
+    type=FiniteFloatRange(0, 60_000),
     default=250.0,
     show_default=True,
     help="Pause before each run, so the previous backend's spinning threads are idle.",

@@ -7,9 +7,11 @@ from typing import Any
 
 import click
 
+from evaluation.sampling import MAX_SEED
 from evaluation.tasks import TASKS
 
 from .options import (
+    check_output_file,
     echo_json,
     engine_options,
     open_pipeline,
@@ -33,9 +35,9 @@ from .options import (
                    "Evaluate section.")  # fmt: skip
 @click.option("--shots", default="0,4,8,16,32", show_default=True, callback=parse_shots,
               help="Demonstrations per prompt, comma-separated.")  # fmt: skip
-@click.option("--trials", type=int, default=1, show_default=True,
+@click.option("--trials", type=click.IntRange(min=1), default=1, show_default=True,
               help="Trials per shot count; trial t draws with seed --seed + t.")  # fmt: skip
-@click.option("--seed", type=int, default=None,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
               help="Seed of the first trial's draws (default 42 as OpenFlamingo; demo: "
                    "1234).")  # fmt: skip
 @click.option("--num-samples", type=int, default=-1, show_default=True,
@@ -80,15 +82,19 @@ def eval_(
     """Score EXPORT_DIR (and every further export, against the first) on a few-shot benchmark
     with OpenFlamingo's evaluation protocol: per shot count and trial, the same test items and
     demonstrations for every export."""
-    from evaluation.report import format_table, write_report
+    from evaluation.report import format_table, report_paths, write_report
     from evaluation.runner import DEFAULT_SEED, EvalOptions, evaluate
 
     say = progress_printer(quiet)
+    if report is not None:  # before the run: a report that cannot be written loses it
+        for path in report_paths(report):
+            check_output_file(path, "--report")
     if seed is None:
         from demo.task import EVAL_SEED
 
         seed = EVAL_SEED if task == "demo" else DEFAULT_SEED
     options = EvalOptions(shots, trials, seed, num_samples, query_set_size, rices, batch_size)
+    options.validate()
 
     def opener(export_dir: Path) -> Any:
         return open_pipeline(export_dir, engine, providers, threads, allow_other_device, say)

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from .options import (
+    MODEL_FILE_KEYS,
     echo_json,
     limit_options,
     load_model,
@@ -118,8 +119,9 @@ def export(
     )
     # everything that can be refused is refused before the (slow) model load
     options.validate()
-    check_output(output, force)
     model_args = pop_model_args(kw)
+    sources = [model_args[k] for k in MODEL_FILE_KEYS if model_args[k] is not None]
+    check_output(output, force, inputs=sources)
     quantize = make_quantize_options(kw, force)
     say = progress_printer(quiet)
     if streams(quantize):

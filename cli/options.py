@@ -70,6 +70,42 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(json_safe(value), indent=2, allow_nan=False))
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (NaN passes every range comparison):
+    the type of every float option."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+def check_output_file(path: Path, option: str) -> Path:
+    """Refuse, before any slow work, an output file `path` given by `option` that could not be
+    written at the end: no file name, an existing folder or other non-regular file, a missing
+    parent folder, or one this process may not write. click.BadParameter naming the option."""
+    import os
+
+    def bad(why: str) -> click.BadParameter:
+        return click.BadParameter(f"{str(path)!r}: {why}", param_hint=option)
+
+    if not str(path) or not path.name or path.name in (".", ".."):
+        raise bad("expected a file name")
+    if path.is_dir():
+        raise bad("is a folder; expected a file name")
+    if path.exists() and not path.is_file():
+        raise bad("exists and is not a regular file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise bad(f"its folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise bad(f"its folder {str(parent)!r} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise bad("exists and is not writable")
+    return path
+
+
 def user_errors(*also: type[Exception]) -> Decorator:
     """Print every user-facing error (runtime.errors.FlamingoExportError, and the `also`
     types) as one line and exit 1, instead of a traceback."""
@@ -236,9 +272,9 @@ def limit_options(*, batch: bool, lowered: bool, seq_default: str = "2048") -> D
     made for. `lowered`: the default is the export's own, and values may only lower it."""
     suffix = " (default: the export's; may only be lowered)" if lowered else ""
     options = [
-        click.option("--max-images", type=int, default=None,
+        click.option("--max-images", type=click.IntRange(min=1), default=None,
                      help=f"Most images per prompt{suffix or ' (default 32)'}."),
-        click.option("--max-seq-len", type=int, default=None,
+        click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
                      help=f"Most tokens per row, prompt + generated"
                           f"{suffix or f' (default {seq_default})'}."),
     ]  # fmt: skip
@@ -247,7 +283,7 @@ def limit_options(*, batch: bool, lowered: bool, seq_default: str = "2048") -> D
             0,
             click.option(
                 "--max-batch",
-                type=int,
+                type=click.IntRange(min=1),
                 default=None,
                 help="Most rows per decoder step (default 1; beam search: the beam count).",
             ),
@@ -281,7 +317,8 @@ def quantize_options(f: Any) -> Any:
         click.option("--calibration-method",
                      type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
                      show_default=True, help="int8 activation range estimator."),
-        click.option("--percentile", type=float, default=99.999, show_default=True,
+        click.option("--percentile", type=FiniteFloatRange(50, 100, min_open=True),
+                     default=99.999, show_default=True,
                      help="Percentile kept by --calibration-method percentile."),
         click.option("--calibration-episodes", type=int, default=16, show_default=True,
                      help="Few-shot prompts run for calibration."),
@@ -388,11 +425,13 @@ def generation_options(f: Any) -> Any:
         click.option("--max-new-tokens", type=int, default=20, show_default=True,
                      help="Most tokens generated per answer."),
         click.option("--num-beams", type=int, default=1, show_default=True),
-        click.option("--length-penalty", type=float, default=1.0, show_default=True),
+        click.option("--length-penalty", type=FiniteFloatRange(), default=1.0, show_default=True),
         click.option("--do-sample", is_flag=True, help="Sample instead of greedy/beam argmax."),
-        click.option("--temperature", type=float, default=1.0, show_default=True),
+        click.option("--temperature", type=FiniteFloatRange(0), default=1.0,
+                     show_default=True),
         click.option("--top-k", type=int, default=50, show_default=True, help="0 = off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--top-p", type=FiniteFloatRange(0, 1), default=1.0,
+                     show_default=True),
         click.option("--seed", type=int, default=None,
                      help="Sampling seed (the same seed gives the same answer)."),
         click.option("--no-repeat-ngram-size", type=int, default=0, show_default=True),

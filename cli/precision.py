@@ -10,6 +10,7 @@ import click
 
 from .options import (
     EXPORT_DIR,
+    check_output_file,
     echo_json,
     evaluation_options,
     load_model,
@@ -135,6 +136,13 @@ def parity(
         )
     if torch_ref:
         require_model_files(model)
+    if report is not None:  # the report and its plot are written last: check them first
+        check_output_file(report, "--report")
+        if report.with_suffix(".png") == report:
+            raise click.BadParameter(
+                "the PNG plot beside it would overwrite it", param_hint="--report"
+            )
+        check_output_file(report.with_suffix(".png"), "--report")
     say = progress_printer(quiet)
     overrides = parse_thresholds(thresholds)
     candidate = OnnxBackend(exports[-1])

@@ -7,12 +7,20 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .options import EXPORT_DIR, engine_options, output_options, provider_names, user_errors
+from .options import (
+    EXPORT_DIR,
+    FiniteFloatRange,
+    engine_options,
+    output_options,
+    provider_names,
+    user_errors,
+)
 
 
 def make_pipeline(
@@ -48,7 +56,13 @@ def _need(module: str, extra: str, what: str) -> None:
     show_default=True,
     help="Address to bind (0.0.0.0 exposes the server to the network).",
 )
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="TCP port (0: one the system picks; the ready line and --json give the bound one).",
+)
 @engine_options
 @click.option(
     "--max-batch-size",
@@ -66,7 +80,7 @@ def _need(module: str, extra: str, what: str) -> None:
 )
 @click.option(
     "--batch-wait-ms",
-    type=float,
+    type=FiniteFloatRange(0),
     default=10.0,
     show_default=True,
     help="Under load, longest wait for batch-mates (a lone request never waits).",
@@ -75,7 +89,8 @@ def _need(module: str, extra: str, what: str) -> None:
     "--api-key",
     envvar="FLAMINGO_API_KEY",
     default=None,
-    help="Require 'Authorization: Bearer KEY' on /v1 routes (env FLAMINGO_API_KEY).",
+    help="Require 'Authorization: Bearer KEY' on /v1 routes (env FLAMINGO_API_KEY; printable "
+    "ASCII, no surrounding spaces).",
 )
 @click.option(
     "--allowed-media-dir",
@@ -85,15 +100,22 @@ def _need(module: str, extra: str, what: str) -> None:
 )
 @click.option(
     "--max-body-mb",
-    type=float,
+    type=FiniteFloatRange(0, 4096, min_open=True),
     default=16.0,
     show_default=True,
-    help="Largest request body; larger ones get 413.",
+    help="Largest request body; larger ones get 413. Also the largest file a file:// URL may name.",
+)
+@click.option(
+    "--max-request-megapixels",
+    type=FiniteFloatRange(0, 100_000, min_open=True),
+    default=64.0,
+    show_default=True,
+    help="Decoded pixels (millions) of all images of one request together; more get 400.",
 )
 @click.option("--ray", "use_ray", is_flag=True, help="Serve through Ray Serve (the ray extra).")
 @click.option(
     "--replicas",
-    type=int,
+    type=click.IntRange(1, 1024),
     default=1,
     show_default=True,
     help="Engine replicas (--ray), each with its own pipeline.",
@@ -127,6 +149,7 @@ def serve(
     api_key: str | None,
     allowed_media_dir: Path | None,
     max_body_mb: float,
+    max_request_megapixels: float,
     use_ray: bool,
     replicas: int,
     ray_address: str | None,
@@ -144,23 +167,35 @@ def serve(
             raise click.UsageError("--provider is onnxruntime's: not with --engine tensorrt")
     if (replicas != 1 or ray_address) and not use_ray:
         raise click.UsageError("--replicas and --ray-address need --ray")
-    if replicas < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--replicas")
-    if max_body_mb <= 0:
-        raise click.BadParameter("must be > 0", param_hint="--max-body-mb")
-    from serving.app import AppSettings
+    if use_ray and port == 0:
+        raise click.BadParameter(
+            "--ray needs a fixed port (Ray Serve's proxy)", param_hint="--port"
+        )
+    if api_key is None and os.environ.get("FLAMINGO_API_KEY") == "":
+        raise click.BadParameter(
+            "FLAMINGO_API_KEY is set but empty; unset it to serve without a key",
+            param_hint="--api-key",
+        )
+    from serving.app import AppSettings, check_api_key
     from serving.engine import EngineSettings
     from serving.server import ServeError, model_id, serve_local
 
+    if api_key is not None:
+        try:
+            check_api_key(api_key)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--api-key") from None
     try:
         engine_settings = EngineSettings(max_batch_size, max_queue, batch_wait_ms)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
+    except ValueError as e:  # the message starts with the setting's name
+        name = str(e).split()[0]
+        raise click.BadParameter(str(e), param_hint="--" + name.replace("_", "-")) from None
     app_settings = AppSettings(
         model_id=model_id(export_dir),
         api_key=api_key,
         allowed_media_dir=allowed_media_dir.resolve() if allowed_media_dir else None,
         max_body_bytes=int(max_body_mb * (1 << 20)),
+        max_request_pixels=max(1, int(max_request_megapixels * 1e6)),
     )
     factory = functools.partial(
         make_pipeline, str(export_dir.resolve()), engine, tuple(provider_names(providers)),

@@ -15,15 +15,15 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .datasets import CaptionReferences, read_coco_captions, read_vqa_answers
 from .tasks import EvaluationError
 
 __all__ = [
@@ -55,41 +55,28 @@ def require_cider() -> None:
         )
 
 
-def _coco_references(path: Path) -> tuple[list[Any], dict[Any, list[dict[str, str]]]]:
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvaluationError(f"{path}: cannot read the caption annotations ({e})") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
-        raise EvaluationError(f"{path}: a COCO caption file needs an 'annotations' list")
-    if not isinstance(doc.get("images"), list):
-        raise EvaluationError(f"{path}: a COCO caption file needs an 'images' list")
-    refs: dict[Any, list[dict[str, str]]] = {}
-    for i, ann in enumerate(doc["annotations"]):
-        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
-            raise EvaluationError(f"{path}: annotations[{i}] needs 'image_id' and 'caption'")
-        refs.setdefault(ann["image_id"], []).append({"caption": ann["caption"]})
-    order = [img.get("id") for img in doc["images"] if isinstance(img, dict)]
-    return order, refs
-
-
-def cider(predictions: Sequence[tuple[Any, str]], annotations_path: Path) -> float:
+def cider(
+    predictions: Sequence[tuple[Any, str]], references: CaptionReferences | str | Path
+) -> float:
     """CIDEr x 100 of `(image_id, caption)` predictions (the last one per image counts, as
-    evaluate.py keeps one per image id) against the COCO-format references."""
+    evaluate.py keeps one per image id) against the COCO-format references (read and checked
+    by `datasets.read_coco_captions`, or the path of that file)."""
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+    if not isinstance(references, CaptionReferences):
+        references = read_coco_captions(Path(references))
     by_image = dict(predictions)
-    order, refs = _coco_references(annotations_path)
+    order, refs = references.order, references.captions
     unknown = [i for i in by_image if i not in refs or i not in order]
     if unknown:
         raise EvaluationError(
-            f"{annotations_path}: no reference captions for image id(s) {unknown[:5]} "
+            f"no reference captions for image id(s) {unknown[:5]} "
             "(the Karpathy file and the annotation file disagree)"
         )
     ids = [i for i in order if i in by_image]
     tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: refs[i] for i in ids})
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs[i]] for i in ids})
     res = tokenizer.tokenize({i: [{"caption": by_image[i]}] for i in ids})
     score, _ = Cider().compute_score(gts, res)
     return float(score) * 100.0
@@ -165,26 +152,18 @@ def normalize_vqa_answer(answer: str) -> str:
     return _digits_articles(_punctuation(answer))
 
 
-def _read_annotations(path: Path) -> dict[Any, dict[str, Any]]:
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        return {a["question_id"]: a for a in doc["annotations"]}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvaluationError(f"{path}: cannot read the VQA annotations ({e})") from e
-    except (KeyError, TypeError) as e:
-        raise EvaluationError(f"{path}: VQA annotations need 'annotations' with question_id") from e
-
-
-def vqa_accuracy(predictions: Sequence[tuple[Any, str]], annotations_path: Path) -> float:
-    """VQA accuracy x 100 (2 decimals) of `(question_id, answer)` predictions."""
-    annotations = _read_annotations(annotations_path)
+def vqa_accuracy(
+    predictions: Sequence[tuple[Any, str]], answers: Mapping[Any, list[dict[str, Any]]] | str | Path
+) -> float:
+    """VQA accuracy x 100 (2 decimals) of `(question_id, answer)` predictions against the
+    ground-truth answers per question id (or the VQA annotation file's path)."""
+    if not isinstance(answers, Mapping):
+        answers = dict(read_vqa_answers(Path(answers)))
     per_question = []
     for question_id, answer in predictions:
-        if question_id not in annotations:
-            raise EvaluationError(f"{annotations_path}: no annotation for question {question_id}")
-        gts = [dict(a) for a in annotations[question_id]["answers"]]
-        for gt in gts:
-            gt["answer"] = normalize_vqa_answer(gt["answer"])
+        if question_id not in answers:
+            raise EvaluationError(f"no annotation for question {question_id}")
+        gts = [{**a, "answer": normalize_vqa_answer(a["answer"])} for a in answers[question_id]]
         predicted = normalize_vqa_answer(answer)
         accs = [min(1.0, sum(o["answer"] == predicted for o in gts if o != gt) / 3) for gt in gts]
         per_question.append(sum(accs) / len(accs))

@@ -13,8 +13,9 @@ import tempfile
 from pathlib import Path
 
 from .runner import EvaluationResult, ExportResult
+from .tasks import EvaluationError
 
-__all__ = ["format_table", "markdown", "write_report"]
+__all__ = ["format_table", "markdown", "report_paths", "write_report"]
 
 
 def _cell(row: dict, base: dict | None, trials: int) -> str:
@@ -130,10 +131,23 @@ def plot(result: EvaluationResult, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(result: EvaluationResult, path: str | Path) -> tuple[Path, Path]:
-    """Write the Markdown report at `path` and its plot at `path` with suffix .png."""
+def report_paths(path: str | Path) -> tuple[Path, Path]:
+    """(Markdown report, PNG plot) for `--report PATH`: PATH and PATH with suffix .png.
+    EvaluationError for a PATH with no file name or one ending in .png (the plot would
+    overwrite the report)."""
     path = Path(path)
+    if not str(path) or not path.name or path.name in (".", ".."):
+        raise EvaluationError(f"--report {str(path)!r}: expected a file name")
     png = path.with_suffix(".png")
+    if png == path:
+        raise EvaluationError(f"--report {path}: the plot is written beside it as {png}; "
+                              "give the report another suffix (e.g. .md)")  # fmt: skip
+    return path, png
+
+
+def write_report(result: EvaluationResult, path: str | Path) -> tuple[Path, Path]:
+    """Write the Markdown report at `path` and its plot beside it (`report_paths`)."""
+    path, png = report_paths(path)
     _atomic_write(png, lambda tmp: plot(result, tmp))
     _atomic_write(path, lambda tmp: tmp.write_text(markdown(result, png.name)))
     return path, png

@@ -91,7 +91,12 @@ class Retriever:
 
     def find(self, images: Sequence[Any], k: int) -> list[list[int]]:
         """Per query image, the train indices of its `k` most similar records, most similar
-        last."""
+        last; EvaluationError when there are fewer than `k` train records (as a random draw
+        of more demonstrations than the query set holds)."""
+        if k > len(self.train):
+            raise EvaluationError(
+                f"{k} demonstrations cannot be chosen by RICES from {len(self.train)} train records"
+            )
         similarity = self.features(images) @ self.train.T  # (B, N_train)
         best = np.argsort(-similarity, axis=-1, kind="stable")[:, :k]
         return [[int(i) for i in reversed(row)] for row in best]

@@ -17,6 +17,7 @@ with normalize_length) in one left-padded prefill of one row per class.
 from __future__ import annotations
 
 import math
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from runtime.prompts import EOC_TOKEN, MEDIA_TOKEN
 from . import metrics
 from .datasets import TaskData
 from .rices import Retriever
-from .sampling import sample_demonstrations, select_items
+from .sampling import MAX_SEED, sample_demonstrations, select_items
 from .tasks import TASKS, EvaluationError, TaskSpec, effective_shots
 
 __all__ = [
@@ -69,8 +70,16 @@ class EvalOptions:
     def validate(self) -> None:
         if not self.shots or any(s < 0 for s in self.shots):
             raise EvaluationError(f"shots must be >= 0, got {list(self.shots)}")
+        if len(set(self.shots)) != len(self.shots):
+            raise EvaluationError(f"shots are listed twice: {list(self.shots)}")
         if self.trials < 1:
             raise EvaluationError(f"--trials must be >= 1, got {self.trials}")
+        last = self.seed + self.trials - 1
+        if self.seed < 0 or last > MAX_SEED:
+            raise EvaluationError(
+                f"trial seeds --seed {self.seed} .. {last} (--seed + --trials - 1) must lie in "
+                f"[0, {MAX_SEED}] (numpy's RandomState seeds)"
+            )
         if not self.rices and self.query_set_size < 1:
             raise EvaluationError(f"--query-set-size must be >= 1, got {self.query_set_size}")
         if self.batch_size < 1:
@@ -175,11 +184,35 @@ def _query(
     return Query(_item_id(task, sample), prompt, images, reference)
 
 
+def check_image(image: Any, what: str) -> None:
+    """EvaluationError unless a path `image` is an existing regular file (a FIFO or device
+    would block or stream forever when opened)."""
+    if not isinstance(image, Path):
+        return
+    try:
+        mode = image.stat().st_mode
+    except OSError:
+        raise EvaluationError(f"image file not found: {image} ({what})") from None
+    if not stat.S_ISREG(mode):
+        raise EvaluationError(f"image {image} is not a regular file ({what})")
+
+
 def _check_images(queries: Sequence[Query]) -> None:
     for q in queries:
         for image in q.images:
-            if isinstance(image, Path) and not image.is_file():
-                raise EvaluationError(f"image file not found: {image} (item {q.id!r})")
+            check_image(image, f"item {q.id!r}")
+
+
+def _check_classes(task: TaskSpec, samples: Sequence[dict[str, Any]], seed: int) -> None:
+    """ROC AUC needs both classes among the test items: refuse a draw that has one only."""
+    if task.kind != "classification":
+        return
+    present = {s["class_name"] for s in samples}
+    if len(present) < 2:
+        raise EvaluationError(
+            f"{task.metric} is undefined: the {len(samples)} test item(s) drawn with seed "
+            f"{seed} are all {present.pop()!r} (it needs both classes); raise --num-samples"
+        )
 
 
 def plan(data: TaskData, options: EvalOptions, retriever: Retriever | None = None) -> list[Trial]:
@@ -199,6 +232,7 @@ def plan(data: TaskData, options: EvalOptions, retriever: Retriever | None = Non
                 len(data.test), len(data.train), options.num_samples, query_set_size, seed
             )
             samples = [data.test[i] for i in order]
+            _check_classes(task, samples, seed)
             if options.rices:
                 found = retriever.find([s["image"] for s in samples], k)  # type: ignore[union-attr]
                 demos = [[data.train[i] for i in row] for row in found]
@@ -338,11 +372,10 @@ def score(
     """(score, breakdown) of one trial's predictions with the task's metric."""
     if task.kind == "caption":
         pairs = [(p["id"], p["prediction"]) for p in predictions]
-        return metrics.cider(pairs, data.files["annotations_json_path"]), {}  # type: ignore[union-attr]
+        return metrics.cider(pairs, data.references), {}  # type: ignore[union-attr]
     if task.kind == "vqa":
         pairs = [(p["id"], p["prediction"]) for p in predictions]
-        path = data.files["test_annotations_json_path"]  # type: ignore[union-attr]
-        return metrics.vqa_accuracy(pairs, path), {}
+        return metrics.vqa_accuracy(pairs, data.references), {}  # type: ignore[union-attr]
     if task.kind == "classification":
         positive = max(task.class_names)
         labels = [int(q.reference == positive) for q in queries]
@@ -453,6 +486,8 @@ def evaluate(
             rices_source = f"CLIP encode_image ({rices_vision})"
             source = clip_features(rices_vision)  # type: ignore[arg-type]
         say(f"RICES: {len(data.train)} train image features from {rices_source}")  # type: ignore[union-attr]
+        for i, sample in enumerate(data.train):  # type: ignore[union-attr]
+            check_image(sample["image"], f"train record {i}")
         retriever = Retriever(source, [s["image"] for s in data.train])  # type: ignore[union-attr]
     trials = plan(data, options, retriever) if data is not None else plan_demo(options)
     results = []

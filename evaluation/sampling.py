@@ -26,7 +26,9 @@ import numpy as np
 
 from .tasks import EvaluationError
 
-__all__ = ["distributed_sampler_order", "sample_demonstrations", "select_items"]
+__all__ = ["MAX_SEED", "distributed_sampler_order", "sample_demonstrations", "select_items"]
+
+MAX_SEED = 2**32 - 1  # np.random.RandomState's largest seed
 
 
 def distributed_sampler_order(n: int, seed: int = 0) -> list[int]:

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -335,10 +335,30 @@ def publish(tmp: Path, out: Path) -> None:
 # ------------------------------------------------------------------ the whole write
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse an OUT that exists (without `force`), is not a folder, or is being written by
-    another process: before any slow work."""
+def check_output(out: Path, force: bool, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any slow work, an OUT that exists (without `force`), is not a folder, is
+    being written by another process, is a symbolic link (replacing it would drop the link,
+    not write where it points), is the current folder or one holding it (`-o ''`, `-o .`:
+    replacing it would delete what the user works in), or is or holds one of `inputs` (the
+    files being read: `--force` would delete them)."""
     out = Path(out).absolute()
+    if out.is_symlink():
+        raise ExportError(
+            f"{out} is a symbolic link (to {os.readlink(out)}); give the folder it names instead"
+        )
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents or real == Path.home().resolve():
+        raise ExportError(
+            f"{out} is the current folder or a folder holding it (or the home folder); "
+            "write the export to a folder of its own"
+        )
+    for source in inputs:
+        path = Path(source).absolute().resolve()
+        if path == real or real in path.parents:
+            raise ExportError(
+                f"{out} holds the input {source}: write the export to a folder of its own"
+            )
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():

@@ -30,6 +30,11 @@ from runtime.spec import cross_attn_names
 
 Progress = Callable[[str], None]
 METRICS = ("vision_cosine", "decoder_cosine", "pipeline_cosine", "top1", "greedy", "task_delta")
+# What each metric can be: cosines, shares of matching tokens, a difference of accuracies.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "vision_cosine": (-1.0, 1.0), "decoder_cosine": (-1.0, 1.0), "pipeline_cosine": (-1.0, 1.0),
+    "top1": (0.0, 1.0), "greedy": (0.0, 1.0), "task_delta": (-1.0, 1.0),
+}  # fmt: skip
 # Lower bounds per candidate precision (vision_cosine by the vision graph's precision, the
 # others by the decoder's). fp16: the bar; int8/int4: what a usable model keeps.
 # task_delta: candidate task accuracy minus the reference's (only where episodes carry labels).
@@ -70,6 +75,11 @@ def parse_thresholds(text: str | None) -> dict[str, dict[str, float]]:
             raise ParityError(
                 f"bad threshold {part.strip()!r}: {value!r} is not a number"
             ) from None
+        low, high = METRIC_RANGES[metric]
+        if not low <= number <= high:  # NaN included: it would fail or pass every comparison
+            raise ParityError(
+                f"bad threshold {part.strip()!r}: {metric} lies in [{low:g}, {high:g}]"
+            )
         for p in [precision] if precision else list(DEFAULT_THRESHOLDS):
             out.setdefault(p, {})[metric] = number
     return out

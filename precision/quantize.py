@@ -40,6 +40,7 @@ from exporter.export import (
 )
 from exporter.output import (
     check_free_space,
+    check_output,
     make_work_folder,
     output_lock,
     unwinding_signals,
@@ -890,6 +891,7 @@ def quantize_export(
     options.validate()
     src, out = Path(src), Path(out)
     source = _check_source(src, out)
+    check_output(out, options.force, inputs=[src])
     check_keep_nodes(src, source, options.keep_nodes)
     # the output is at most the source's size, and the int8/fp16 rewrites stage one copy of a
     # graph in the temporary folder: refuse a disk that cannot take that before the slow part
@@ -1001,7 +1003,7 @@ def export_at_precision(
     `model`/`tokenizer` as `flamingo.loaders.load_flamingo` returns them. Raises ExportError
     (QuantizeError) before any export work when the options or OUT cannot be used.
     """
-    from exporter.export import check_output, export_model
+    from exporter.export import export_model
 
     out = Path(out)
     export_options.validate()

@@ -12,6 +12,7 @@ Details and reasons: docs/preprocessing.md.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -25,8 +26,10 @@ import PIL
 from PIL import Image, ImageOps
 
 from .errors import FlamingoExportError
+from .files import open_regular
 
 __all__ = [
+    "IMAGE_FORMATS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "ImageError",
@@ -35,6 +38,8 @@ __all__ = [
     "image_list",
     "load_image",
     "preprocess",
+    "preprocess_one",
+    "source_key",
 ]
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -141,10 +146,31 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+# Raster formats only: Pillow identifies the format from the bytes, and would hand EPS/PS
+# (and PDF-like) input to Ghostscript; nothing else is a photo a vision encoder takes.
+IMAGE_FORMATS: tuple[str, ...] = ("BMP", "DIB", "GIF", "JPEG", "MPO", "PNG", "PPM", "TIFF", "WEBP")
+
+
 def _decode(fp: Any, name: str) -> Image.Image:
-    """Open, fully decode and EXIF-transpose; every failure becomes an ImageError."""
+    """Open (raster formats only), check the pixel count from the header, fully decode and
+    EXIF-transpose; every failure becomes an ImageError.
+
+    Images over `PIL.Image.MAX_IMAGE_PIXELS` (Pillow's decompression-bomb threshold, 89.5M
+    pixels by default, where Pillow itself only warns) are refused before decoding: a 37 KB
+    1-bit PNG can declare 13000 x 13000 pixels, 0.5 GB once in RGB.
+    """
     try:
-        with Image.open(fp) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below
+            Image.init()  # every plugin registered (the formats list names some it loads late)
+            im_ctx = Image.open(fp, formats=[f for f in IMAGE_FORMATS if f in Image.OPEN])
+        with im_ctx as im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise ImageError(
+                    f"{name}: image too large ({im.width}x{im.height} = "
+                    f"{im.width * im.height:,} pixels; at most {limit:,})"
+                )
             # .load() forces the full decode so truncated files fail here (Pillow's
             # ImageFile.LOAD_TRUNCATED_IMAGES is left at its default, False).
             im.load()
@@ -158,7 +184,9 @@ def _decode(fp: Any, name: str) -> Image.Image:
     except PermissionError as e:
         raise ImageError(f"{name}: cannot read file ({_describe(e)})") from e
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{name}: not a recognised image format (or not an image)") from None
+        raise ImageError(
+            f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})"
+        ) from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: image too large ({e})") from e
     except Exception as e:  # Pillow plugins raise OSError, SyntaxError, ValueError, ...
@@ -199,7 +227,8 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
         arr = arr[:, :, 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (2, 3, 4))):
         raise ImageError(
-            f"{name}: array must be HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA), got shape {shape}"
+            f"{name}: array must be HxW or HxWx1 (gray), HxWx2 (gray + alpha), HxWx3 (RGB) or "
+            f"HxWx4 (RGBA), got shape {shape}"
         )
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ImageError(f"{name}: zero-size image (array shape {shape})")
@@ -235,15 +264,23 @@ def _normalise_mode(im: Image.Image, name: str) -> Image.Image:
 def load_image(image: ImageInput, *, name: str | None = None) -> Image.Image:
     """Decode ``image`` into a fully loaded PIL image with EXIF orientation applied.
 
-    Accepts a file path, encoded bytes, a PIL image or a numpy array (HxW gray, HxWx3 RGB,
-    HxWx4 RGBA; uint8, uint16, or float in [0, 1]).  The result is a new image in an 8-bit
-    mode that :func:`preprocess` handles like open_clip (the input object is never modified).
+    Accepts a file path, encoded bytes, a PIL image or a numpy array (HxW or HxWx1 gray, HxWx2
+    gray + alpha, HxWx3 RGB, HxWx4 RGBA; uint8, uint16, or float in [0, 1]).  The result is a
+    new image in an 8-bit mode that :func:`preprocess` handles like open_clip (the input object
+    is never modified).
     ``name`` is used in error messages; it defaults to the path or the input's type.
     Raises :class:`ImageError` for every unusable input.
     """
     label = name if name is not None else _default_name(image)
     if isinstance(image, (str, os.PathLike)):
-        im = _decode(os.fspath(image), label)
+        try:
+            file = open_regular(image)
+        except FileNotFoundError:
+            raise ImageError(f"{label}: file not found") from None
+        except OSError as e:  # a folder, FIFO, device (open would block), unreadable
+            raise ImageError(f"{label}: cannot read ({e.strerror or _describe(e)})") from None
+        with file:
+            im = _decode(file, label)
     elif isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise ImageError(f"{label}: empty bytes")
@@ -432,26 +469,50 @@ def preprocess(images: Sequence[ImageInput], config: PreprocessConfig) -> np.nda
     """
     batch = image_list(images)
     size = config.image_size
-    mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
     out = np.empty((len(batch), 3, size, size), dtype=np.float32)
     for i, item in enumerate(batch):
-        name = f"image #{i}"
-        if isinstance(item, (str, os.PathLike)):
-            name += f" ({os.fspath(item)})"
-        im = load_image(item, name=name)
-        try:
-            im = _to_rgb(_geometry(im, config, name))
-        except ImageError:
-            raise
-        except (ValueError, OSError, MemoryError) as e:  # Pillow's resize/convert failures
-            raise ImageError(f"{name}: cannot preprocess the image ({_describe(e)})") from e
-        if im.size != (size, size):  # defensive: geometry must give the crop size
-            raise ImageError(f"{name}: internal error, got {im.size} after preprocessing")
-        # ToTensor: uint8 HWC -> float32 CHW / 255, then Normalize: (x - mean) / std.
-        chw = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
-        chw /= np.float32(255.0)
-        chw -= mean
-        chw /= std
-        out[i] = chw
+        out[i] = preprocess_one(item, config, f"image #{i}")
     return out
+
+
+def preprocess_one(item: ImageInput, config: PreprocessConfig, name: str) -> np.ndarray:
+    """One image -> (3, S, S) float32 (`preprocess` of a batch of one); `name` (plus the path
+    of a path input) is how errors name it."""
+    if isinstance(item, (str, os.PathLike)):
+        name += f" ({os.fspath(item)})"
+    size = config.image_size
+    im = load_image(item, name=name)
+    try:
+        im = _to_rgb(_geometry(im, config, name))
+    except ImageError:
+        raise
+    except (ValueError, OSError, MemoryError) as e:  # Pillow's resize/convert failures
+        raise ImageError(f"{name}: cannot preprocess the image ({_describe(e)})") from e
+    if im.size != (size, size):  # defensive: geometry must give the crop size
+        raise ImageError(f"{name}: internal error, got {im.size} after preprocessing")
+    # ToTensor: uint8 HWC -> float32 CHW / 255, then Normalize: (x - mean) / std.
+    chw = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
+    chw /= np.float32(255.0)
+    chw -= np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
+    chw /= np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
+    return chw
+
+
+def source_key(item: ImageInput) -> tuple[Any, ...] | None:
+    """What identifies an encoded image without decoding it, or None where nothing cheap does
+    (PIL images and arrays can change in place).
+
+    A path: its real path, device, inode, size and modification and change times in ns (a file
+    rewritten or replaced changes at least one; `os.utime` cannot set the change time).
+    Bytes: their sha256. A path that cannot be stat'ed gives None (loading then says why).
+    """
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            path = os.path.realpath(os.fspath(item))
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        return ("path", path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return ("bytes", hashlib.sha256(item).hexdigest())
+    return None

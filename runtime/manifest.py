@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FlamingoExportError
+from .files import open_regular
 from .onnx_external import OnnxFormatError, external_tensors
 from .schema import check_document, load_json
 from .spec import GraphSpec, ModelDims, decoder_spec, vision_spec
@@ -42,7 +43,7 @@ class ManifestError(FlamingoExportError, ValueError):
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

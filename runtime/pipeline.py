@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,18 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from .cache import ImageKV, PrefixCache, PrefixState, VisionCache, pixel_digest
+from .cache import ImageKV, PixelMemo, PrefixCache, PrefixState, VisionCache, pixel_digest
 from .contracts import DecoderStepModel, Engine
 from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
 from .generation import GenerationConfig, GenerationResult, ShouldStop, generate
-from .images import ImageError, ImageInput, PreprocessConfig, image_list, preprocess
+from .images import (
+    ImageError,
+    ImageInput,
+    PreprocessConfig,
+    image_list,
+    preprocess_one,
+    source_key,
+)
 from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match, check_text
 from .spec import cross_attn_names, trained_context
 from .tokenizer import ExportTokenizer, load_export_tokenizer, stable_text
@@ -153,11 +160,14 @@ class FlamingoPipeline:
         prefix_cache_entries: int = 8,
         prefix_cache_bytes: int = 1 << 30,
         vision_cache_bytes: int = 256 << 20,
+        pixel_memo_bytes: int = 64 << 20,
         io_binding: bool = True,
         engine: Engine | None = None,
     ) -> None:
         """`engine` replaces the onnxruntime engine (e.g. trt.engine.TrtFlamingo): any
-        runtime.contracts.Engine; its `limits` bound the prompts (the export's or lower)."""
+        runtime.contracts.Engine; its `limits` bound the prompts (the export's or lower).
+        `pixel_memo_bytes` bounds the preprocessed pixels kept per image file or bytes
+        (runtime.cache.PixelMemo; 0 turns it off)."""
         self.engine: Engine = (
             engine if engine is not None else OnnxFlamingo(export_dir, providers, threads)
         )
@@ -172,6 +182,7 @@ class FlamingoPipeline:
         self.io_binding = io_binding
         self.prefix_cache = PrefixCache(prefix_cache_entries, prefix_cache_bytes)
         self.vision_cache = VisionCache(vision_cache_bytes)
+        self.pixel_memo = PixelMemo(pixel_memo_bytes)
         dims = self.engine.dims
         self._xattn_names = [n for j in dims.xattn_layers for n in cross_attn_names(j)]
 
@@ -231,8 +242,11 @@ class FlamingoPipeline:
         """
         if isinstance(prompts, str):
             raise ValueError("generate_batch takes a list of prompts; use generate for one")
-        if isinstance(images_per_prompt, (str, bytes)):
-            raise ValueError("images_per_prompt must be a list with one list of images per prompt")
+        for name, value in (("prompts", prompts), ("images_per_prompt", images_per_prompt)):
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise ValueError(
+                    f"{name} must be a list (one entry per prompt), got {type(value).__name__}"
+                )
         prompts, images_per_prompt = list(prompts), list(images_per_prompt)
         if len(prompts) != len(images_per_prompt):
             raise ValueError(
@@ -311,13 +325,18 @@ class FlamingoPipeline:
         return self.generate(prompt, images, config, on_token, seed=seed)
 
     def clear_caches(self) -> None:
-        """Drop cached prefixes and image K/V (and reset their counters)."""
+        """Drop cached prefixes, image K/V and preprocessed pixels (and reset their counters)."""
         self.prefix_cache.clear()
         self.vision_cache.clear()
+        self.pixel_memo.clear()
 
     def cache_stats(self) -> dict[str, dict[str, Any]]:
-        """Entries, bytes, hits, misses, evictions of both caches."""
-        return {"prefix": self.prefix_cache.stats(), "vision": self.vision_cache.stats()}
+        """Entries, bytes, hits, misses, evictions of the prefix, vision and pixel caches."""
+        return {
+            "prefix": self.prefix_cache.stats(),
+            "vision": self.vision_cache.stats(),
+            "pixels": self.pixel_memo.stats(),
+        }
 
     # ------------------------------------------------------------------ steps
 
@@ -391,11 +410,30 @@ class FlamingoPipeline:
                 f"{where}the tokenizer found {len(media_positions)} <image> tokens for "
                 f"{len(images)} images"
             )
-        pixels = preprocess(images, self.preprocess_config) if images else None
-        hashes = [pixel_digest(p) for p in pixels] if pixels is not None else []
+        pixels, hashes = self._pixels(images)
         # a split needs a token after it: the first step must have something to run
         boundaries = np.flatnonzero(ids[:-1] == self.engine.eoc_token_id) + 1
         return _Row(ids, media_positions, pixels, hashes, boundaries, [None] * len(images))
+
+    def _pixels(self, images: list[Any]) -> tuple[np.ndarray | None, list[str]]:
+        """(N, 3, S, S) preprocessed pixels and their digests, each from the pixel memo when
+        the same file or bytes came before."""
+        if not images:
+            return None, []
+        size = self.preprocess_config.image_size
+        pixels = np.empty((len(images), 3, size, size), dtype=np.float32)
+        hashes = []
+        for i, item in enumerate(images):
+            key = source_key(item) if self.pixel_memo.max_bytes else None
+            known = self.pixel_memo.get(key) if key is not None else None
+            if known is None:
+                one = preprocess_one(item, self.preprocess_config, f"image #{i}")
+                known = (one, pixel_digest(one))
+                if key is not None:
+                    self.pixel_memo.add(key, *known)
+            pixels[i] = known[0]
+            hashes.append(known[1])
+        return pixels, hashes
 
     def _encode_missing_images(self, rows: list[_Row]) -> None:
         """Fill every row's image K/V: from its prefix state, the vision cache, or one vision

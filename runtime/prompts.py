@@ -21,12 +21,14 @@ pipeline is the user's own and keeps its special tokens (it is only checked to b
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from .files import read_regular
+from .schema import parse_json
 
 __all__ = [
     "EOC_TOKEN",
@@ -201,9 +203,9 @@ def load_demos_jsonl(path: str | os.PathLike, *, check_exists: bool = True) -> l
     """
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = read_regular(file).decode("utf-8")
     except OSError as e:
-        raise ValueError(f"{file}: cannot read demonstrations file ({e})") from e
+        raise ValueError(f"{file}: cannot read demonstrations file ({e.strerror or e})") from e
     except UnicodeDecodeError as e:
         raise ValueError(f"{file}: not UTF-8 text ({e})") from e
     base = file.parent
@@ -212,10 +214,7 @@ def load_demos_jsonl(path: str | os.PathLike, *, check_exists: bool = True) -> l
         if not line.strip():
             continue
         where = f"{file}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+        record = parse_json(line, where)
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
         image = _opt_str(record, "image", where)

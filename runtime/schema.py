@@ -17,8 +17,9 @@ import json
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any
+
+from .files import read_regular
 
 KEYWORDS = frozenset(
     {
@@ -147,22 +148,36 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def load_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:
-    """The JSON document in the file at `path`, strictly: UTF-8, no NaN/Infinity literals.
-    Every failure (missing, a folder, unreadable, not UTF-8, invalid JSON) is `error` with a
-    message that starts with the path."""
+def read_text(path: str | os.PathLike, error: type[Exception] = ValueError) -> str:
+    """The UTF-8 text of the file at `path`; a failure (missing, a folder, unreadable, not
+    UTF-8) is `error` with a message that starts with the path."""
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path)
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from e
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e})") from e
+
+
+def parse_json(text: str, where: str, error: type[Exception] = ValueError) -> Any:
+    """`text` as one JSON document, strictly: no NaN/Infinity literals. Every failure (invalid
+    JSON, nesting too deep for the parser, an integer past Python's digit limit) is `error`
+    with a message that starts with `where` (the file, and line for JSON Lines)."""
     try:
         return json.loads(text, parse_constant=_no_constant)
-    except ValueError as e:  # JSONDecodeError included
-        raise error(f"{path}: invalid JSON ({e})") from e
+    except RecursionError:
+        raise error(f"{where}: invalid JSON (nested too deeply to parse)") from None
+    except ValueError as e:  # JSONDecodeError, and int() past sys.get_int_max_str_digits()
+        raise error(f"{where}: invalid JSON ({e})") from None
+
+
+def load_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:
+    """The JSON document in the file at `path`, strictly: UTF-8, no NaN/Infinity literals.
+    Every failure (missing, a folder, unreadable, not UTF-8, invalid JSON, too deep) is `error`
+    with a message that starts with the path."""
+    return parse_json(read_text(path, error), str(path), error)
 
 
 def check_document(

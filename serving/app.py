@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import protocol
 from .chat import affinity_key, chat_to_prompt
 from .engine import Event, GenerateRequest, SamplingParams
-from .media import MediaImage, load_url
+from .media import MediaImage, MediaLimits, MediaReader
 from .metrics import Metrics
 from .protocol import APIError
 
@@ -49,10 +49,36 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class AppSettings:
+    """The HTTP side's settings; ValueError naming the setting for one that cannot work."""
+
     model_id: str
     api_key: str | None = None
     allowed_media_dir: Path | None = None
-    max_body_bytes: int = 16 << 20
+    max_body_bytes: int = 16 << 20  # also the largest file a file:// URL may name
+    max_request_pixels: int = 64 << 20  # decoded pixels of one request's images
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None:
+            check_api_key(self.api_key)
+        for name in ("max_body_bytes", "max_request_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    def media_limits(self) -> MediaLimits:
+        return MediaLimits(self.allowed_media_dir, self.max_body_bytes, self.max_request_pixels)
+
+
+def check_api_key(key: str) -> None:
+    """ValueError unless `key` can be sent in `Authorization: Bearer KEY`: non-empty printable
+    ASCII without surrounding whitespace (an HTTP client cannot send other bytes as they are,
+    and the header's value is stripped, so any other key could never match)."""
+    if not key:
+        raise ValueError("the API key is empty (it would turn authentication off)")
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError("the API key must be printable ASCII (it travels in an HTTP header)")
+    if key != key.strip():
+        raise ValueError("the API key must not start or end with whitespace")
 
 
 # API field names of the engine's logical ones, per endpoint
@@ -135,49 +161,37 @@ def create_app(
         authorize(request)
         return JSONResponse(protocol.models_list(settings.model_id, created))
 
-    def resolve(url: object, param: str) -> MediaImage:
-        return load_url(url, param, settings.allowed_media_dir)
+    media_limits = settings.media_limits()
 
-    # Parsing and image decoding run on a worker thread: a large body or image never stalls
-    # the event loop (Pillow and json release it only partly, but other requests go on).
-    def read_chat(body: bytes) -> tuple[Any, str, list[MediaImage]]:
+    # Parsing, image decoding and hashing run on a worker thread: a large body or image never
+    # stalls the event loop (Pillow and json release it only partly, but other requests go on).
+    # The engine tokenizes on a worker thread too.
+    def read_chat(body: bytes) -> tuple[Any, GenerateRequest]:
         req = protocol.parse_request(protocol.ChatCompletionRequest, protocol.parse_json(body))
-        prompt, images = chat_to_prompt(req.messages, resolve)
-        return req, prompt, images
+        prompt, images = chat_to_prompt(req.messages, MediaReader(media_limits).load)
+        return req, request_of(req, prompt, images)
 
-    def read_completion(body: bytes) -> tuple[Any, str, list[MediaImage]]:
+    def read_completion(body: bytes) -> tuple[Any, GenerateRequest]:
         req = protocol.parse_request(protocol.CompletionRequest, protocol.parse_json(body))
-        images = [resolve(url, f"images[{i}]") for i, url in enumerate(req.images)]
-        return req, req.prompt, images
+        reader = MediaReader(media_limits)
+        images = [reader.load(url, f"images[{i}]") for i, url in enumerate(req.images)]
+        return req, request_of(req, req.prompt, images)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
-        req, prompt, images = await run_in_threadpool(read_chat, await request.body())
-        return await generate("chat", req, prompt, images)
+        req, gen_req = await run_in_threadpool(read_chat, await request.body())
+        return await generate("chat", req, gen_req)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         authorize(request)
-        req, prompt, images = await run_in_threadpool(read_completion, await request.body())
-        return await generate("completion", req, prompt, images)
+        req, gen_req = await run_in_threadpool(read_completion, await request.body())
+        return await generate("completion", req, gen_req)
 
-    async def generate(kind: str, req: Any, prompt: str, images: list[MediaImage]) -> Response:
+    async def generate(kind: str, req: Any, gen_req: GenerateRequest) -> Response:
         require_ready()
         start = time.perf_counter()
-        params = SamplingParams(
-            max_tokens=req.max_new_tokens(),
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            seed=req.seed,
-            n=req.n,
-            num_beams=req.num_beams,
-            stop=tuple(req.stops()),
-            ignore_eos=req.ignore_eos,
-        )
-        key = affinity_key(prompt, [m.data for m in images])
-        gen_req = GenerateRequest(prompt, [m.image for m in images], params, key)
         events = backend.generate(gen_req).__aiter__()
         first = await events.__anext__()
         if first["type"] == "error":
@@ -214,6 +228,23 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)
     return app
+
+
+def request_of(req: Any, prompt: str, images: list[MediaImage]) -> GenerateRequest:
+    """The engine's request of a parsed API request."""
+    params = SamplingParams(
+        max_tokens=req.max_new_tokens(),
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        n=req.n,
+        num_beams=req.num_beams,
+        stop=tuple(req.stops()),
+        ignore_eos=req.ignore_eos,
+    )
+    key = affinity_key(prompt, [m.data for m in images])
+    return GenerateRequest(prompt, [m.image for m in images], params, key)
 
 
 class _Tracker:

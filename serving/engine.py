@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -36,7 +37,7 @@ from typing import Any
 from runtime.generation import GenerationConfig
 from runtime.images import ImageInput
 from runtime.pipeline import FlamingoPipeline, Generation, TextStream
-from runtime.prompts import count_media
+from runtime.prompts import check_text, count_media
 
 from .protocol import APIError
 
@@ -46,6 +47,18 @@ Event = dict[str, Any]
 PipelineFactory = Callable[[], FlamingoPipeline]
 Choices = list[list[int]]  # per output of a job, the response choices it feeds
 DEFAULT_MAX_TOKENS = 20  # `flamingo-export run --max-new-tokens`'s default
+# GenerationConfig field -> the API field a request sets it with (400s name the API field)
+_API_NAMES = {"seed": "seed", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+              "max_new_tokens": "max_tokens", "num_beams": "num_beams",
+              "num_return_sequences": "n"}  # fmt: skip
+
+
+# EngineSettings' accepted ranges (inclusive); `flamingo-export serve` checks its options by them
+SETTING_LIMITS = {
+    "max_batch_size": (1, 1024),
+    "max_queue": (1, 1 << 20),
+    "batch_wait_ms": (0, 60_000),
+}
 
 
 @dataclass(frozen=True)
@@ -57,12 +70,18 @@ class EngineSettings:
     batch_wait_ms: float = 10.0  # longest wait for batch-mates under load
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
-        if self.max_queue < 1:
-            raise ValueError("max_queue must be >= 1")
-        if self.batch_wait_ms < 0:
-            raise ValueError("batch_wait_ms must be >= 0")
+        for name, (lo, hi) in SETTING_LIMITS.items():
+            check_number(name, getattr(self, name), lo, hi, integer=name != "batch_wait_ms")
+
+
+def check_number(name: str, value: object, lo: float, hi: float, integer: bool = False) -> None:
+    """ValueError naming `name` unless `value` is a finite number (an int if `integer`) in
+    [lo, hi]: NaN passes every comparison and inf overflows timeouts, so both are refused."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a finite number in [{lo:g}, {hi:g}], got {value!r}")
 
 
 @dataclass
@@ -210,13 +229,16 @@ class Engine:
         self._pending: deque[Job] = deque()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.max_prompt_chars = 0  # set by load(): see plan()
         self.counters = {"generated_tokens": 0, "cancelled_jobs": 0, "batches": 0, "rows": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def ready(self) -> bool:
-        return self.pipe is not None and not self._closed
+        """Loaded, not closed, and the batch thread alive (a dead one would take no jobs)."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return self.pipe is not None and not self._closed and alive
 
     def load(self) -> None:
         """Build the pipeline (engines loaded) and start the batch thread; errors are kept in
@@ -226,6 +248,12 @@ class Engine:
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             raise
+        # A prompt of n tokens has at most n * (longest vocabulary entry) characters: one
+        # token never covers more text than its vocabulary string (byte-level BPE: a byte per
+        # character; SentencePiece: "▁" for " "), so a longer prompt exceeds the context
+        # and is refused before the tokenizer spends time on it.
+        longest = max((len(t) for t in pipe.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = pipe.max_seq_len * max(longest, 1)
         self.pipe = pipe
         self._thread = threading.Thread(target=self._loop, name="flamingo-batches", daemon=True)
         self._thread.start()
@@ -258,6 +286,17 @@ class Engine:
         pipe = self.pipe
         assert pipe is not None
         p = request.params
+        if len(request.prompt) > self.max_prompt_chars:
+            raise APIError(
+                400,
+                f"the prompt has {len(request.prompt)} characters, more than this export's "
+                f"context of {pipe.max_seq_len} tokens can hold ({self.max_prompt_chars})",
+                param="prompt",
+            )
+        try:  # the chat path checks its texts the same way (runtime.prompts)
+            check_text(request.prompt, "the prompt")
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
         if not request.prompt.strip():
             raise APIError(400, "the prompt is empty", param="prompt")
         markers = count_media(request.prompt)
@@ -307,8 +346,9 @@ class Engine:
         try:
             base = pipe.default_config(**kw)
             base.validate()
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        except ValueError as e:  # GenerationConfig's messages start with its field's name
+            field_name = (str(e).split() or [""])[0]
+            raise APIError(400, str(e), param=_API_NAMES.get(field_name)) from None
         if beams > 1:  # one job, its n best beams
             return [base], [[[j] for j in range(p.n)]]
         if sampled and p.n > 1:  # n rows; seeded: seed, seed + 1, ...
@@ -324,8 +364,8 @@ class Engine:
         if self.pipe is None:
             yield _error(503, self.load_error or "the model is still loading")
             return
-        try:
-            configs, choices = self.plan(request)
+        try:  # tokenizing a long prompt takes a while: never on the event loop
+            configs, choices = await asyncio.to_thread(self.plan, request)
         except APIError as e:
             yield _error(e.status, e.message, e.param)
             return
@@ -389,29 +429,46 @@ class Engine:
             self._cond.notify()
 
     def _loop(self) -> None:
-        wait_s = self.settings.batch_wait_ms / 1e3
         last_rows = 0
-        while True:
+        try:
+            while True:
+                # The batch lives only in this statement: while the thread waits for the next
+                # job, no finished job (its prompt, its decoded images) stays referenced.
+                last_rows = self._run(self._next_batch(last_rows))
+        except _Closed:
+            return
+        except BaseException as e:  # a dead batch thread: /health turns 503, requests fail
+            log.exception("the batch thread stopped")
+            self.load_error = f"the batch thread stopped ({type(e).__name__}); restart the server"
             with self._cond:
+                self._closed = True
+                for job in self._pending:
+                    job.fail(503, self.load_error)
+                self._pending.clear()
+
+    def _next_batch(self, last_rows: int) -> list[Job]:
+        """The next batch (module docstring); raises _Closed once the engine is closed."""
+        wait_s = self.settings.batch_wait_ms / 1e3
+        with self._cond:
+            while True:
                 while not self._pending and not self._closed:
                     self._cond.wait()
                 if self._closed:
-                    return
+                    raise _Closed
                 first = self._pending.popleft()
-                if first.cancelled.is_set():
-                    self.counters["cancelled_jobs"] += 1
-                    continue
-                batch = [first]
-                busy = last_rows > 1 or bool(self._pending)
-                deadline = time.monotonic() + (wait_s if busy else 0.0)
-                while len(batch) < self.settings.max_batch_size:
-                    self._take_matching(first.key, batch)
-                    left = deadline - time.monotonic()
-                    if len(batch) >= self.settings.max_batch_size or left <= 0:
-                        break
-                    self._cond.wait(left)
-            last_rows = len(batch)
-            self._run(batch)
+                if not first.cancelled.is_set():
+                    break
+                self.counters["cancelled_jobs"] += 1
+            batch = [first]
+            busy = last_rows > 1 or bool(self._pending)
+            deadline = time.monotonic() + (wait_s if busy else 0.0)
+            while len(batch) < self.settings.max_batch_size:
+                self._take_matching(first.key, batch)
+                left = deadline - time.monotonic()
+                if len(batch) >= self.settings.max_batch_size or left <= 0:
+                    break
+                self._cond.wait(left)
+            return batch
 
     def _take_matching(self, key: GenerationConfig, batch: list[Job]) -> None:
         keep: deque[Job] = deque()
@@ -424,7 +481,8 @@ class Engine:
                 keep.append(job)
         self._pending = keep
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[Job]) -> int:
+        """Generate one batch, its events to its jobs; returns its number of rows."""
         pipe = self.pipe
         assert pipe is not None
         config = batch[0].key
@@ -455,19 +513,24 @@ class Engine:
             if len(batch) > 1 and not emitted:
                 for job in batch:  # find it; the others still get their answers
                     self._run([job])
-                return
+                return len(batch)
             for job in batch:
                 job.fail(400, str(e))
-            return
-        except Exception as e:
+            return len(batch)
+        except Exception:  # the details go to the log, not to the client
             log.exception("generate_batch failed")
             for job in batch:
-                job.fail(500, f"internal error: {type(e).__name__}: {e}")
-            return
+                job.fail(500, "internal error while generating (details in the server log)")
+            return len(batch)
         for job, generation in zip(batch, generations[::n_ret]):  # n_ret per prompt
             if job.cancelled.is_set():
                 self.counters["cancelled_jobs"] += 1
             job.finish(generation)
+        return len(batch)
+
+
+class _Closed(Exception):
+    pass
 
 
 def _error(status: int, message: str, param: str | None = None) -> Event:

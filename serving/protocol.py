@@ -9,13 +9,14 @@ Extension fields, as vLLM accepts extra fields: `num_beams`, `top_k`, `ignore_eo
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from runtime.schema import parse_json as strict_json
 
 MAX_STOP = 4  # OpenAI's limit on `stop` sequences
 MAX_N = 16
@@ -158,14 +159,17 @@ def _as_list(stop: str | list[str] | None) -> list[str]:
 
 
 def parse_json(body: bytes) -> Any:
-    """The request body as JSON, or a 400 saying where it is malformed."""
+    """The request body as strict JSON (runtime.schema.parse_json: no NaN/Infinity, nesting
+    too deep and integers past the digit limit refused), or a 400 saying where it is
+    malformed."""
     try:
-        return json.loads(body)
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not UTF-8 JSON") from None
-    except json.JSONDecodeError as e:
-        where = f"line {e.lineno} column {e.colno}"
-        raise APIError(400, f"malformed JSON: {e.msg} at {where}") from None
+    try:
+        return strict_json(text, "the request body")
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
 
 
 def parse_request(model: type[_Sampling], data: Any) -> Any:

@@ -26,6 +26,7 @@ from typing import Any
 
 from .app import AppSettings, create_app
 from .engine import Engine, EngineSettings, Event, GenerateRequest, PipelineFactory
+from .server import http_url
 
 log = logging.getLogger("serving.ray")
 
@@ -147,8 +148,8 @@ def run_ray(
         app = build_app(factory, app_settings, engine_settings, replicas, cpus_per_replica)
         serve.run(app, name=APP_NAME, route_prefix="/")
         log.warning(
-            "flamingo-export serve: %s ready on http://%s:%d (Ray Serve, %d replicas)",
-            app_settings.model_id, host, port, replicas,
+            "flamingo-export serve: %s ready on %s (Ray Serve, %d replicas)",
+            app_settings.model_id, http_url(host, port), replicas,
         )  # fmt: skip
         stop.wait()
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,10 @@ def serve_local(
     on_ready: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; raises ServeError if the export cannot be loaded.
-    `on_ready({"model", "url"})` is called once the engines are loaded."""
+    `on_ready({"model", "url"})` is called once the engines are loaded and the socket is bound;
+    the URL has the port actually bound (`port=0`: one the system picked)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
     engine = Engine(factory, engine_settings)
     server: uvicorn.Server
 
@@ -49,14 +53,18 @@ def serve_local(
                 engine.load()
             for w in caught:
                 log.warning("%s", w.message)
-            log.warning(
-                "flamingo-export serve: %s ready on http://%s:%d", app_settings.model_id, host, port
-            )
-            if on_ready is not None:
-                on_ready({"model": app_settings.model_id, "url": f"http://{host}:{port}/v1"})
         except Exception:
             log.error("flamingo-export serve: cannot load the export: %s", engine.load_error)
             server.should_exit = True
+            return
+        while not server.started:  # the lifespan (which started this thread) runs before bind
+            if server.should_exit:
+                return
+            time.sleep(0.05)
+        url = http_url(host, bound_port(server, port))
+        log.warning("flamingo-export serve: %s ready on %s", app_settings.model_id, url)
+        if on_ready is not None:
+            on_ready({"model": app_settings.model_id, "url": f"{url}/v1"})
 
     def startup() -> None:
         threading.Thread(target=load, name="flamingo-load", daemon=True).start()
@@ -71,6 +79,21 @@ def serve_local(
     server.run()
     if engine.load_error is not None:
         raise ServeError(engine.load_error)
+
+
+def bound_port(server: uvicorn.Server, default: int) -> int:
+    """The port a started uvicorn server listens on (its first socket)."""
+    for listener in getattr(server, "servers", []):
+        for sock in listener.sockets or ():
+            return int(sock.getsockname()[1])
+    return default
+
+
+def http_url(host: str, port: int) -> str:
+    """`http://host:port`, an IPv6 address in brackets (RFC 3986: http://[::1]:8000)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def model_id(export_dir: str | Path) -> str:

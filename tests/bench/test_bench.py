@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench.harness import RATIO_METRICS, BenchOptions, ModelFiles, run_bench
+from bench.harness import RATIO_METRICS, BenchError, BenchOptions, ModelFiles, run_bench
 from bench.report import format_table
 from cli.main import main
 
@@ -149,3 +149,33 @@ def test_bench_against_other_exports(tiny_export: Callable, tmp_path: Path) -> N
     assert speedup == pytest.approx(1 / ratio, rel=1e-3)
     # exports load no torch: their memory baseline has no framework share
     assert set(out["memory"]["model_rss_bytes"]) == {"runtime", *names}
+
+
+def test_cli_bench_refuses_what_cannot_run_before_timing(tiny_export: Callable) -> None:
+    """Non-finite pauses and prompts past the export's limits are one line before any run
+    (--settle-ms nan/inf gave a traceback, --shots 100000 built prompts for minutes)."""
+    export = str(tiny_export("mpt"))
+    runner = CliRunner()
+    for args, message, code in (
+        (["--settle-ms", "nan"], "not a finite number", 2),
+        (["--settle-ms", "inf"], "not in the range", 2),
+        (["--shots", "100000"], "this export takes at most", 1),
+        (["--shots", "0", "--max-new-tokens", "100000"], "exceed this export's context", 1),
+    ):
+        result = runner.invoke(main, ["bench", export, *args])
+        assert result.exit_code == code, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+
+
+def test_limit_options_refuse_zero() -> None:
+    """`plan --max-seq-len 0` used to fall back to the default silently."""
+    runner = CliRunner()
+    for args in (["--max-seq-len", "0"], ["--max-images", "0"], ["--max-batch", "0"]):
+        result = runner.invoke(main, ["plan", "--preset", "openflamingo-3b", *args])
+        assert result.exit_code == 2 and "x>=1" in result.output, (args, result.output)
+
+
+def test_bench_options_refuse_a_non_finite_pause() -> None:
+    for settle in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(BenchError, match="--settle-ms must be within"):
+            BenchOptions(settle_ms=settle).validate()

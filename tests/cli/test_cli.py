@@ -40,6 +40,29 @@ def test_a_flag_names_one_parameter_everywhere() -> None:
         assert len(set(where.values())) == 1, (flag, where)
 
 
+def test_every_float_option_refuses_nan_and_inf() -> None:
+    """NaN passes every range comparison: a plain float option let `--settle-ms nan` or
+    `--batch-wait-ms inf` through to a traceback or a spinning thread. Every float option is
+    a cli.options.FiniteFloatRange; each is tried with nan and inf."""
+    from cli.options import FiniteFloatRange
+
+    runner = CliRunner()
+    for name, command in _visible_commands().items():
+        for param in command.params:
+            if not isinstance(param, click.Option) or not isinstance(
+                param.type, click.types.FloatParamType
+            ):
+                continue
+            flag = max(param.opts, key=len)
+            assert isinstance(param.type, FiniteFloatRange), (name, flag)
+            for bad in ("nan", "inf", "-inf"):
+                result = runner.invoke(main, [name, flag, bad])  # converted before the rest
+                refused = "not a finite number" in result.output or "not in the range" in (
+                    result.output
+                )
+                assert result.exit_code == 2 and refused, (name, flag, bad, result.output)
+
+
 def test_readme_glossary_names_every_flag() -> None:
     text = README.read_text()
     section = text[text.index("### Flags") :]
@@ -120,11 +143,12 @@ def test_run_refuses_bad_settings_in_one_line(tiny_export: Callable, tmp_path: P
     demos = tmp_path / "demos.jsonl"
     cases = [
         ([*prompt, "--num-beams", "50000"], 1, "num_beams must be in [1, 64], got 50000"),
-        ([*prompt, "--num-beams", "3", "--length-penalty", "nan"], 1,
-         "length_penalty must be a finite number, got nan"),
-        ([*prompt, "--num-beams", "3", "--length-penalty", "-inf"], 1,
-         "length_penalty must be a finite number, got -inf"),
-        ([*prompt, "--do-sample", "--temperature", "inf"], 1, "temperature must be a finite"),
+        ([*prompt, "--num-beams", "3", "--length-penalty", "nan"], 2,
+         "'--length-penalty': 'nan' is not a finite number"),
+        ([*prompt, "--num-beams", "3", "--length-penalty", "-inf"], 2,
+         "'--length-penalty': '-inf' is not a finite number"),
+        ([*prompt, "--do-sample", "--temperature", "inf"], 2,
+         "'--temperature': 'inf' is not a finite number"),
         ([*prompt, "--do-sample", "--seed", "-1"], 1, "seed must be >= 0"),
         ([*prompt, "--threads", "-1"], 2, "-1 is not in the range x>=0"),
         ([*prompt, "--threads", "100000"], 1, "threads must be an int in [0, 256]"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,3 +242,51 @@ def test_file_size_limit_through_the_cli(tiny_export, tmp_path) -> None:
     assert "Traceback" not in result.stderr
     assert "Error: cannot write" in result.stderr and "File too large" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from cli.main import main; sys.exit(main())", *args],
+        cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+
+
+def test_out_that_would_delete_what_the_user_has_is_refused(tiny_paths, tmp_path) -> None:
+    """`-o ''` (an unset shell variable), `-o .`, a folder holding the current one, a folder
+    holding an input, and a symbolic link are refused with --force before any work, one line,
+    and nothing is touched (`-o '' --force` used to replace the current folder)."""
+    p = tiny_paths("mpt")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "precious.txt").write_text("keep")
+    model = ["--lm", str(p.lm_dir), "--vision", str(p.vision_path),
+             "--checkpoint", str(p.checkpoint_path)]  # fmt: skip
+    (work / "link").symlink_to(work / "sub")
+    (work / "dangling").symlink_to(work / "nowhere")
+    cases = {
+        "": (work, "is the current folder"),
+        ".": (work, "is the current folder"),
+        "..": (work / "sub", "is the current folder"),
+        str(p.root): (work, f"holds the input {p.lm_dir}"),
+        str(p.lm_dir): (work, f"holds the input {p.lm_dir}"),
+        "link": (work, "is a symbolic link"),
+        "dangling": (work, "is a symbolic link"),
+    }
+    before = sorted(str(q) for q in tmp_path.rglob("*"))
+    for out, (cwd, message) in cases.items():
+        result = _cli("export", *model, "-o", out, "--force", cwd=cwd)
+        assert result.returncode == 1, (out, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert message in result.stderr, (out, result.stderr)
+    assert sorted(str(q) for q in tmp_path.rglob("*")) == before
+    assert (work / "precious.txt").read_text() == "keep" and p.lm_dir.is_dir()
+
+
+def test_quantize_refuses_an_out_holding_its_source(tiny_export, tmp_path) -> None:
+    src = tmp_path / "parent" / "fp32"
+    shutil.copytree(tiny_export("mpt"), src)  # the source export inside OUT
+    result = _cli("quantize", str(src), "--precision", "fp16", "-o", str(src.parent),
+                  "--force", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"holds the input {src}" in result.stderr
+    assert src.exists()

@@ -62,7 +62,7 @@ def test_parity_json_report_and_gate(
 
     # an unreachable bar: exit status 1, the missed threshold named
     result = runner.invoke(
-        main, ["parity", ref, str(fp16_export), *QUICK, "--thresholds", "fp16.decoder_cosine=1.5"]
+        main, ["parity", ref, str(fp16_export), *QUICK, "--thresholds", "fp16.decoder_cosine=1"]
     )
     assert result.exit_code == 1
     assert "decoder_cosine" in result.output and "FAIL" in result.output
@@ -105,6 +105,9 @@ def test_thresholds_and_nan_never_pass() -> None:
         parse_thresholds("top1=high")
     with pytest.raises(ParityError, match="bad threshold"):
         parse_thresholds("int9.top1=1")
+    for bad in ("top1=nan", "top1=inf", "greedy=1.5", "vision_cosine=-2", "task_delta=-inf"):
+        with pytest.raises(ParityError, match=r"lies in \["):  # NaN used to be accepted
+            parse_thresholds(bad)
     stats = ErrorStats()
     stats.add([1.0, 2.0], [float("nan"), 2.0])
     assert math.isnan(stats.cosine)
@@ -208,3 +211,18 @@ def test_parity_executors_make_every_session_and_agree(tiny_export: Callable) ->
         assert np.abs(logits[executor] - logits["onnxruntime"]).max() < 1e-5, executor
     with pytest.raises(ParityError, match="executor 'tensorrt' is not one of"):
         OnnxBackend(export, executor="tensorrt")
+
+
+def test_report_path_is_checked_before_any_work(tiny_export, tmp_path) -> None:
+    """A report that could not be written (a folder, a missing folder, no name, a .png that
+    its plot would overwrite) is refused before the exports are even opened."""
+    export = str(tiny_export("mpt"))
+    runner = CliRunner()
+    for report, why in (
+        (tmp_path, "is a folder"),
+        (tmp_path / "missing" / "r.md", "does not exist"),
+        (Path(""), "expected a file name"),
+        (tmp_path / "r.png", "would overwrite it"),
+    ):
+        result = runner.invoke(main, ["parity", export, export, "--report", str(report)])
+        assert result.exit_code == 2 and why in result.output, (report, result.output)

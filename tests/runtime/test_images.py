@@ -452,9 +452,47 @@ def test_missing_file_names_path(tmp_path: Path) -> None:
         preprocess([_rand_rgb(8, 8), missing], CFG)
 
 
-def test_directory_is_not_an_image(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match="directory"):
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    """A folder, a FIFO or a device is refused on the opened descriptor, at once (a FIFO used
+    to block `run --image` forever)."""
+    with pytest.raises(ImageError, match="is a folder, not a regular file"):
         load_image(tmp_path)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match=r"pipe\.png.*is a FIFO, not a regular file"):
+        load_image(fifo)
+    with pytest.raises(ImageError, match=r"image #0 \(/dev/null\).*is a device"):
+        preprocess(["/dev/null"], CFG)
+
+
+def test_only_raster_formats_are_decoded(tmp_path: Path, monkeypatch) -> None:
+    """EPS bytes are refused before Pillow hands them to Ghostscript (a `gs` on PATH that
+    records being run stays silent)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    gs = bin_dir / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {tmp_path / 'gs-ran'}\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(ImageError, match="not an image in a supported format"):
+        load_image(eps)
+    (tmp_path / "x.eps").write_bytes(eps)
+    with pytest.raises(ImageError, match=r"x\.eps.*not an image in a supported format"):
+        load_image(tmp_path / "x.eps")
+    assert not (tmp_path / "gs-ran").exists()
+
+
+def test_pixel_count_refused_from_the_header(monkeypatch) -> None:
+    """Over Pillow's decompression-bomb threshold (where Pillow itself only warns) an image is
+    refused before it is decoded: a tiny 1-bit PNG can declare a huge canvas."""
+    buf = io.BytesIO()
+    Image.new("1", (300, 200)).save(buf, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    with pytest.raises(ImageError, match=r"too large \(300x200 = 60,000 pixels; at most 59,999\)"):
+        load_image(buf.getvalue())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 200)
+    assert load_image(buf.getvalue()).size == (300, 200)
 
 
 @pytest.mark.parametrize("data", [_truncated_png(), _truncated_jpeg()])
@@ -474,7 +512,7 @@ def test_truncated_files(tmp_path: Path, data: bytes) -> None:
 def test_not_an_image(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("hello")
-    with pytest.raises(ImageError, match=r"notes\.txt.*not a recognised image"):
+    with pytest.raises(ImageError, match=r"notes\.txt.*not an image in a supported format"):
         load_image(path)
     with pytest.raises(ImageError, match=r"image #0.*empty bytes"):
         preprocess([b""], CFG)

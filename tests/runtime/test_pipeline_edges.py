@@ -139,8 +139,12 @@ def test_wrong_argument_types_are_named(pipe, images) -> None:
             pipe.generate("<image>Output:", single)  # type: ignore[arg-type]
     with pytest.raises(ImageError, match=r"prompt #1: images: .*got str"):
         pipe.generate_batch(["<image>a", "<image>b"], [images[:1], images[0]])
-    with pytest.raises(ValueError, match="one list of images per prompt"):
+    with pytest.raises(ValueError, match=r"images_per_prompt must be a list .*got str"):
         pipe.generate_batch(["<image>a"], images[0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"images_per_prompt must be a list .*got NoneType"):
+        pipe.generate_batch(["<image>a"], None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"prompts must be a list .*got int"):
+        pipe.generate_batch(3, [[]])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="the prompt must be a str, got int"):
         pipe.generate(3, [])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="the prompt is not valid UTF-8 text: character 7"):

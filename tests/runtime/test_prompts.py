@@ -226,3 +226,24 @@ def test_load_demos_jsonl_missing_file_and_no_check(tmp_path: Path) -> None:
     jsonl = tmp_path / "d.jsonl"
     _write_jsonl(jsonl, [{"image": "later.jpg", "caption": "c"}])
     assert load_demos_jsonl(jsonl, check_exists=False)[0].image == str(tmp_path / "later.jpg")
+
+
+def test_demonstrations_file_faults_are_one_line(tmp_path) -> None:
+    """A FIFO (used to block `run --demos` forever), nesting too deep for the parser and an
+    integer past Python's digit limit are ValueErrors naming the file (and line)."""
+    import os
+
+    from runtime.prompts import load_demos_jsonl
+
+    fifo = tmp_path / "demos.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"demos\.jsonl: cannot read .*is a FIFO"):
+        load_demos_jsonl(fifo)
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"deep\.jsonl:1: invalid JSON \(nested too deeply"):
+        load_demos_jsonl(deep)
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"image": "a.png", "caption": "x", "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(ValueError, match=r"big\.jsonl:1: invalid JSON"):
+        load_demos_jsonl(big)

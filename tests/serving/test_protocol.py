@@ -44,7 +44,7 @@ def test_accepted_fields() -> None:
 
 
 def test_malformed_json() -> None:
-    with pytest.raises(APIError, match="malformed JSON"):
+    with pytest.raises(APIError, match="invalid JSON"):
         parse_json(b'{"model": ')
     with pytest.raises(APIError, match="JSON object"):
         parse_request(ChatCompletionRequest, [1])

@@ -276,3 +276,25 @@ def test_full_queue_answers_429(server_factory, demo_export: Path, episodes) -> 
     assert 429 in codes and 200 in codes, codes
     r = http(tight, "POST", "/v1/chat/completions", {**body, "max_tokens": 4})
     assert r.status == 200, r.text
+
+
+def test_malformed_input_is_a_400_naming_the_field_never_a_500(server, media) -> None:
+    """Input that used to raise inside the server (RecursionError, ValueError, TypeError) and
+    file URLs that would leak server paths."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    huge_int = b'{"model": "m", "prompt": "x", "seed": ' + b"9" * 5000 + b"}"
+    for raw in (deep, huge_int):
+        r = http(server, "POST", "/v1/completions", raw=raw)
+        assert r.status == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    surrogate = b'{"model": "m", "prompt": "\\ud800<image>Output:", "images": ["%s"]}'
+    r = http(
+        server, "POST", "/v1/completions", raw=surrogate % data_url(media / "query.png").encode()
+    )
+    assert r.status == 400 and r.json()["error"]["param"] == "prompt", r.text
+    for url in (f"file://{media}/%00x.png", "file:///proc/self/exe", "file://[/x"):
+        body = {"model": "m", "prompt": "<image>Output:", "images": [url]}
+        r = http(server, "POST", "/v1/completions", body)
+        assert r.status == 400 and r.json()["error"]["param"] == "images[0]", r.text
+        assert "/root" not in r.text and "python" not in r.text, r.text
+    assert http(server, "GET", "/health").status == 200
+    assert "Traceback" not in server.output()
