@@ -359,7 +359,8 @@ def export_streaming(
             "quantize)"
         )
     out = Path(out)
-    check_output(out, options.force)
+    inputs = [model_files[k] for k in ("lm_dir", "vision_path", "checkpoint_path")]
+    check_output(out, options.force, inputs=inputs)
     say("reading the shapes of the model files' tensors (no weights)...")
     resolved = resolve_flamingo(**model_files, reader=read_lazy_state_dict)
     for assumption in resolved.report.assumptions:
