@@ -229,17 +229,18 @@ def _head_ops(model: Any) -> list[str]:
 
 
 def smoke_check(out: Path) -> dict[str, Any]:
-    """Load decoder.onnx in onnxruntime and run a 1-token prefill at batch 1 (own process)."""
+    """Load decoder.onnx in onnxruntime and run a 1-token prefill at batch 1 (run it in a
+    process of its own: its peak RSS is the session's). Also benchmarks/export_9b.py's."""
     import numpy as np
 
     from runtime.engine import make_session
     from runtime.manifest import load_manifest
-    from runtime.spec import ModelDims, decoder_spec
+    from runtime.spec import ModelDims
 
     start = time.perf_counter()
     manifest = load_manifest(out, verify_hashes=False)
     dims = ModelDims.from_config(manifest.model)
-    spec = decoder_spec(dims)
+    spec = manifest.graphs["decoder"].spec  # I/O dtypes as exported (fp16 graphs: fp16 I/O)
     session = make_session(out / manifest.graphs["decoder"].file, ["CPUExecutionProvider"], None)
     load_s = time.perf_counter() - start
     sizes = {"batch": 1, "sequence": 1, "past_sequence": 0, "total_sequence": 1}

@@ -129,10 +129,14 @@ def export(
     quiet: bool,
     **kw: Any,
 ) -> None:
-    """Write OUTPUT/vision.onnx, OUTPUT/decoder.onnx, the tokenizer and manifest.json
-    (at --precision: exported fp32, then quantized)."""
+    """Write OUTPUT/vision.onnx, OUTPUT/decoder.onnx, the tokenizer and manifest.json.
+
+    At --precision fp16, int4 or int8 --int8-mode weight-only the weights are converted from
+    the model files one tensor at a time (the whole model is never in memory); W8A8 int8 is
+    exported fp32, then quantized (its calibration runs the fp32 graphs)."""
     from exporter.export import ExportOptions, check_output
     from precision.quantize import export_at_precision
+    from precision.streaming import export_streaming, streams
     from runtime.spec import DecoderForm
 
     limits = {"max_images": max_images, "max_seq_len": max_seq_len}
@@ -149,8 +153,14 @@ def export(
     check_output(output, force, inputs=sources)
     quantize = make_quantize_options(kw, force)
     say = progress_printer(quiet)
-    model, tok, _ = load_model(model_args, say)
-    manifest = export_at_precision(model, tok, output, options, quantize, progress=say)
+    # the streamed route writes OpenFlamingo files' portable graphs; other forms and IDEFICS
+    # folders take export + quantize (docs/quantization.md)
+    if streams(quantize) and options.decoder_form.portable and model_args.get("model_dir") is None:
+        files = {k: v for k, v in model_args.items() if k != "model_dir"}
+        manifest = export_streaming(files, output, options, quantize, progress=say)
+    else:
+        model, tok, _ = load_model(model_args, say)
+        manifest = export_at_precision(model, tok, output, options, quantize, progress=say)
     summary = {
         "output": str(output),
         "files": manifest.files,

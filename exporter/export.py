@@ -19,6 +19,7 @@ import onnx
 import torch
 from torch import nn
 
+from flamingo.config import FlamingoConfig
 from flamingo.model import Flamingo
 from runtime.images import PreprocessConfig
 from runtime.manifest import GraphEntry, Manifest
@@ -256,17 +257,16 @@ def consolidate_external_data(onnx_path: Path, data_name: str) -> list[str]:
     return [data_name] if offset else []
 
 
-def export_graph(
-    module: nn.Module, args: tuple, spec: GraphSpec, path: Path, opset: int
-) -> list[str]:
-    """torch.onnx (TorchScript exporter: it writes opset 17) -> checked ONNX file at path.
-
-    Memory: a graph under 2 GB is built in memory by torch (several copies of its weights at
-    the peak: docs/measurements.md); above, torch writes each tensor straight to its own file.
-    Only then is there anything to consolidate, so a self-contained graph is never parsed back
-    whole here.
-    """
-    before = set(path.parent.iterdir())
+def torch_onnx_export(
+    module: nn.Module,
+    args: tuple,
+    spec: GraphSpec,
+    path: Path,
+    opset: int,
+    export_params: bool = True,
+) -> None:
+    """The one torch.onnx call of every export (exporter.skeleton traces the same graph with
+    export_params=False)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -279,7 +279,44 @@ def export_graph(
             dynamic_axes=spec.dynamic_axes(),
             opset_version=opset,
             do_constant_folding=True,
+            export_params=export_params,
         )
+
+
+def trace_sizes(dims: ModelDims) -> dict[str, int]:
+    """The dynamic dimensions of the tracing inputs (every one >= 2, none specialised)."""
+    return {
+        NUM_IMAGES: 3,
+        BATCH: 2,
+        SEQUENCE: 5,
+        PAST_SEQUENCE: 3,
+        TOTAL_SEQUENCE: 8,
+        MEDIA_KEYS: 2 * dims.num_latents,
+        LOGITS_POSITIONS: 2,
+    }
+
+
+def graph_modules(model: Flamingo, io_dtype: str) -> list[tuple[str, GraphSpec, nn.Module]]:
+    """(name, spec, module) of the two graphs, in export order."""
+    dims = ModelDims.from_config(model.cfg.to_dict())
+    return [
+        ("vision", vision_spec(dims, io_dtype), VisionGraph(model)),
+        ("decoder", decoder_spec(dims, io_dtype), DecoderGraph(model)),
+    ]
+
+
+def export_graph(
+    module: nn.Module, args: tuple, spec: GraphSpec, path: Path, opset: int
+) -> list[str]:
+    """torch.onnx (TorchScript exporter: it writes opset 17) -> checked ONNX file at path.
+
+    Memory: a graph under 2 GB is built in memory by torch (several copies of its weights at
+    the peak: docs/measurements.md); above, torch writes each tensor straight to its own file.
+    Only then is there anything to consolidate, so a self-contained graph is never parsed back
+    whole here.
+    """
+    before = set(path.parent.iterdir())
+    torch_onnx_export(module, args, spec, path, opset)
     written = set(path.parent.iterdir()) - before - {path}
     external = consolidate_external_data(path, path.name + ".data") if written else []
     # by path: the checker reads the graph without its external data, so a >2 GB model is
@@ -333,21 +370,10 @@ def _export_into(
     dims = ModelDims.from_config(cfg)
     dtype = next(model.parameters()).dtype
     io_dtype = {torch.float32: "float32", torch.float16: "float16"}[dtype]
-    sizes = {
-        NUM_IMAGES: 3,
-        BATCH: 2,
-        SEQUENCE: 5,
-        PAST_SEQUENCE: 3,
-        TOTAL_SEQUENCE: 8,
-        MEDIA_KEYS: 2 * dims.num_latents,
-        LOGITS_POSITIONS: 2,
-    }
+    sizes = trace_sizes(dims)
     graphs: dict[str, GraphEntry] = {}
     with torch.no_grad():
-        for name, spec, module in (
-            ("vision", vision_spec(dims, io_dtype), VisionGraph(model)),
-            ("decoder", decoder_spec(dims, io_dtype), DecoderGraph(model)),
-        ):
+        for name, spec, module in graph_modules(model, io_dtype):
             start = time.perf_counter()
             say(f"exporting {name} graph (opset {options.opset})...")
             path = tmp / f"{name}.onnx"
@@ -369,6 +395,26 @@ def _export_into(
             say(f"{name} graph: {size / 2**20:.1f} MiB in {time.perf_counter() - start:.1f} s")
 
     say("saving tokenizer...")
+    return write_manifest(
+        tmp, model.cfg, tokenizer, graphs, options,
+        preprocess=model.preprocess, prompt=model.prompt_format,
+    )  # fmt: skip
+
+
+def write_manifest(
+    tmp: Path,
+    cfg: FlamingoConfig,
+    tokenizer: Any,
+    graphs: dict[str, GraphEntry],
+    options: ExportOptions,
+    quantization: dict[str, Any] | None = None,
+    *,
+    preprocess: dict[str, Any] | None = None,
+    prompt: dict[str, Any] | None = None,
+) -> Manifest:
+    """Save the tokenizer into tmp/tokenizer and write the manifest of the graphs in tmp
+    (export, and the streaming export of precision.streaming). `preprocess` and `prompt`:
+    what the model's loader set (IDEFICS), else open_clip's preprocessing at the vision size."""
     tok_dir = tmp / "tokenizer"
     tokenizer.save_pretrained(str(tok_dir))
     if not (tok_dir / "tokenizer.json").is_file():
@@ -378,26 +424,27 @@ def _export_into(
     tok_files = sorted(str(p.relative_to(tmp)) for p in tok_dir.rglob("*") if p.is_file())
     special = {
         "media_token": "<image>",
-        "eoc_token": tokenizer.convert_ids_to_tokens(model.cfg.eoc_token_id),
-        "media_token_id": model.cfg.media_token_id,
-        "eoc_token_id": model.cfg.eoc_token_id,
-        "pad_token_id": model.cfg.pad_token_id,
+        "eoc_token": tokenizer.convert_ids_to_tokens(cfg.eoc_token_id),
+        "media_token_id": cfg.media_token_id,
+        "eoc_token_id": cfg.eoc_token_id,
+        "pad_token_id": cfg.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
     }
-    # a loader that knows better (IDEFICS) sets the model's preprocessing and prompt format
-    preprocess = PreprocessConfig.from_dict(
-        model.preprocess or {"image_size": model.cfg.vision.image_size}
+    # a loader that knows better (IDEFICS) gives the model's preprocessing and prompt format
+    preprocess_config = PreprocessConfig.from_dict(
+        preprocess or {"image_size": cfg.vision.image_size}
     )
     manifest = Manifest(
-        prompt=model.prompt_format,
-        model=cfg,
+        prompt=prompt,
+        model=cfg.to_dict(),
         special_tokens=special,
-        preprocess=preprocess.to_dict(),
+        preprocess=preprocess_config.to_dict(),
         graphs=graphs,
         limits={"max_images": options.max_images, "max_seq_len": options.max_seq_len},
         tokenizer_files=tok_files,
         tools=tool_versions(),
+        quantization=quantization or {},
     )
     manifest.record_files(tmp)
     manifest.write(tmp)

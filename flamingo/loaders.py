@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,15 +174,18 @@ def unwrap_training_save(sd: dict[str, Any], path: Path) -> dict[str, torch.Tens
     return out
 
 
+Reader = Callable[[Path], dict[str, Any]]  # read_state_dict, or flamingo.lazy's lazy reader
+
+
 def read_hf_weights(
-    lm_dir: Path, sources: dict[str, Path] | None = None
+    lm_dir: Path, sources: dict[str, Path] | None = None, reader: Reader = read_state_dict
 ) -> dict[str, torch.Tensor]:
     """All tensors of an HF model directory: single file or sharded, safetensors preferred.
-    `sources` (if given) receives the file each tensor came from."""
+    `sources` (if given) receives the file each tensor came from; `reader` reads one file."""
     sources = sources if sources is not None else {}
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (lm_dir / single).is_file():
-            sd = read_state_dict(lm_dir / single)
+            sd = reader(lm_dir / single)
             sources.update(dict.fromkeys(sd, lm_dir / single))
             return sd
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -194,7 +197,7 @@ def read_hf_weights(
                 path = (lm_dir / shard).resolve()
                 if Path(shard).is_absolute() or not path.is_relative_to(lm_dir.resolve()):
                     raise LoadError(f"{index}: weight_map names {shard!r}, outside {lm_dir}")
-                shard_sd = read_state_dict(lm_dir / shard)
+                shard_sd = reader(lm_dir / shard)
                 sources.update(dict.fromkeys(shard_sd, lm_dir / shard))
                 sd.update(shard_sd)
             return sd
@@ -472,6 +475,7 @@ def read_vision(
     heads: int | None = None,
     act: str | None = None,
     assumptions: list[str] | None = None,
+    reader: Reader = read_state_dict,
 ) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
     """(config, open_clip-named visual tensors) from an open_clip file or an HF CLIP directory.
 
@@ -492,7 +496,7 @@ def read_vision(
                 vcfg, HF_CLIP_CONFIG_SCHEMA, f"{config_file}: vision_config", LoadError
             )
         try:
-            sd = clip_hf_to_open_clip(read_hf_weights(path))
+            sd = clip_hf_to_open_clip(read_hf_weights(path, reader=reader))
         except KeyError as e:
             raise LoadError(
                 f"{path}: missing CLIP vision tensor {e.args[0]!r} (not an HF CLIP vision model?)"
@@ -502,7 +506,7 @@ def read_vision(
         act = _agree("--vision-act", act, config_file, "hidden_act", vcfg.get("hidden_act"))
         ln_eps = vcfg.get("layer_norm_eps", 1e-5)
     else:
-        sd = read_state_dict(path)
+        sd = reader(path)
         sd = unwrap_training_save(sd, path) if "model_state_dict" in sd else sd
         if any(k.startswith("visual.") for k in sd):
             sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
@@ -693,7 +697,8 @@ def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
 def check_weight(tensor: torch.Tensor, like: torch.Tensor, source: Path, key: str) -> None:
     """A tensor loaded into a floating parameter must be floating and finite: an integer or
     bool tensor would be silently cast, a NaN/Inf exported. (Integer and bool buffers, e.g.
-    position ids or causal masks, are what they are.)"""
+    position ids or causal masks, are what they are.) A meta tensor (flamingo.lazy's, read for
+    its shape only) has no values yet: flamingo.lazy.SourceFiles checks them as it reads them."""
     if not like.is_floating_point():
         return
     if not tensor.is_floating_point():
@@ -701,11 +706,48 @@ def check_weight(tensor: torch.Tensor, like: torch.Tensor, source: Path, key: st
             f"{source}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
             "expected a floating dtype"
         )
-    if not all_finite(tensor):
+    if not tensor.is_meta and not all_finite(tensor):
         raise LoadError(f"{source}: tensor {key!r} holds non-finite values (NaN or Inf)")
 
 
 def load_flamingo(
+    lm_dir: str | Path,
+    vision_path: str | Path,
+    checkpoint_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    **options: Any,
+) -> tuple[Flamingo, Any, LoadReport]:
+    """The reference model from local files: (model in eval mode, tokenizer, report).
+
+    `options`: resolve_flamingo's keywords (cross_attn_every_n_layers, preset, vision_heads,
+    vision_act, vision_tokens_after_ln_post, tokenizer_dir)."""
+    resolved = resolve_flamingo(lm_dir, vision_path, checkpoint_path, **options)
+    cfg, loaded = resolved.config, resolved.tensors
+    with torch.device("meta"):
+        model = Flamingo(cfg)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: v.to(dtype) for k, v in loaded.items()}, strict=False, assign=False)
+    if cfg.lm.tie_word_embeddings:
+        model.lang_model.lm_head.weight = model.lang_model.embed_tokens.weight
+    model.lang_model._init_buffers()
+    model.to(dtype).eval()
+    return model, resolved.tokenizer, resolved.report
+
+
+@dataclass
+class ResolvedFlamingo:
+    """What the files resolve to before any model is built: the config, the extended
+    tokenizer, the report, and every weight under our parameter name (a tied LM head is not
+    listed: it is the input embedding)."""
+
+    config: FlamingoConfig
+    tokenizer: Any
+    report: LoadReport
+    tensors: dict[str, torch.Tensor]
+
+
+def resolve_flamingo(
     lm_dir: str | Path,
     vision_path: str | Path,
     checkpoint_path: str | Path,
@@ -716,9 +758,11 @@ def load_flamingo(
     vision_act: str | None = None,
     vision_tokens_after_ln_post: bool = False,
     tokenizer_dir: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Flamingo, Any, LoadReport]:
-    """The reference model from local files: (model in eval mode, tokenizer, report)."""
+    reader: Reader = read_state_dict,
+) -> ResolvedFlamingo:
+    """Config, tokenizer and weights (by our names) from local files, every check of
+    load_flamingo included. `reader` reads one weight file (flamingo.lazy's reads shapes only:
+    the streaming export)."""
     lm_dir, vision_path, ckpt_path = Path(lm_dir), Path(vision_path), Path(checkpoint_path)
     report = LoadReport(str(lm_dir), str(vision_path), str(ckpt_path))
     for option, value in (("--vision-heads", vision_heads),
@@ -739,7 +783,9 @@ def load_flamingo(
             f"{lm_cfg.family}"
         )
 
-    vision_cfg, vision_sd = read_vision(vision_path, vision_heads, vision_act, report.assumptions)
+    vision_cfg, vision_sd = read_vision(
+        vision_path, vision_heads, vision_act, report.assumptions, reader
+    )
     vision_cfg.tokens_after_ln_post = vision_tokens_after_ln_post
     if not vision_tokens_after_ln_post:
         report.assumptions.append(
@@ -747,7 +793,7 @@ def load_flamingo(
             "checkpoints were trained): override with --vision-tokens-after-ln-post"
         )
 
-    ckpt = read_state_dict(ckpt_path)
+    ckpt = reader(ckpt_path)
     ckpt = unwrap_training_save(ckpt, ckpt_path)
     found = cross_attn_layers_in_checkpoint(ckpt)
     if not found:
@@ -804,7 +850,7 @@ def load_flamingo(
 
     # 1. LM weights
     lm_files: dict[str, Path] = {}
-    lm_sd = read_hf_weights(lm_dir, lm_files)
+    lm_sd = read_hf_weights(lm_dir, lm_files, reader)
     if is_mosaic:
         from .mosaic_gpt import map_mosaic_gpt_state_dict
 
@@ -863,11 +909,5 @@ def load_flamingo(
     if report.missing:
         raise LoadError(f"{lm_dir}: output embeddings missing ({report.missing[0]})")
 
-    model = model.to_empty(device="cpu")
-    model.load_state_dict({k: v.to(dtype) for k, v in loaded.items()}, strict=False, assign=False)
-    if lm_cfg.tie_word_embeddings:
-        model.lang_model.lm_head.weight = model.lang_model.embed_tokens.weight
-    model.lang_model._init_buffers()
-    model.to(dtype).eval()
     report.notes.append(f"cross_attn_every_n_layers={every_n}; vocabulary {base_vocab} -> {vocab}")
-    return model, tok, report
+    return ResolvedFlamingo(cfg, tok, report, loaded)

@@ -49,7 +49,7 @@ from exporter.output import (
 )
 from runtime.manifest import PRECISIONS, GraphEntry, Manifest, load_manifest, safe_join
 from runtime.schema import load_json
-from runtime.spec import GraphSpec
+from runtime.spec import PORTABLE, DecoderForm, GraphSpec
 from trt.graph_index import default_opset
 from trt.rules import check_graph
 
@@ -153,6 +153,27 @@ def check_calibration_cache(path: Path) -> None:
             f"{path}: not a calibration cache (expected a JSON object of tensor ranges; "
             f"{RECALIBRATE})"
         )
+
+
+class WeightStore:
+    """Where the rewrites read initializer values and put the ones they create.
+
+    The default holds everything in the graph (today's fp32 -> quantize route); the streaming
+    export (precision.streaming) reads each weight from the checkpoint when a rewrite asks for
+    it and moves large new initializers out of memory as they are made."""
+
+    def deferred(self, tensor: TensorProto) -> bool:
+        """Whether the initializer's values are not in the graph (read through `array`)."""
+        return False
+
+    def array(self, tensor: TensorProto) -> np.ndarray:
+        return numpy_helper.to_array(tensor)
+
+    def added(self, tensors: list[TensorProto]) -> None:
+        """New initializers a rewrite just put into the graph."""
+
+
+IN_MEMORY = WeightStore()
 
 
 # ------------------------------------------------------------------ graph helpers
@@ -265,7 +286,7 @@ def logits_nodes(model: onnx.ModelProto) -> list[str]:
 _UNARY = {"Tanh": np.tanh, "Sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)), "Neg": np.negative}
 
 
-def fold_constant_unary(model: onnx.ModelProto) -> int:
+def fold_constant_unary(model: onnx.ModelProto, weights: WeightStore = IN_MEMORY) -> int:
     """Precompute unary ops on float initializers (the tanh of cross-attention gates) in
     fp32, so fp16 graphs carry the exact gate and no fp16 kernel is needed for it."""
     inits = _initializers(model)
@@ -277,7 +298,7 @@ def fold_constant_unary(model: onnx.ModelProto) -> int:
         src = inits.get(node.input[0]) if fn is not None else None
         if src is None or src.data_type != TensorProto.FLOAT or node.output[0] in graph_outputs:
             continue
-        value = fn(numpy_helper.to_array(src).astype(np.float64)).astype(np.float32)
+        value = fn(weights.array(src).astype(np.float64)).astype(np.float32)
         tensor = numpy_helper.from_array(value, node.output[0])
         model.graph.initializer.append(tensor)
         inits[tensor.name] = tensor
@@ -386,17 +407,69 @@ def remove_fp16_round_trips(model: onnx.ModelProto, fp32_nodes: set[str]) -> int
     return rewired
 
 
+def exceeds_proto_limit(payload_bytes: int) -> bool:
+    """Whether a graph with this many initializer bytes is saved with external data."""
+    return payload_bytes >= ONNX_PROTO_LIMIT - (64 << 20)
+
+
 def _is_large(model: onnx.ModelProto) -> bool:
-    return _payload_bytes(model) >= ONNX_PROTO_LIMIT - (64 << 20)
+    return exceeds_proto_limit(_payload_bytes(model))
+
+
+def _deferred_to_inputs(
+    model: onnx.ModelProto, blocked: set[str], weights: WeightStore
+) -> list[tuple[int, TensorProto]]:
+    """Take the deferred (streamed) initializers that onnxruntime's fp16 converter will convert
+    out of the initializers and declare them graph inputs of the same type and shape.
+
+    The converter reads an initializer's values to learn its shape (to_array(t).shape); a graph
+    input it converts the same way (retyped to fp16, a Cast before each fp32 node reading it).
+    Converted: read by a node outside the block lists at an input the converter does not keep
+    float (ALWAYS_FLOAT_INPUTS), as in convert_float_to_float16. Returns (index, initializer)."""
+    from onnxruntime.transformers.float16 import ALWAYS_FLOAT_INPUTS, DEFAULT_OP_BLOCK_LIST
+
+    converted: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type in DEFAULT_OP_BLOCK_LIST or node.name in blocked:
+            continue
+        float_only = ALWAYS_FLOAT_INPUTS.get(node.op_type, [])
+        converted.update(n for i, n in enumerate(node.input) if i not in float_only)
+    moved = [
+        (i, t)
+        for i, t in enumerate(model.graph.initializer)
+        if t.data_type == TensorProto.FLOAT and t.name in converted and weights.deferred(t)
+    ]
+    for _, tensor in reversed(moved):
+        model.graph.initializer.remove(tensor)
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for _, t in moved
+    )
+    return moved
+
+
+def _inputs_to_initializers(model: onnx.ModelProto, moved: list[tuple[int, TensorProto]]) -> None:
+    """Undo _deferred_to_inputs after conversion: each back at its index, typed as converted."""
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    names = {t.name for _, t in moved}
+    kept = [v for v in model.graph.input if v.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    for index, tensor in moved:
+        tensor.data_type = types[tensor.name]
+        model.graph.initializer.insert(index, tensor)
 
 
 def to_fp16(
-    model: onnx.ModelProto, keep: tuple[str, ...], keep_nodes: list[str], work: Path
+    model: onnx.ModelProto,
+    keep: tuple[str, ...],
+    keep_nodes: list[str],
+    work: Path,
+    weights: WeightStore = IN_MEMORY,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """fp16 weights/activations/I-O; `keep` categories and `keep_nodes` stay fp32."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    fold_constant_unary(model)
+    fold_constant_unary(model, weights)
     block = list(keep_nodes)
     if "norm" in keep:
         block += norm_statistic_nodes(model)
@@ -407,45 +480,94 @@ def to_fp16(
         block += logits_nodes(model)
         keep_io.append("logits")
     source: onnx.ModelProto | str = model
-    if _is_large(model):  # the converter's shape inference needs a path above 2 GB
+    # above 2 GB the converter's shape inference needs a path (a streamed graph holds no
+    # weights: it stays in memory, where shape inference gives the same result)
+    if weights is IN_MEMORY and _is_large(model):
         save_graph(model, work / "fp16-src.onnx")
         source = str(work / "fp16-src.onnx")
+    moved = _deferred_to_inputs(model, set(block), weights) if weights is not IN_MEMORY else []
     converted = convert_float_to_float16(
         source,
         keep_io_types=keep_io or False,
         op_block_list=DEFAULT_OP_BLOCK_LIST,
         node_block_list=sorted(set(block)),
     )
+    _inputs_to_initializers(converted, moved)
     removed = remove_fp16_round_trips(converted, set(block))
     topological_sort(converted)
     info = {"fp32_nodes": len(set(block)), "fp16_keep": list(keep), "fp16_round_trips": removed}
     return converted, info
 
 
+_CHUNK_ELEMENTS = 1 << 22  # elements per step of the per-channel int8 conversion
+
+
 def _int8_per_channel(weights: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8, one scale per index of `axis` (the channel axis): scale = max|w| / 127
-    over the other axis, all-zero channels get scale 1."""
-    amax = np.abs(weights).max(axis=1 - axis)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(weights / np.expand_dims(scale, 1 - axis)), -127, 127).astype(np.int8)
+    over the other axis, all-zero channels get scale 1. Computed over blocks of channels, so
+    the temporaries stay small next to a vocabulary-sized table (same values as at once)."""
+    channels = weights.shape[axis]
+    q = np.empty(weights.shape, np.int8)
+    scale = np.empty(channels, np.float32)
+    step = max(1, _CHUNK_ELEMENTS // max(1, weights.shape[1 - axis]))
+    for start in range(0, channels, step):
+        index = (slice(None),) * axis + (slice(start, start + step),)
+        block = weights[index]
+        amax = np.abs(block).max(axis=1 - axis)
+        s = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q[index] = np.clip(np.rint(block / np.expand_dims(s, 1 - axis)), -127, 127)
+        scale[start : start + step] = s
     return q, scale
 
 
+class _WeightsOnDemand:
+    """onnxruntime's per-node int4 quantizer, given each MatMul weight only while it quantizes
+    that node: a streamed graph holds no weights, so the weight is read into a graph of its own
+    (the quantizer looks initializers up in the graph stack it is given) and what the quantizer
+    makes there is handed to the store, then added to the real graph. (A protobuf message keeps
+    the memory of every byte string ever set in it until it is freed: no weight enters the
+    long-lived graph.)"""
+
+    def __init__(self, inner: Any, weights: WeightStore) -> None:
+        self.inner, self.weights = inner, weights
+
+    def quantize(self, node: onnx.NodeProto, graph_stack: list[onnx.GraphProto]) -> Any:
+        graph = graph_stack[-1]
+        name = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else None
+        tensor = next((t for t in graph.initializer if t.name == name), None) if name else None
+        if tensor is None or not self.weights.deferred(tensor):
+            before = len(graph.initializer)
+            out = self.inner.quantize(node, graph_stack)
+            self.weights.added(list(graph.initializer[before:]))
+            return out
+        own = onnx.GraphProto()
+        weight = own.initializer.add()
+        weight.name, weight.data_type = name, tensor.data_type
+        weight.dims.extend(tensor.dims)
+        weight.raw_data = self.weights.array(tensor).tobytes()
+        out = self.inner.quantize(node, [own])
+        made = list(own.initializer[1:])
+        self.weights.added(made)
+        graph.initializer.extend(made)
+        return out
+
+
 def _dequantize_initializer(
-    model: onnx.ModelProto, tensor: TensorProto, axis: int
+    model: onnx.ModelProto, tensor: TensorProto, axis: int, weights: WeightStore = IN_MEMORY
 ) -> onnx.NodeProto:
     """Replace a 2-D float initializer by its int8 per-channel form and return the
     DequantizeLinear node that recomputes it under the same name (for the caller to insert)."""
     name = tensor.name
-    q, scale = _int8_per_channel(numpy_helper.to_array(tensor), axis)
+    q, scale = _int8_per_channel(weights.array(tensor), axis)
     model.graph.initializer.remove(tensor)
-    model.graph.initializer.extend(
-        [
-            numpy_helper.from_array(q, f"{name}_int8"),
-            numpy_helper.from_array(scale, f"{name}_scale"),
-            numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero_point"),
-        ]
-    )
+    new = [
+        numpy_helper.from_array(q, f"{name}_int8"),
+        numpy_helper.from_array(scale, f"{name}_scale"),
+        numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero_point"),
+    ]
+    del q
+    weights.added(new)  # before they are copied into the graph (see _WeightsOnDemand)
+    model.graph.initializer.extend(new)
     return helper.make_node(
         "DequantizeLinear",
         [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
@@ -466,16 +588,24 @@ def embedding_nodes(model: onnx.ModelProto) -> list[str]:
     return out
 
 
-def quantize_embeddings(model: onnx.ModelProto, skip: set[str]) -> list[str]:
+def quantize_embeddings(
+    model: onnx.ModelProto, skip: set[str], weights: WeightStore = IN_MEMORY
+) -> list[str]:
     """Gather tables (and the tied LM head sharing them) -> int8 per row + DequantizeLinear.
 
     Weight-only (the Gather output is float): symmetric, zero point 0, axis 0, which for a
     tied LM head is one scale per vocabulary entry, i.e. per output channel.
     """
-    return _dequantize_inputs(model, set(embedding_nodes(model)) - skip, 0, axis=0)
+    return _dequantize_inputs(model, set(embedding_nodes(model)) - skip, 0, 0, weights)
 
 
-def _dequantize_inputs(model: onnx.ModelProto, nodes: set[str], index: int, axis: int) -> list[str]:
+def _dequantize_inputs(
+    model: onnx.ModelProto,
+    nodes: set[str],
+    index: int,
+    axis: int,
+    weights: WeightStore = IN_MEMORY,
+) -> list[str]:
     """Input `index` (an initializer) of every node in `nodes` -> int8 per channel along `axis`
     behind a DequantizeLinear placed first in the graph; shared initializers once. Returns
     the initializer names."""
@@ -485,12 +615,15 @@ def _dequantize_inputs(model: onnx.ModelProto, nodes: set[str], index: int, axis
         if node.name in nodes and node.input[index] not in names:
             names.append(node.input[index])
     for i, name in enumerate(names):
-        model.graph.node.insert(i, _dequantize_initializer(model, inits[name], axis))
+        model.graph.node.insert(i, _dequantize_initializer(model, inits[name], axis, weights))
     return names
 
 
 def to_int8_weight_only(
-    model: onnx.ModelProto, options: QuantizeOptions, keep_nodes: list[str]
+    model: onnx.ModelProto,
+    options: QuantizeOptions,
+    keep_nodes: list[str],
+    weights: WeightStore = IN_MEMORY,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """int8 weights (per output channel, symmetric) behind DequantizeLinear; float activations.
 
@@ -500,8 +633,8 @@ def to_int8_weight_only(
     kept = set(keep_nodes)
     op_of = {n.name: n.op_type for n in model.graph.node}
     targets = [n for n in weight_nodes(model) if n not in kept and op_of[n] == "MatMul"]
-    _dequantize_inputs(model, set(targets), 1, axis=1)
-    embeddings = quantize_embeddings(model, kept) if options.quantize_embeddings else []
+    _dequantize_inputs(model, set(targets), 1, 1, weights)
+    embeddings = quantize_embeddings(model, kept, weights) if options.quantize_embeddings else []
     info = {
         "mode": "weight-only",
         "weight_nodes": len(targets),
@@ -587,7 +720,11 @@ def to_int8(
 
 
 def to_int4(
-    model: onnx.ModelProto, options: QuantizeOptions, keep_nodes: list[str], work: Path
+    model: onnx.ModelProto,
+    options: QuantizeOptions,
+    keep_nodes: list[str],
+    work: Path,
+    weights: WeightStore = IN_MEMORY,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Blockwise symmetric int4 weights: blocked DequantizeLinear (opset 21) or MatMulNBits."""
     from onnx import version_converter
@@ -599,7 +736,9 @@ def to_int4(
 
     qdq = options.int4_format == "qdq"
     if qdq and default_opset(model) < INT4_OPSET:
-        if _is_large(model):  # convert the structure only, then reattach the weights
+        # above 2 GB: convert the structure only, then reattach the weights (a streamed
+        # graph holds no weights: it is the structure)
+        if weights is IN_MEMORY and _is_large(model):
             save_graph(model, work / "int4-src.onnx")
             skeleton = onnx.load(str(work / "int4-src.onnx"), load_external_data=False)
             model = version_converter.convert_version(skeleton, INT4_OPSET)
@@ -619,9 +758,13 @@ def to_int4(
     quantizer = MatMulNBitsQuantizer(
         model, nodes_to_exclude=list(keep_nodes), nodes_to_include=targets, algo_config=config
     )
+    if weights is not IN_MEMORY:
+        quantizer.node_quantizer = _WeightsOnDemand(quantizer.node_quantizer, weights)
     quantizer.process()
     out = quantizer.model.model
-    embeddings = quantize_embeddings(out, set(keep_nodes)) if options.quantize_embeddings else []
+    embeddings = (
+        quantize_embeddings(out, set(keep_nodes), weights) if options.quantize_embeddings else []
+    )
     info = {
         "format": "blocked DequantizeLinear (opset 21)" if qdq else "MatMulNBits (com.microsoft)",
         "block_size": options.block_size,
@@ -633,6 +776,48 @@ def to_int4(
 
 
 # ------------------------------------------------------------------ the export folder
+
+
+def rewrite_graph(
+    model: onnx.ModelProto,
+    name: str,
+    options: QuantizeOptions,
+    reader: Any,
+    work: Path,
+    weights: WeightStore = IN_MEMORY,
+    *,
+    form: DecoderForm = PORTABLE,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """An fp32 graph at `options.precision(name)`, and the record of how (manifest
+    `quantization.<graph>`); refused when a TensorRT-bound result breaks the TensorRT rules.
+    `reader`: the calibration feeds of a W8A8 int8 graph; `form`: the decoder form the graph
+    has (a non-portable one is onnxruntime's alone)."""
+    precision = options.precision(name)
+    name_nodes(model)
+    keep = matched_nodes(model, options.keep_nodes)
+    info: dict[str, Any] = {"keep_nodes": keep} if keep else {}
+    backends = list(form.backends)
+    with quiet_onnxruntime_tools():
+        if precision == "fp16":
+            model, more = to_fp16(model, options.fp16_keep, keep, work, weights)
+        elif precision == "int8" and options.int8_mode == "weight-only":
+            model, more = to_int8_weight_only(model, options, keep, weights)
+        elif precision == "int8":
+            model, more = to_int8(model, name, reader, options, keep, work)
+        elif precision == "int4":
+            model, more = to_int4(model, options, keep, work, weights)
+        else:
+            more = {}
+    if precision == "int4" and options.int4_format == "matmulnbits":
+        backends = [b for b in backends if b == "onnxruntime"]
+    info.update(more)
+    info["backends"] = backends
+    if "tensorrt" in backends:
+        violations = check_graph(model)
+        if violations:
+            listed = "; ".join(str(v) for v in violations[:3])
+            raise QuantizeError(f"{name} graph at {precision} breaks TensorRT rules: {listed}")
+    return model, info
 
 
 def _check_source(src: Path, out: Path) -> Manifest:
@@ -741,6 +926,27 @@ def check_keep_nodes(src: Path, source: Manifest, patterns: tuple[str, ...]) -> 
             )
 
 
+def written_graph(
+    path: Path,
+    model: onnx.ModelProto,
+    fp32_spec: GraphSpec,
+    precision: str,
+    external: list[str],
+    start: float,
+    say: Progress,
+    *,
+    form: DecoderForm = PORTABLE,
+) -> GraphEntry:
+    """The manifest entry of a graph just written at `path` (checked by onnx's checker, I/O
+    dtypes read from the graph), with a progress line of its size and time since `start`."""
+    onnx.checker.check_model(str(path), full_check=False)
+    spec = spec_from_graph(model, fp32_spec)
+    size = sum((path.parent / f).stat().st_size for f in (path.name, *external))
+    name = path.name.removesuffix(".onnx")
+    say(f"{name} graph: {precision}, {size / 2**20:.2f} MiB in {time.perf_counter() - start:.1f} s")
+    return GraphEntry(path.name, precision, default_opset(model), spec, external, form)
+
+
 def _quantize_into(
     src: Path, source: Manifest, tmp: Path, options: QuantizeOptions, say: Progress
 ) -> Manifest:
@@ -757,45 +963,15 @@ def _quantize_into(
             start = time.perf_counter()
             say(f"{name} graph: fp32 -> {precision}...")
             model = load_graph(safe_join(src, entry.file))
-            name_nodes(model)
-            keep = matched_nodes(model, options.keep_nodes)
-            info: dict[str, Any] = {"keep_nodes": keep} if keep else {}
-            backends = list(entry.form.backends)  # a non-portable decoder form: onnxruntime
-            with quiet_onnxruntime_tools():
-                if precision == "fp16":
-                    model, more = to_fp16(model, options.fp16_keep, keep, work)
-                elif precision == "int8" and options.int8_mode == "weight-only":
-                    model, more = to_int8_weight_only(model, options, keep)
-                elif precision == "int8":
-                    model, more = to_int8(model, name, readers.get(name), options, keep, work)
-                elif precision == "int4":
-                    model, more = to_int4(model, options, keep, work)
-                else:
-                    more = {}
-            if precision == "int4" and options.int4_format == "matmulnbits":
-                backends = [b for b in backends if b == "onnxruntime"]
-            info.update(more)
-            info["backends"] = backends
-            if "tensorrt" in backends:
-                violations = check_graph(model)
-                if violations:
-                    listed = "; ".join(str(v) for v in violations[:3])
-                    raise QuantizeError(
-                        f"{name} graph at {precision} breaks TensorRT rules: {listed}"
-                    )
+            model, info = rewrite_graph(
+                model, name, options, readers.get(name), work, form=entry.form
+            )
             path = tmp / entry.file
             external = save_graph(model, path)
-            onnx.checker.check_model(str(path), full_check=False)
-            spec = spec_from_graph(model, entry.spec)
-            graphs[name] = GraphEntry(
-                entry.file, precision, default_opset(model), spec, external, entry.form
+            graphs[name] = written_graph(
+                path, model, entry.spec, precision, external, start, say, form=entry.form
             )
             record[name] = info
-            size = sum((tmp / f).stat().st_size for f in (entry.file, *external))
-            say(
-                f"{name} graph: {precision}, {size / 2**20:.2f} MiB "
-                f"in {time.perf_counter() - start:.1f} s"
-            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for rel in source.tokenizer_files:
