@@ -51,13 +51,18 @@ class VisionConfig:
 
 @dataclass
 class ResamplerConfig:
-    """Perceiver resampler; dim is the vision width."""
+    """Perceiver resampler; dim is the vision width.
+
+    `max_num_frames` (OpenFlamingo's name): the checkpoint has learned frame (temporal)
+    embeddings `perceiver.frame_embs` (max_num_frames, dim), added to each frame's patch tokens
+    of a clip; None (the released image models): no frame embeddings."""
 
     depth: int = 6
     heads: int = 8
     dim_head: int = 64
     num_latents: int = 64
     ff_mult: int = 4
+    max_num_frames: int | None = None
 
 
 @dataclass

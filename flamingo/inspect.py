@@ -25,6 +25,8 @@ def describe(model: Flamingo, tokenizer: Any, report: LoadReport) -> dict[str, A
         "pad_token_id": cfg.pad_token_id,
         "cross_attn_every_n_layers": cfg.cross_attn.every_n_layers,
         "cross_attn_layer_indices": lm.cross_attn_layer_indices,
+        # frames a clip may have (learned frame embeddings); None: no frame embeddings
+        "max_num_frames": cfg.resampler.max_num_frames,
         "num_parameters": {
             "vision_encoder": count(model.vision_encoder),
             "perceiver": count(model.perceiver),
