@@ -35,7 +35,7 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     if as_json:
         echo_json(info)
         return
-    lm, v = info["lm"], info["vision"]
+    lm, v, r = info["lm"], info["vision"], info["resampler"]
     lines = [
         ("LM family", info["lm_family"]),
         ("LM", f"{lm['num_layers']} layers, hidden {lm['hidden_size']}, {lm['num_heads']} heads "
@@ -43,6 +43,11 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
         ("vision", f"ViT {v['image_size']}px/{v['patch_size']}, width {v['width']}, "
                    f"{v['layers']} layers, {v['heads']} heads, act {v['act']}, tokens "
                    f"{'after' if v['tokens_after_ln_post'] else 'before'} ln_post"),
+        ("resampler", f"depth {r['depth']}, {r['num_latents']} latents, "
+                      f"{r['heads']} heads x {r['dim_head']}, "
+                      + (f"frame embeddings for clips of up to {r['max_num_frames']} frames"
+                         if r["max_num_frames"] else "no frame embeddings (max_num_frames "
+                         "None)")),
         ("cross-attention", f"every {info['cross_attn_every_n_layers']} layer(s): before "
                             f"decoder layers {info['cross_attn_layer_indices']}"),
         ("special tokens", f"<image>={info['media_token_id']} "
@@ -91,6 +96,7 @@ def export(
     opset: int,
     max_images: int | None,
     max_seq_len: int | None,
+    max_frames: int | None,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -101,7 +107,7 @@ def export(
     from exporter.export import ExportOptions, check_output
     from precision.quantize import export_at_precision
 
-    limits = {"max_images": max_images, "max_seq_len": max_seq_len}
+    limits = {"max_images": max_images, "max_seq_len": max_seq_len, "max_frames": max_frames}
     options = ExportOptions(
         opset=opset, force=force, **{k: v for k, v in limits.items() if v is not None}
     )

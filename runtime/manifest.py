@@ -18,9 +18,15 @@ from typing import Any
 from .errors import FlamingoExportError
 from .spec import GraphSpec
 
-SCHEMA_VERSION = 2  # 2: decoder input logits_index
+SCHEMA_VERSION = 3
+# what each version changed in the contract (named when an older export is refused)
+SCHEMA_CHANGES = {
+    2: "decoder input logits_index",
+    3: "vision input pixel_values with a frames axis (video clips) and limits.max_frames",
+}
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("vision", "decoder")
+LIMITS = ("max_images", "max_seq_len", "max_frames")  # what the runtime checks requests against
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # a graph's weights/activations, in the ONNX file
 
 
@@ -76,7 +82,7 @@ class Manifest:
     special_tokens: dict[str, Any]
     preprocess: dict[str, Any]  # runtime.images.PreprocessConfig.to_dict()
     graphs: dict[str, GraphEntry]
-    limits: dict[str, int]  # max_images, max_seq_len
+    limits: dict[str, int]  # max_images, max_seq_len, max_frames
     tokenizer_files: list[str]
     tools: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
@@ -103,15 +109,24 @@ class Manifest:
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
+            since = [
+                f"{v}: {change}"
+                for v, change in SCHEMA_CHANGES.items()
+                if isinstance(version, int) and not isinstance(version, bool) and version < v
+            ]
             raise ManifestError(
                 f"{where}: schema_version {version!r} is not supported by this runtime "
                 f"(expected {SCHEMA_VERSION}); re-export with a matching flamingo-export"
+                + (f" (changed since: {'; '.join(since)})" if since else "")
             )
         try:
             graphs = {k: GraphEntry.from_dict(g) for k, g in d["graphs"].items()}
             missing = [g for g in GRAPH_NAMES if g not in graphs]
             if missing:
                 raise ManifestError(f"{where}: graphs {missing} missing")
+            missing = [k for k in LIMITS if k not in d["limits"]]
+            if missing:
+                raise ManifestError(f"{where}: limits {missing} missing")
             return cls(
                 model=d["model"],
                 special_tokens=d["special_tokens"],
