@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[export,eval,serve,ray,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[export,eval,serve,ray,video,dev]'
 	# Test oracle: the published OpenFlamingo package, without its pinned torch/open_clip deps.
 	$(BIN)/pip install -q --no-deps -c constraints.txt open-flamingo==2.0.1
 	touch $(STAMP)

@@ -33,8 +33,10 @@ __all__ = [
     "ImageInput",
     "PreprocessConfig",
     "image_list",
+    "input_name",
     "load_image",
     "preprocess",
+    "preprocess_image",
 ]
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -432,26 +434,37 @@ def preprocess(images: Sequence[ImageInput], config: PreprocessConfig) -> np.nda
     """
     batch = image_list(images)
     size = config.image_size
-    mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
     out = np.empty((len(batch), 3, size, size), dtype=np.float32)
     for i, item in enumerate(batch):
-        name = f"image #{i}"
-        if isinstance(item, (str, os.PathLike)):
-            name += f" ({os.fspath(item)})"
-        im = load_image(item, name=name)
-        try:
-            im = _to_rgb(_geometry(im, config, name))
-        except ImageError:
-            raise
-        except (ValueError, OSError, MemoryError) as e:  # Pillow's resize/convert failures
-            raise ImageError(f"{name}: cannot preprocess the image ({_describe(e)})") from e
-        if im.size != (size, size):  # defensive: geometry must give the crop size
-            raise ImageError(f"{name}: internal error, got {im.size} after preprocessing")
-        # ToTensor: uint8 HWC -> float32 CHW / 255, then Normalize: (x - mean) / std.
-        chw = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
-        chw /= np.float32(255.0)
-        chw -= mean
-        chw /= std
-        out[i] = chw
+        out[i] = preprocess_image(item, config, input_name(item, f"image #{i}"))
     return out
+
+
+def input_name(item: Any, label: str) -> str:
+    """`label`, plus the path for path inputs: how errors name an input."""
+    if isinstance(item, (str, os.PathLike)):
+        return f"{label} ({os.fspath(item)})"
+    return label
+
+
+def preprocess_image(image: ImageInput, config: PreprocessConfig, name: str) -> np.ndarray:
+    """One image (or one frame of a clip) -> float32 (3, S, S): the eval transform of
+    :func:`preprocess`; errors are ImageErrors starting with `name`."""
+    size = config.image_size
+    im = load_image(image, name=name)
+    try:
+        im = _to_rgb(_geometry(im, config, name))
+    except ImageError:
+        raise
+    except (ValueError, OSError, MemoryError) as e:  # Pillow's resize/convert failures
+        raise ImageError(f"{name}: cannot preprocess the image ({_describe(e)})") from e
+    if im.size != (size, size):  # defensive: geometry must give the crop size
+        raise ImageError(f"{name}: internal error, got {im.size} after preprocessing")
+    # ToTensor: uint8 HWC -> float32 CHW / 255, then Normalize: (x - mean) / std.
+    mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
+    chw = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
+    chw /= np.float32(255.0)
+    chw -= mean
+    chw /= std
+    return chw

@@ -1,10 +1,12 @@
 """Prompt in, text out: tokenizer + image preprocessing + the two graphs + the shared search.
 
 Torch-free (numpy, onnxruntime, tokenizers, Pillow). One request is a batch of prompts with
-`<image>` markers and their images, left-padded into one decoder batch.
+`<image>` markers and their media, left-padded into one decoder batch. A media item is an image
+or a video clip (`runtime.video.Video`), mixed freely: each fills one `<image>` marker, in the
+order given; a clip's frames are sampled and preprocessed like images (runtime/video.py).
 
 Few-shot prompts repeat their demonstrations, so their work is cached (runtime/cache.py):
-* image K/V per preprocessed-pixel hash (vision cache);
+* image K/V per preprocessed-pixel hash (vision cache; a clip's key covers all its frames);
 * the decoder state after the demonstrations (prefix cache). A prompt is prefilled in two parts,
   split after its last `<|endofchunk|>` (the end of the demonstrations): the prefix alone, batch
   1, with only the prefix's images, snapshotted; then the rest. A later prompt reuses the longest
@@ -30,10 +32,13 @@ from .cache import ImageKV, PrefixCache, PrefixState, VisionCache, pixel_digest
 from .contracts import DecoderStepModel, Engine
 from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
 from .generation import GenerationConfig, GenerationResult, ShouldStop, generate
-from .images import ImageError, ImageInput, PreprocessConfig, image_list, preprocess
+from .images import ImageError, ImageInput, PreprocessConfig, image_list
 from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match, check_text
 from .spec import cross_attn_names, trained_context
 from .tokenizer import ExportTokenizer, load_export_tokenizer, stable_text
+from .video import Video, encode_media, preprocess_media
+
+MediaInput = ImageInput | Video  # an image, or a clip of frames
 
 OnToken = Callable[[int, int], None]
 
@@ -82,7 +87,7 @@ class _Row:
 
     ids: np.ndarray  # (L,) int64
     media_positions: np.ndarray  # token index of each image's marker
-    pixels: np.ndarray | None  # (n, 3, S, S)
+    pixels: list[np.ndarray]  # per media item (F, 3, S, S); images F = 1
     hashes: list[str]
     boundaries: np.ndarray  # prefix lengths that end a demonstration (after <|endofchunk|>)
     image_kv: list[ImageKV | None] = field(default_factory=list)
@@ -167,6 +172,7 @@ class FlamingoPipeline:
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         self.max_seq_len, self._context = self._context_limit()
         self.max_images = self.engine.limits["max_images"]
+        self.max_frames = self.engine.limits["max_frames"]
         self.use_prefix_cache = prefix_cache
         self.use_vision_cache = vision_cache
         self.io_binding = io_binding
@@ -186,7 +192,7 @@ class FlamingoPipeline:
     def generate(
         self,
         prompt: str,
-        images: Sequence[ImageInput],
+        images: Sequence[MediaInput],
         config: GenerationConfig | None = None,
         on_token: OnToken | None = None,
         should_stop: ShouldStop | None = None,
@@ -194,6 +200,9 @@ class FlamingoPipeline:
         seed: int | None = None,
     ) -> Generation:
         """Greedy/beam/sampled continuation of an interleaved prompt (OpenFlamingo semantics).
+        `images`: one media item per `<image>` marker, in order: an image, or a clip
+        (`runtime.video.Video`; its frames: the clip's `num_frames`, else the export's
+        max_frames).
 
         `on_token(0, token_id)` streams tokens (greedy/sampling: as chosen; beams: at the end);
         `should_stop(0)` -> True ends the generation early (runtime.generation.generate).
@@ -209,7 +218,7 @@ class FlamingoPipeline:
     def generate_batch(
         self,
         prompts: Sequence[str],
-        images_per_prompt: Sequence[Sequence[ImageInput]],
+        images_per_prompt: Sequence[Sequence[MediaInput]],
         config: GenerationConfig | None = None,
         on_token: OnToken | None = None,
         should_stop: ShouldStop | None = None,
@@ -298,7 +307,7 @@ class FlamingoPipeline:
     def few_shot(
         self,
         demos: Sequence[Demonstration],
-        query_image: ImageInput,
+        query_image: MediaInput,
         task: Task = "caption",
         question: str | None = None,
         config: GenerationConfig | None = None,
@@ -355,7 +364,7 @@ class FlamingoPipeline:
         return config
 
     def _prepare(
-        self, prompt: str, images: Sequence[ImageInput], config: GenerationConfig, where: str
+        self, prompt: str, images: Sequence[MediaInput], config: GenerationConfig, where: str
     ) -> _Row:
         """Validate, tokenize, preprocess and hash one prompt (no state is touched)."""
         if not isinstance(prompt, str):
@@ -391,8 +400,11 @@ class FlamingoPipeline:
                 f"{where}the tokenizer found {len(media_positions)} <image> tokens for "
                 f"{len(images)} images"
             )
-        pixels = preprocess(images, self.preprocess_config) if images else None
-        hashes = [pixel_digest(p) for p in pixels] if pixels is not None else []
+        try:
+            pixels = preprocess_media(images, self.preprocess_config, self.max_frames)
+        except ImageError as e:
+            raise type(e)(f"{where}{e}") from None
+        hashes = [pixel_digest(p) for p in pixels]  # a clip's: all its frames (and F)
         # a split needs a token after it: the first step must have something to run
         boundaries = np.flatnonzero(ids[:-1] == self.engine.eoc_token_id) + 1
         return _Row(ids, media_positions, pixels, hashes, boundaries, [None] * len(images))
@@ -415,7 +427,7 @@ class FlamingoPipeline:
                     missing[digest] = row.pixels[i]  # type: ignore[index]
         if not missing:
             return
-        features = self.engine.encode_images(np.stack(list(missing.values())))
+        features = encode_media(self.engine.encode_images, list(missing.values()))
         computed = {
             digest: {n: features[n][k].copy() for n in self._xattn_names}
             for k, digest in enumerate(missing)
