@@ -176,9 +176,7 @@ def _av_frames(path: str, name: str) -> Frames:
         except VideoError:
             raise
         except Exception as e:  # av.FFmpegError subclasses, plus OSError from the demuxer
-            raise VideoError(
-                f"{name}: cannot decode the video ({type(e).__name__}: {e})"
-            ) from None
+            raise VideoError(f"{name}: cannot decode the video ({type(e).__name__}: {e})") from None
         return count, kept
 
     total, _ = decode(None)
