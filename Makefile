@@ -33,6 +33,8 @@ DEMO := out/demo
 MODEL := models/demo
 MODEL_FILES := --lm $(MODEL)/lm --vision $(MODEL)/open_clip_model.safetensors \
 	--checkpoint $(MODEL)/checkpoint.safetensors
+VIDEO_FILES := --lm $(MODEL)/lm --vision $(MODEL)/open_clip_model.safetensors \
+	--checkpoint models/demo-video/checkpoint.safetensors
 EPISODE := --demos $(DEMO)/episode/demos.jsonl --image $(DEMO)/episode/query.png
 HELD_OUT := --data demo-eval --episodes 200 --max-shots 4 --decode-steps 4
 demo: $(STAMP)
@@ -47,6 +49,12 @@ demo: $(STAMP)
 	$(BIN)/flamingo-export run $(DEMO)/int8 --max-new-tokens 4 $(EPISODE)
 	$(BIN)/flamingo-export parity $(DEMO)/export $(DEMO)/int8 $(HELD_OUT) \
 		--report $(DEMO)/parity-int8.md
+	# video: the demo's LM and vision with the clip checkpoint (models/demo-video), one held-out
+	# 4-shot clip episode (animated GIFs) answered by the runtime
+	$(BIN)/flamingo-export export $(VIDEO_FILES) --output $(DEMO)/video-export
+	$(BIN)/python -m demo.task $(DEMO)/video-episode --shots 4 --video
+	$(BIN)/flamingo-export run $(DEMO)/video-export --max-new-tokens 4 \
+		--demos $(DEMO)/video-episode/demos.jsonl --video $(DEMO)/video-episode/query.gif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
