@@ -10,7 +10,12 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	# torch from the local wheels only (--no-index): the index offers CUDA builds of the same
+	# version; the CPU build on disk is 2.13.0+cpu, which constraints.txt's torch==2.13.0 matches
+	# (--no-deps: torch's own dependencies come with the next step, which finds torch installed)
+	$(BIN)/pip install -q --no-index --no-deps -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[export,eval,serve,ray,video,dev]'
+	$(BIN)/python -c "import torch, sys; sys.exit(torch.version.cuda is not None)"
 	# Test oracle: the published OpenFlamingo package, without its pinned torch/open_clip deps.
 	$(BIN)/pip install -q --no-deps -c constraints.txt open-flamingo==2.0.1
 	touch $(STAMP)

@@ -20,9 +20,11 @@ the metric; the answers of both sides are compared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -99,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, query_set in (("repeated", max(max(shots), 2)), ("large", args.train)):
         for k in shots:
             t0 = time.perf_counter()
-            of_score, of_results = run_open_flamingo_eval(
-                TASKS["coco"], data, reference, shots=k, seed=42, num_samples=args.queries,
-                query_set_size=query_set, batch_size=8,
-            )  # fmt: skip
+            with contextlib.redirect_stdout(sys.stderr):  # pycocotools prints; --json is ours
+                of_score, of_results = run_open_flamingo_eval(
+                    TASKS["coco"], data, reference, shots=k, seed=42, num_samples=args.queries,
+                    query_set_size=query_set, batch_size=8,
+                )  # fmt: skip
             of_s = time.perf_counter() - t0
             options = EvalOptions(shots=(k,), seed=42, num_samples=args.queries,
                                   query_set_size=query_set)  # fmt: skip

@@ -18,6 +18,7 @@ from .options import (
     parse_shots,
     pop_model_args,
     progress_printer,
+    require_extra,
     require_model_files,
     user_errors,
 )
@@ -102,6 +103,7 @@ def bench(
         if not model_named(model):
             raise click.UsageError("--reference/--oracle need --lm, --vision and --checkpoint")
         require_model_files(model)
+        require_extra("export", "bench (with the PyTorch reference)")
         files = ModelFiles(
             model.pop("lm_dir"),
             model.pop("vision_path"),

@@ -13,6 +13,7 @@ from .options import (
     load_model,
     make_quantize_options,
     model_options,
+    needs_extra,
     output_options,
     pop_model_args,
     precision_options,
@@ -26,6 +27,7 @@ from .options import (
 @model_options()
 @output_options
 @user_errors()
+@needs_extra("export")
 def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     """Load a model from local files and print what was resolved."""
     from flamingo.inspect import describe
@@ -58,7 +60,11 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     click.echo("parameters")
     for name, n in info["num_parameters"].items():
         click.echo(f"  {name:<19}{n:>14,}")
-    for label, items in (("unexpected", report.unexpected), ("filled", report.filled)):
+    for label, items in (
+        ("unexpected", report.unexpected),
+        ("filled", report.filled),
+        ("assumed", report.assumptions),
+    ):
         for item in items:
             click.echo(f"{label}: {item}")
 
@@ -91,6 +97,7 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
 @quantize_options
 @output_options
 @user_errors()
+@needs_extra("export")
 def export(
     output: Path,
     opset: int,
@@ -116,8 +123,8 @@ def export(
     check_output(output, force)
     model_args = pop_model_args(kw)
     quantize = make_quantize_options(kw, force)
-    model, tok, _ = load_model(model_args)
     say = progress_printer(quiet)
+    model, tok, _ = load_model(model_args, say)
     manifest = export_at_precision(model, tok, output, options, quantize, progress=say)
     summary = {
         "output": str(output),

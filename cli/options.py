@@ -8,6 +8,7 @@ code never sees click: commands turn the parsed values into the libraries' optio
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 import click
 
+from runtime.errors import FlamingoExportError
 from runtime.manifest import PRECISIONS
 
 Decorator = Callable[[Any], Any]
@@ -73,8 +75,6 @@ def user_errors(*also: type[Exception]) -> Decorator:
     types) as one line and exit 1, instead of a traceback."""
 
     def decorate(f: Any) -> Any:
-        from runtime.errors import FlamingoExportError
-
         caught = (FlamingoExportError, *also)
 
         @functools.wraps(f)
@@ -98,6 +98,47 @@ def parse_shots(_ctx: Any, _param: Any, value: str) -> tuple[int, ...]:
     if not shots or any(k < 0 for k in shots):
         raise click.BadParameter(f"expected non-negative integers, got {value!r}")
     return shots
+
+
+# What each extra brings that commands import (pyproject.toml [project.optional-dependencies]).
+EXTRA_MODULES = {
+    "export": ("torch", "transformers", "safetensors", "onnx"),
+    "check": ("onnx",),
+}
+
+
+class MissingExtraError(FlamingoExportError):
+    """A command needs modules of an extra that is not installed."""
+
+
+def require_extra(extra: str, command: str, modules: Sequence[str] | None = None) -> None:
+    """MissingExtraError saying which extra to install when any of its modules (or `modules`)
+    cannot be imported here (absent, or broken, e.g. built for another numpy)."""
+    missing = []
+    for name in modules if modules is not None else EXTRA_MODULES[extra]:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(
+            f"`flamingo-export {command}` needs the '{extra}' extra, which is not installed "
+            f"here (cannot import {', '.join(missing)}): pip install 'flamingo-export[{extra}]'"
+        )
+
+
+def needs_extra(extra: str) -> Decorator:
+    """Check `extra` is installed before the command runs (place under `user_errors`)."""
+
+    def decorate(f: Any) -> Any:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            require_extra(extra, click.get_current_context().info_name or f.__name__)
+            return f(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 EXPORT_DIR = click.argument(
@@ -164,11 +205,15 @@ def require_model_files(model: dict[str, Any]) -> None:
         raise click.UsageError("the PyTorch model needs --lm, --vision and --checkpoint")
 
 
-def load_model(model: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """`flamingo.loaders.load_flamingo` on the model options: (model, tokenizer, report)."""
+def load_model(
+    model: dict[str, Any], say: Callable[[str], None] | None = None
+) -> tuple[Any, Any, Any]:
+    """`flamingo.loaders.load_flamingo` on the model options: (model, tokenizer, report);
+    `say` gets each value the files did not say and the loader assumed (with its flag)."""
+    require_extra("export", click.get_current_context().info_name or "export")
     from flamingo.loaders import load_flamingo
 
-    return load_flamingo(
+    loaded = load_flamingo(
         model["lm_dir"],
         model["vision_path"],
         model["checkpoint_path"],
@@ -178,6 +223,9 @@ def load_model(model: dict[str, Any]) -> tuple[Any, Any, Any]:
         vision_act=model["vision_act"],
         vision_tokens_after_ln_post=model["vision_tokens_after_ln_post"],
     )
+    for assumption in loaded[2].assumptions if say is not None else ():
+        say(f"assumed: {assumption}")
+    return loaded
 
 
 # ------------------------------------------------------------------ limits

@@ -16,6 +16,7 @@ from .options import (
     make_quantize_options,
     model_named,
     model_options,
+    needs_extra,
     output_options,
     pop_model_args,
     precision_options,
@@ -44,6 +45,7 @@ FORCE = click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.
 @quantize_options
 @output_options
 @user_errors()
+@needs_extra("export")
 def quantize(
     export_dir: Path, output: Path, force: bool, as_json: bool, quiet: bool, **kw: Any
 ) -> None:
@@ -137,11 +139,11 @@ def parity(
     overrides = parse_thresholds(thresholds)
     candidate = OnnxBackend(exports[-1])
     if torch_ref:
-        loaded, _, _ = load_model(model)
+        loaded, _, _ = load_model(model, say)
         reference: Any = TorchBackend(loaded, f"pytorch:{model['lm_dir']}")
     else:
         reference = OnnxBackend(exports[0])
-    tokenizer = load_export_tokenizer(exports[-1] / "tokenizer")
+    tokenizer = load_export_tokenizer(candidate.root, candidate.manifest)
     episodes_ = calibration_set(
         data, episodes=episodes, max_shots=max_shots, seed=episode_seed, progress=say
     ).episodes
@@ -223,6 +225,7 @@ def _print_summary(result: dict[str, Any]) -> None:
 @quantize_options
 @output_options
 @user_errors()
+@needs_extra("export")
 def sensitivity(
     export_dir: Path,
     precision: str,

@@ -12,6 +12,7 @@ from .options import (
     EXPORT_DIR,
     echo_json,
     limit_options,
+    needs_extra,
     output_options,
     progress_printer,
     target_option,
@@ -26,6 +27,7 @@ from .options import (
 @limit_options(batch=True, lowered=True)
 @output_options
 @user_errors()
+@needs_extra("check")
 def check(
     export_dir: Path,
     trt_version: str,

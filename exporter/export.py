@@ -7,10 +7,7 @@ never leaves a partial OUT behind.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,7 +20,6 @@ import torch
 from torch import nn
 
 from flamingo.model import Flamingo
-from runtime.errors import FlamingoExportError
 from runtime.images import PreprocessConfig
 from runtime.manifest import GraphEntry, Manifest
 from runtime.spec import (
@@ -42,14 +38,18 @@ from runtime.spec import (
     vision_spec,
 )
 
+from .output import (  # noqa: F401  (the atomic-output API, used through this module too)
+    ExportError,
+    check_free_space,
+    check_output,
+    publish,
+    write_atomically,
+)
+
 # The TorchScript-based exporter covers opsets 14-20 (LayerNormalization is native from 17).
 MIN_OPSET, MAX_OPSET = 14, 20
 DEFAULT_OPSET = 17  # portable to JetPack 5 (TensorRT 8.5) and later
 ONNX_PROTO_LIMIT = 2 * 1024**3
-
-
-class ExportError(FlamingoExportError, RuntimeError):
-    """The export cannot proceed (bad option, existing output, unwritable folder, ...)."""
 
 
 Progress = Callable[[str], None]
@@ -179,13 +179,16 @@ class DecoderGraph(nn.Module):
         return (logits, *[t for kv in present for t in kv])
 
 
-def example_inputs(spec: GraphSpec, sizes: dict[str, int], dtype: torch.dtype) -> tuple:
-    """Tracing inputs with every dynamic dimension >= 2 (so none is specialised)."""
+def example_inputs(
+    spec: GraphSpec, sizes: dict[str, int], dtype: torch.dtype, vocab_size: int = 100
+) -> tuple:
+    """Tracing inputs with every dynamic dimension >= 2 (so none is specialised); token ids
+    below `vocab_size`."""
     out = []
     for t in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
         if t.name == "input_ids":
-            out.append(torch.randint(0, 100, shape))
+            out.append(torch.randint(0, min(100, vocab_size), shape))
         elif t.name == "attention_mask":
             out.append(torch.ones(shape, dtype=torch.int64))
         elif t.name == "position_ids":
@@ -312,39 +315,12 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse an OUT that exists (without `force`) or is not a folder: before any slow work."""
-    out = Path(out).absolute()
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
-
-
-def prepare_output(out: Path, force: bool) -> Path:
-    """Check OUT can be (re)placed; return a fresh temporary folder beside it."""
-    out = out.absolute()
-    check_output(out, force)
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create {parent}: {e.strerror}") from e
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"{parent} is not writable")
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Rename the finished export into place (replacing an old one only at the very end)."""
-    out = out.absolute()
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def export_size(model: nn.Module) -> int:
+    """Bytes the two graphs will take, about: every parameter once (tied weights once)."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())
 
 
 def export_model(
@@ -357,25 +333,11 @@ def export_model(
     """Write OUT/{vision.onnx, decoder.onnx, tokenizer/, manifest.json} for a loaded model."""
     say = progress or (lambda _message: None)
     options = (options or ExportOptions()).with_model(model.cfg.to_dict(), say)
+    check_output(Path(out), options.force)
+    check_free_space(Path(out), export_size(model))
     return write_atomically(
         Path(out), options.force, lambda tmp: _export_into(model, tokenizer, tmp, options, say), say
     )
-
-
-def write_atomically(
-    out: Path, force: bool, build: Callable[[Path], Manifest], say: Progress
-) -> Manifest:
-    """Run build(tmp) in a fresh folder beside OUT, then rename it into place; on any error or
-    interruption remove the folder, so no partial OUT is ever left (export and quantize)."""
-    tmp = prepare_output(out, force)
-    try:
-        manifest = build(tmp)
-        publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    say(f"wrote {out}")
-    return manifest
 
 
 def _export_into(
@@ -406,7 +368,11 @@ def _export_into(
             say(f"exporting {name} graph (opset {options.opset})...")
             path = tmp / f"{name}.onnx"
             external = export_graph(
-                module, example_inputs(spec, sizes, dtype), spec, path, options.opset
+                module,
+                example_inputs(spec, sizes, dtype, dims.vocab_size),
+                spec,
+                path,
+                options.opset,
             )
             graphs[name] = GraphEntry(path.name, "fp32", options.opset, spec, external)
             size = sum((tmp / f).stat().st_size for f in (path.name, *external))

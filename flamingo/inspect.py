@@ -45,4 +45,5 @@ def describe(model: Flamingo, tokenizer: Any, report: LoadReport) -> dict[str, A
         },
         "unexpected_keys": report.unexpected,
         "filled": report.filled,
+        "assumptions": report.assumptions,
     }

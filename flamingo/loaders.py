@@ -12,7 +12,6 @@ weights_only=True; trust_remote_code is never used.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ import torch
 
 from runtime.errors import FlamingoExportError
 from runtime.prompts import EOC_TOKEN, MEDIA_TOKEN, PAD_TOKEN
+from runtime.schema import check_document, load_json
 
 from .config import (
     LM_FAMILIES,
@@ -39,6 +39,104 @@ from .model import Flamingo
 
 class LoadError(FlamingoExportError, ValueError):
     """A model file is missing, unreadable or does not fit: the message says which and why."""
+
+
+def read_json_object(path: Path, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON object from `path`, checked against `schema` (JSON Schema, runtime.schema): any
+    problem is a LoadError naming the file and the key."""
+    data = load_json(path, LoadError)
+    if not isinstance(data, dict):
+        kind = "null" if data is None else type(data).__name__
+        raise LoadError(f"{path}: expected a JSON object, got {kind}")
+    return check_document(data, schema, str(path), LoadError) if schema else data
+
+
+def _obj(properties: dict[str, Any], required: Iterable[str] = ()) -> dict[str, Any]:
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+_POSITIVE = {"type": "integer", "minimum": 1}
+_POSITIVE_OR_NULL = {"type": ["integer", "null"], "minimum": 1}
+_EPS = {"type": "number", "exclusiveMinimum": 0}
+_FRACTION = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+_ROPE = {
+    "rope_theta": _EPS,
+    "rope_scaling": {
+        "type": ["object", "null"],
+        "properties": {"rope_type": {"type": "string"}, "type": {"type": "string"},
+                       "factor": _EPS},
+    },
+}  # fmt: skip
+SHARD_INDEX_SCHEMA = _obj(
+    {"weight_map": {"type": "object", "additionalProperties": {"type": "string", "minLength": 1}}},
+    ["weight_map"],
+)
+# The keys of an HF config.json each family's conversion reads (HF's names), with their types.
+_HF_REQUIRED = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size"]  # fmt: skip
+_HF_ROTARY = {  # what LLaMA and GPT-NeoX configs share
+    **{k: _POSITIVE for k in (*_HF_REQUIRED, "max_position_embeddings")},
+    "hidden_act": {"type": "string"},
+    **{k: {"type": "boolean"} for k in ("tie_word_embeddings", "attention_bias")},
+    **_ROPE,
+}
+HF_CONFIG_SCHEMAS: dict[str, dict[str, Any]] = {
+    "llama": _obj(
+        {
+            **_HF_ROTARY,
+            "num_key_value_heads": _POSITIVE_OR_NULL,
+            "head_dim": _POSITIVE_OR_NULL,
+            "rms_norm_eps": _EPS,
+            "mlp_bias": {"type": "boolean"},
+        },
+        _HF_REQUIRED,
+    ),
+    "gpt_neox": _obj(
+        {
+            **_HF_ROTARY,
+            "layer_norm_eps": _EPS,
+            "rotary_pct": _FRACTION,
+            "partial_rotary_factor": _FRACTION,
+            "rotary_emb_base": _EPS,
+            "use_parallel_residual": {"type": "boolean"},
+        },
+        _HF_REQUIRED,
+    ),
+    "mpt": _obj(
+        {
+            **{k: _POSITIVE for k in ("vocab_size", "d_model", "n_layers", "n_heads",
+                                      "max_seq_len")},
+            "layer_norm_epsilon": _EPS,
+            "attn_config": {"type": ["object", "null"]},
+        },
+        ["vocab_size", "d_model", "n_layers", "n_heads"],
+    ),
+}  # fmt: skip
+OPEN_CLIP_CONFIG_SCHEMA = _obj(
+    {
+        "model_cfg": _obj(
+            {
+                "quick_gelu": {"type": "boolean"},
+                "embed_dim": _POSITIVE,
+                "vision_cfg": _obj(
+                    {
+                        **{k: _POSITIVE for k in ("image_size", "layers", "width",
+                                                  "head_width", "patch_size")},
+                        "mlp_ratio": _EPS,
+                    }
+                ),
+            }
+        )
+    }
+)  # fmt: skip
+HF_CLIP_CONFIG_SCHEMA = _obj(
+    {
+        "vision_config": {"type": "object"},
+        "num_attention_heads": _POSITIVE,
+        "hidden_act": {"enum": ["quick_gelu", "gelu"]},
+        "layer_norm_eps": _EPS,
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,18 +174,29 @@ def unwrap_training_save(sd: dict[str, Any], path: Path) -> dict[str, torch.Tens
     return out
 
 
-def read_hf_weights(lm_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF model directory: single file or sharded, safetensors preferred."""
+def read_hf_weights(
+    lm_dir: Path, sources: dict[str, Path] | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of an HF model directory: single file or sharded, safetensors preferred.
+    `sources` (if given) receives the file each tensor came from."""
+    sources = sources if sources is not None else {}
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (lm_dir / single).is_file():
-            return read_state_dict(lm_dir / single)
+            sd = read_state_dict(lm_dir / single)
+            sources.update(dict.fromkeys(sd, lm_dir / single))
+            return sd
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = lm_dir / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            data = read_json_object(index, SHARD_INDEX_SCHEMA)
             sd: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                sd.update(read_state_dict(lm_dir / shard))
+            for shard in sorted(set(data["weight_map"].values())):
+                path = (lm_dir / shard).resolve()
+                if Path(shard).is_absolute() or not path.is_relative_to(lm_dir.resolve()):
+                    raise LoadError(f"{index}: weight_map names {shard!r}, outside {lm_dir}")
+                shard_sd = read_state_dict(lm_dir / shard)
+                sources.update(dict.fromkeys(shard_sd, lm_dir / shard))
+                sd.update(shard_sd)
             return sd
     raise LoadError(
         f"{lm_dir}: no weights found (expected model.safetensors, pytorch_model.bin or a "
@@ -140,6 +249,9 @@ def hf_family(hf_config: dict[str, Any], path: Path) -> str:
 def lm_config_from_hf(hf_config: dict[str, Any], path: Path) -> LMConfig:
     """Our LMConfig from an HF config.json dict (rotary frequencies computed by transformers)."""
     family = hf_family(hf_config, path)
+    if family in HF_CONFIG_SCHEMAS:
+        hf_config = check_document(hf_config, HF_CONFIG_SCHEMAS[family], str(path), LoadError)
+        _check_heads(hf_config, family, path)
     if family == "mosaic_gpt":
         from .mosaic_gpt import mosaic_gpt_hf_config_to_mpt
 
@@ -166,7 +278,16 @@ def lm_config_from_hf(hf_config: dict[str, Any], path: Path) -> LMConfig:
                 "time and cannot be baked into a static graph; supported: default, linear, "
                 "llama3, yarn"
             )
-        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            known = sorted(set(ROPE_INIT_FUNCTIONS) - {"dynamic", "longrope"})
+            raise LoadError(
+                f"{path}: rope_scaling.rope_type {rope_type!r} is not a known RoPE type "
+                f"(supported: {', '.join(known)})"
+            )
+        try:
+            inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+        except Exception as e:  # missing or ill-typed rope_scaling fields
+            raise LoadError(f"{path}: invalid rope_scaling {scaling} ({e})") from e
         return inv_freq.tolist(), float(scale), 2 * len(inv_freq)
 
     if family == "llama":
@@ -236,6 +357,24 @@ def lm_config_from_hf(hf_config: dict[str, Any], path: Path) -> LMConfig:
     )
 
 
+def _check_heads(hf_config: dict[str, Any], family: str, path: Path) -> None:
+    """Attention heads that split the width (and KV heads that split the heads)."""
+    width, heads = (
+        ("d_model", "n_heads") if family == "mpt" else ("hidden_size", "num_attention_heads")
+    )
+    explicit_head_dim = family == "llama" and hf_config.get("head_dim") is not None
+    if not explicit_head_dim and hf_config[width] % hf_config[heads]:
+        raise LoadError(
+            f"{path}: {heads} ({hf_config[heads]}) does not divide {width} ({hf_config[width]})"
+        )
+    kv = hf_config.get("num_key_value_heads") if family == "llama" else None
+    if kv is not None and hf_config[heads] % kv:
+        raise LoadError(
+            f"{path}: num_key_value_heads ({kv}) does not divide num_attention_heads "
+            f"({hf_config[heads]})"
+        )
+
+
 def map_lm_key(family: str, key: str) -> str | None:
     for src, dst in LM_KEY_MAP[family]:
         if key.startswith(src):
@@ -296,59 +435,117 @@ def vision_config_from_open_clip(
             raise LoadError(
                 f"{path}: missing vision tensor 'visual.{key}' (not an open_clip CLIP ViT?)"
             )
+    if sd["conv1.weight"].dim() != 4 or sd["positional_embedding"].dim() != 2:
+        raise LoadError(f"{path}: visual.conv1.weight / positional_embedding have wrong ranks")
     width, _, patch, _ = sd["conv1.weight"].shape
-    grid = math.isqrt(sd["positional_embedding"].shape[0] - 1)
+    tokens = sd["positional_embedding"].shape[0] - 1
+    grid = math.isqrt(max(tokens, 0))
+    if grid < 1 or grid * grid != tokens:
+        raise LoadError(
+            f"{path}: visual.positional_embedding has {tokens + 1} rows, not 1 + a square grid"
+        )
+    heads = heads or max(1, width // 64)
+    if width % heads:
+        raise LoadError(f"{path}: {heads} vision heads do not divide the vision width {width}")
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
     return VisionConfig(
         image_size=grid * patch,
         patch_size=patch,
         width=width,
         layers=layers,
-        heads=heads or max(1, width // 64),
+        heads=heads,
         mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
         embed_dim=sd["proj"].shape[1],
         act=act,
     )
 
 
+def _agree(option: str, given: Any, file: Path, key: str, said: Any) -> Any:
+    """The value an option and a config file agree on (either may be None)."""
+    if given is not None and said is not None and given != said:
+        raise LoadError(f"{option} {given} contradicts {file}: {key} = {said!r}")
+    return given if given is not None else said
+
+
 def read_vision(
-    path: Path, heads: int | None = None, act: str | None = None
+    path: Path,
+    heads: int | None = None,
+    act: str | None = None,
+    assumptions: list[str] | None = None,
 ) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
-    """(config, open_clip-named visual tensors) from an open_clip file or an HF CLIP directory."""
+    """(config, open_clip-named visual tensors) from an open_clip file or an HF CLIP directory.
+
+    What neither the files nor the options say is assumed and described in `assumptions`
+    (with the flag that overrides it); options that contradict a config file are refused.
+    """
     path = Path(path)
+    config_file: Path | None = None
+    oc_vision: dict[str, Any] = {}
     if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
+        config_file = path / "config.json"
+        if not config_file.is_file():
             raise LoadError(f"{path}: HF CLIP directory without config.json")
-        hf_cfg = json.loads(cfg_file.read_text())
+        hf_cfg = read_json_object(config_file, HF_CLIP_CONFIG_SCHEMA)
         vcfg = hf_cfg.get("vision_config", hf_cfg)
-        sd = clip_hf_to_open_clip(read_hf_weights(path))
-        cfg = vision_config_from_open_clip(
-            sd,
-            path,
-            heads or vcfg["num_attention_heads"],
-            act or vcfg.get("hidden_act", "quick_gelu"),
-        )
-        cfg.ln_eps = vcfg.get("layer_norm_eps", 1e-5)
-        return cfg, sd
-    sd = read_state_dict(path)
-    sd = unwrap_training_save(sd, path) if "model_state_dict" in sd else sd
-    if any(k.startswith("visual.") for k in sd):
-        sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
-    # open_clip's hub layout keeps the model config beside the weights: use it when present
-    oc_file = path.parent / "open_clip_config.json"
-    if oc_file.is_file():
+        if vcfg is not hf_cfg:
+            vcfg = check_document(
+                vcfg, HF_CLIP_CONFIG_SCHEMA, f"{config_file}: vision_config", LoadError
+            )
         try:
-            model_cfg = json.loads(oc_file.read_text()).get("model_cfg", {})
-        except json.JSONDecodeError as e:
-            raise LoadError(f"{oc_file}: invalid JSON ({e})") from e
-        vision = model_cfg.get("vision_cfg", {})
-        if heads is None and "head_width" in vision:
-            heads = vision["width"] // vision["head_width"]
-        if act is None and "quick_gelu" in model_cfg:
-            act = "quick_gelu" if model_cfg["quick_gelu"] else "gelu"
-    # OpenAI CLIP weights (what OpenFlamingo uses) were trained with QuickGELU
-    return vision_config_from_open_clip(sd, path, heads, act or "quick_gelu"), sd
+            sd = clip_hf_to_open_clip(read_hf_weights(path))
+        except KeyError as e:
+            raise LoadError(
+                f"{path}: missing CLIP vision tensor {e.args[0]!r} (not an HF CLIP vision model?)"
+            ) from None
+        heads = _agree("--vision-heads", heads, config_file, "num_attention_heads",
+                       vcfg.get("num_attention_heads"))  # fmt: skip
+        act = _agree("--vision-act", act, config_file, "hidden_act", vcfg.get("hidden_act"))
+        ln_eps = vcfg.get("layer_norm_eps", 1e-5)
+    else:
+        sd = read_state_dict(path)
+        sd = unwrap_training_save(sd, path) if "model_state_dict" in sd else sd
+        if any(k.startswith("visual.") for k in sd):
+            sd = {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
+        ln_eps = 1e-5
+        # open_clip's hub layout keeps the model config beside the weights: use it when present
+        oc_file = path.parent / "open_clip_config.json"
+        if oc_file.is_file():
+            config_file = oc_file
+            model_cfg = read_json_object(oc_file, OPEN_CLIP_CONFIG_SCHEMA).get("model_cfg", {})
+            vision = oc_vision = model_cfg.get("vision_cfg", {})
+            if "head_width" in vision:
+                width = vision.get("width")
+                if width is None or width % vision["head_width"]:
+                    raise LoadError(
+                        f"{oc_file}: model_cfg.vision_cfg.head_width {vision['head_width']} does "
+                        f"not divide width {width}"
+                    )
+                heads = _agree("--vision-heads", heads, oc_file,
+                               "model_cfg.vision_cfg.width / head_width",
+                               width // vision["head_width"])  # fmt: skip
+            if "quick_gelu" in model_cfg:
+                said = "quick_gelu" if model_cfg["quick_gelu"] else "gelu"
+                act = _agree("--vision-act", act, oc_file, "model_cfg.quick_gelu", said)
+    notes = assumptions if assumptions is not None else []
+    if heads is None:
+        notes.append(
+            "vision heads = width / 64 (open_clip's default head width; the vision files do "
+            "not say): override with --vision-heads"
+        )
+    if act is None:
+        notes.append(
+            "vision activation quick_gelu (OpenAI CLIP weights, what OpenFlamingo uses; the "
+            "vision files do not say): override with --vision-act gelu"
+        )
+    cfg = vision_config_from_open_clip(sd, path, heads, act or "quick_gelu")
+    cfg.ln_eps = ln_eps
+    for key in ("width", "layers", "patch_size", "image_size", "mlp_ratio"):
+        if key in oc_vision and oc_vision[key] != getattr(cfg, key):
+            raise LoadError(
+                f"{config_file}: model_cfg.vision_cfg.{key} = {oc_vision[key]!r}, but the "
+                f"tensors of {path} give {getattr(cfg, key)!r}"
+            )
+    return cfg, sd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +586,8 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     filled: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # values the files do not say, each with the flag that overrides it
+    assumptions: list[str] = field(default_factory=list)
 
 
 _XATTN = re.compile(
@@ -482,6 +681,8 @@ def resolve_cross_attn_every_n(
         requested = p.cross_attn_every_n_layers
     if requested is None:
         return infer_cross_attn_every_n(found, num_layers, path)
+    if requested < 1:
+        raise LoadError(f"--cross-attn-every-n-layers must be >= 1, got {requested}")
     expected = CrossAttentionConfig(every_n_layers=requested).layer_indices(num_layers)
     if found != expected:
         raise LoadError(
@@ -489,6 +690,29 @@ def resolve_cross_attn_every_n(
             f"decoder layers {expected}, but the checkpoint has them at {found}"
         )
     return requested
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN or Inf in a floating tensor; checked in chunks (no full-size mask)."""
+    flat = tensor.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk)
+    )
+
+
+def check_weight(tensor: torch.Tensor, like: torch.Tensor, source: Path, key: str) -> None:
+    """A tensor loaded into a floating parameter must be floating and finite: an integer or
+    bool tensor would be silently cast, a NaN/Inf exported. (Integer and bool buffers, e.g.
+    position ids or causal masks, are what they are.)"""
+    if not like.is_floating_point():
+        return
+    if not tensor.is_floating_point():
+        raise LoadError(
+            f"{source}: tensor {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+            "expected a floating dtype"
+        )
+    if not all_finite(tensor):
+        raise LoadError(f"{source}: tensor {key!r} holds non-finite values (NaN or Inf)")
 
 
 def load_flamingo(
@@ -507,18 +731,26 @@ def load_flamingo(
     """The reference model from local files: (model in eval mode, tokenizer, report)."""
     lm_dir, vision_path, ckpt_path = Path(lm_dir), Path(vision_path), Path(checkpoint_path)
     report = LoadReport(str(lm_dir), str(vision_path), str(ckpt_path))
+    for option, value in (("--vision-heads", vision_heads),
+                          ("--cross-attn-every-n-layers", cross_attn_every_n_layers)):  # fmt: skip
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise LoadError(f"{option} must be >= 1, got {value}")
+    if vision_act not in (None, "quick_gelu", "gelu"):
+        raise LoadError(f"--vision-act must be quick_gelu or gelu, got {vision_act!r}")
     cfg_file = lm_dir / "config.json"
     if not cfg_file.is_file():
         raise LoadError(f"{lm_dir}: not an HF model directory (config.json not found)")
-    try:
-        hf_config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{cfg_file}: invalid JSON ({e})") from e
+    hf_config = read_json_object(cfg_file)
     lm_cfg = lm_config_from_hf(hf_config, cfg_file)
     is_mosaic = hf_config.get("model_type") == "mosaic_gpt"
 
-    vision_cfg, vision_sd = read_vision(vision_path, vision_heads, vision_act)
+    vision_cfg, vision_sd = read_vision(vision_path, vision_heads, vision_act, report.assumptions)
     vision_cfg.tokens_after_ln_post = vision_tokens_after_ln_post
+    if not vision_tokens_after_ln_post:
+        report.assumptions.append(
+            "vision patch tokens taken before ln_post (open_clip <= 2.22, as the released "
+            "checkpoints were trained): override with --vision-tokens-after-ln-post"
+        )
 
     ckpt = read_state_dict(ckpt_path)
     ckpt = unwrap_training_save(ckpt, ckpt_path)
@@ -549,8 +781,14 @@ def load_flamingo(
         eoc_token_id=tok.encode(EOC_TOKEN)[-1],
         pad_token_id=tok.pad_token_id,
     )
-    with torch.device("meta"):
-        model = Flamingo(cfg)
+    try:
+        with torch.device("meta"):
+            model = Flamingo(cfg)
+    except (RuntimeError, ValueError, ZeroDivisionError) as e:
+        raise LoadError(
+            f"{cfg_file}, {vision_path}, {ckpt_path}: these files describe a model that cannot be "
+            f"built ({type(e).__name__}: {e})"
+        ) from e
     expected = {k: v for k, v in model.state_dict().items()}
     loaded: dict[str, torch.Tensor] = {}
 
@@ -572,10 +810,12 @@ def load_flamingo(
             raise LoadError(
                 f"{source}: tensor {source_key!r} has shape {tuple(tensor.shape)}, expected {want}"
             )
+        check_weight(tensor, expected[our_key], source, source_key)
         loaded[our_key] = tensor
 
     # 1. LM weights
-    lm_sd = read_hf_weights(lm_dir)
+    lm_files: dict[str, Path] = {}
+    lm_sd = read_hf_weights(lm_dir, lm_files)
     if is_mosaic:
         from .mosaic_gpt import map_mosaic_gpt_state_dict
 
@@ -586,7 +826,7 @@ def load_flamingo(
             if not _IGNORED_HF_KEYS.search(k):
                 report.unexpected.append(f"{lm_dir}:{k}")
             continue
-        put(f"lang_model.{mapped}", v, lm_dir, k)
+        put(f"lang_model.{mapped}", v, lm_files.get(k, lm_dir), k)
     # 2. vision weights
     for k, v in vision_sd.items():
         put(f"vision_encoder.{k}", v, vision_path, f"visual.{k}" if not vision_path.is_dir() else k)

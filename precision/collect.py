@@ -56,7 +56,7 @@ class EpisodeRunner:
         self._make_session = ort_session_factory()
         self._recorder: _RecordingSession | None = None
         self.engine = OnnxFlamingo(export_dir, verify_hashes=False, session_factory=self._session)
-        self.tokenizer = load_export_tokenizer(self.engine.root / "tokenizer")
+        self.tokenizer = load_export_tokenizer(self.engine.root, self.engine.manifest)
         self.preprocess = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         self.decode_steps = decode_steps
         self.image_batch = image_batch

@@ -37,9 +37,17 @@ from exporter.export import (
     ExportError,
     ExportOptions,
     tool_versions,
+)
+from exporter.output import (
+    check_free_space,
+    make_work_folder,
+    output_lock,
+    unwinding_signals,
+    writable_parent,
     write_atomically,
 )
 from runtime.manifest import PRECISIONS, GraphEntry, Manifest, load_manifest, safe_join
+from runtime.schema import load_json
 from runtime.spec import GraphSpec
 from trt.graph_index import default_opset
 from trt.rules import check_graph
@@ -113,6 +121,37 @@ class QuantizeOptions:
             raise QuantizeError(f"the calibration set is empty: {self.episodes} episodes asked")
         if self.decode_steps < 0 or self.max_shots < 0:
             raise QuantizeError("decode steps and max shots must be >= 0")
+        for graph in ("vision", "decoder"):
+            cache = self.cache_file(graph)
+            if cache is not None and (cache.exists() or cache.is_symlink()):
+                check_calibration_cache(cache)
+        # options that would be silently ignored contradict the precision asked for
+        if self.keep_nodes and self.vision == self.decoder == "fp32":
+            raise QuantizeError("--keep-node keeps nodes out of a reduced precision: give one")
+
+    def cache_file(self, graph: str) -> Path | None:
+        """`<calibration_cache>.<graph>.json` where the graph is calibrated (W8A8 int8)."""
+        calibrated = self.precision(graph) == "int8" and self.int8_mode == "w8a8"
+        if not calibrated or not self.calibration_cache:
+            return None
+        return Path(f"{self.calibration_cache}.{graph}.json")
+
+
+RECALIBRATE = "delete it to recalibrate"
+
+
+def check_calibration_cache(path: Path) -> None:
+    """A calibration cache that exists must be a JSON object file (onnxruntime's tensor ranges)."""
+    if not path.is_file():
+        raise QuantizeError(
+            f"{path}: not a file; a calibration cache is a JSON file ({RECALIBRATE})"
+        )
+    data = load_json(path, QuantizeError)
+    if not isinstance(data, dict):
+        raise QuantizeError(
+            f"{path}: not a calibration cache (expected a JSON object of tensor ranges; "
+            f"{RECALIBRATE})"
+        )
 
 
 # ------------------------------------------------------------------ graph helpers
@@ -497,29 +536,38 @@ def to_int8(
         "percentile": CalibrationMethod.Percentile,
         "entropy": CalibrationMethod.Entropy,
     }[options.method]
-    cache = f"{options.calibration_cache}.{graph}.json" if options.calibration_cache else None
-    quantize_static(
-        str(src),
-        str(dst),
-        reader,
-        calibration_cache_path=cache,
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(WEIGHT_OPS),
-        nodes_to_quantize=targets,
-        per_channel=True,
-        reduce_range=False,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        use_external_data_format=big,
-        calibrate_method=method,
-        extra_options={
-            "ActivationSymmetric": True,
-            "WeightSymmetric": True,
-            "CalibPercentile": options.percentile,
-            "CalibTensorRangeSymmetric": True,
-            "CalibStridedMinMax": 1,  # one feed at a time (see precision.collect.FeedReader)
-        },
-    )
+    cache = options.cache_file(graph)
+    cached = cache is not None and cache.is_file()
+    try:
+        quantize_static(
+            str(src),
+            str(dst),
+            reader,
+            calibration_cache_path=str(cache) if cache is not None else None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(WEIGHT_OPS),
+            nodes_to_quantize=targets,
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=big,
+            calibrate_method=method,
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                "CalibPercentile": options.percentile,
+                "CalibTensorRangeSymmetric": True,
+                "CalibStridedMinMax": 1,  # one feed at a time (see precision.collect.FeedReader)
+            },
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if not cached:
+            raise
+        # onnxruntime read our cache and could not use it (other method, other format)
+        raise QuantizeError(
+            f"{cache}: not a usable calibration cache ({type(e).__name__}: {e}); {RECALIBRATE}"
+        ) from e
     quantized = load_graph(dst)
     embeddings = (
         quantize_embeddings(quantized, set(keep_nodes)) if options.quantize_embeddings else []
@@ -602,13 +650,10 @@ def _check_source(src: Path, out: Path) -> Manifest:
 
 def _needs_readers(options: QuantizeOptions) -> bool:
     """W8A8 int8 graphs need calibration unless their ranges are cached."""
-    if options.int8_mode != "w8a8":
-        return False
     for graph in ("vision", "decoder"):
-        if options.precision(graph) != "int8":
-            continue
-        cache = options.calibration_cache
-        if cache is None or not Path(f"{cache}.{graph}.json").is_file():
+        calibrated = options.precision(graph) == "int8" and options.int8_mode == "w8a8"
+        cache = options.cache_file(graph)
+        if calibrated and (cache is None or not cache.is_file()):
             return True
     return False
 
@@ -663,9 +708,35 @@ def quantize_export(
     options.validate()
     src, out = Path(src), Path(out)
     source = _check_source(src, out)
+    check_keep_nodes(src, source, options.keep_nodes)
+    # the output is at most the source's size, and the int8/fp16 rewrites stage one copy of a
+    # graph in the temporary folder: refuse a disk that cannot take that before the slow part
+    check_free_space(out, sum(safe_join(src, f).stat().st_size for f in source.files))
     return write_atomically(
         out, options.force, lambda tmp: _quantize_into(src, source, tmp, options, say), say
     )
+
+
+def graph_node_names(path: Path) -> list[str]:
+    """The node names quantization addresses (`name_nodes`), without loading the weights."""
+    model = onnx.load(str(path), load_external_data=False)
+    name_nodes(model)
+    return [n.name for n in model.graph.node]
+
+
+def check_keep_nodes(src: Path, source: Manifest, patterns: tuple[str, ...]) -> None:
+    """Every `--keep-node` glob must match a node of some graph: a typo would otherwise quantize
+    the node it meant to keep, silently."""
+    if not patterns:
+        return
+    names = {g: graph_node_names(safe_join(src, e.file)) for g, e in source.graphs.items()}
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for ns in names.values() for n in ns):
+            files = " or ".join(e.file for e in source.graphs.values())
+            raise QuantizeError(
+                f"--keep-node {pattern!r} matches no node in {files} (node names are listed by "
+                "`flamingo-export sensitivity`; globs use *, ? and [...])"
+            )
 
 
 def _quantize_into(
@@ -769,10 +840,17 @@ def export_at_precision(
     options.validate()
     if options.vision == options.decoder == "fp32":
         return export_model(model, tokenizer, out, export_options, progress=progress)
+    from exporter.export import export_size
+
     check_output(out, options.force)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.absolute().parent))
-    try:
-        export_model(model, tokenizer, scratch / "fp32", export_options, progress=progress)
-        return quantize_export(scratch / "fp32", out, options, progress=progress)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # the fp32 export in the scratch folder, then OUT at most as large
+    check_free_space(out, 2 * export_size(model))
+    writable_parent(out)
+    with unwinding_signals(), output_lock(out):
+        check_output(out, options.force)
+        scratch = make_work_folder(out, "fp32")
+        try:
+            export_model(model, tokenizer, scratch / "fp32", export_options, progress=progress)
+            return quantize_export(scratch / "fp32", out, options, progress=progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

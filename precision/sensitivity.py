@@ -33,6 +33,7 @@ from precision.quantize import (
     weight_nodes,
 )
 from runtime.manifest import load_manifest, safe_join
+from runtime.tokenizer import load_export_tokenizer
 
 from .data import calibration_set
 
@@ -74,11 +75,10 @@ class Evaluation:
     episode_set: list[Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from runtime.tokenizer import load_export_tokenizer
 
         self.src = Path(self.src)
         self.reference = OnnxBackend(self.src)
-        self.tokenizer = load_export_tokenizer(self.src / "tokenizer")
+        self.tokenizer = load_export_tokenizer(self.src, self.reference.manifest)
         self.episode_set = calibration_set(
             self.data, episodes=self.episodes, max_shots=self.max_shots, seed=self.seed
         ).episodes

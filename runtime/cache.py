@@ -6,6 +6,8 @@ query), never on the query or the search settings, so they are computed once and
 
 * `VisionCache`: K/V of one image keyed by the sha256 of its *preprocessed* pixels (so the same
   picture passed as a path, bytes or array hits, and a change of preprocessing misses).
+* `PixelMemo`: preprocessed pixels and their hash keyed by the file or bytes they came from, so
+  an image given again (every demonstration of a few-shot evaluation) is decoded once.
 * `PrefixCache`: `PrefixState` snapshots (past KV, images used so far) keyed by the prefix
   token ids and the pixel hashes of its images. A lookup returns the longest usable prefix of a
   request: token-for-token and image-for-image equal. KV at position t depends only on tokens
@@ -25,7 +27,14 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-__all__ = ["LRUCache", "PrefixCache", "PrefixState", "VisionCache", "pixel_digest"]
+__all__ = [
+    "LRUCache",
+    "PixelMemo",
+    "PrefixCache",
+    "PrefixState",
+    "VisionCache",
+    "pixel_digest",
+]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -133,6 +142,20 @@ class VisionCache(LRUCache[str, ImageKV]):
 
     def add(self, digest: str, kv: ImageKV) -> None:
         self.put(digest, kv, sum(a.nbytes for a in kv.values()))
+
+
+class PixelMemo(LRUCache[tuple, tuple[np.ndarray, str]]):
+    """Preprocessed pixels and their `pixel_digest` keyed by `runtime.images.source_key` (a
+    file's identity and times, or the sha256 of encoded bytes), bounded by bytes: an image
+    given again skips decoding, resizing and hashing. The key includes nothing of the
+    preprocessing, so a memo serves one `PreprocessConfig`."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(max_entries=None, max_bytes=max_bytes)
+
+    def add(self, key: tuple, pixels: np.ndarray, digest: str) -> None:
+        pixels.setflags(write=False)  # shared by every prompt that gives this image again
+        self.put(key, (pixels, digest), pixels.nbytes)
 
 
 @dataclass(frozen=True)

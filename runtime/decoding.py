@@ -79,12 +79,17 @@ def current_image_offsets(
 
 
 def current_image_kv(
-    cross_kv: dict[str, np.ndarray], offsets: Sequence[int], num_latents: int
+    cross_kv: dict[str, np.ndarray],
+    offsets: Sequence[int],
+    num_latents: int,
+    rows: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Cross-attention K/V (B, H, num_latents, Dh) of each row's current image, from the
-    rows' K/V and `current_image_offsets`."""
+    rows' K/V and `current_image_offsets`; row b reads `cross_kv` row `rows[b]` (default b:
+    beams of one prompt read their prompt's row, no per-beam copy)."""
+    rows = range(len(offsets)) if rows is None else rows
     return {
-        name: np.stack([kv[b, :, s : s + num_latents] for b, s in enumerate(offsets)])
+        name: np.stack([kv[r, :, s : s + num_latents] for r, s in zip(rows, offsets)])
         for name, kv in cross_kv.items()
     }
 

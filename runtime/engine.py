@@ -24,7 +24,7 @@ from .decoding import (
     position_ids,
 )
 from .errors import FlamingoExportError
-from .manifest import Manifest, ManifestError, load_manifest, safe_join
+from .manifest import Manifest, ManifestError, load_manifest
 from .spec import GraphSpec, ModelDims, past_names
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -87,6 +87,10 @@ def slow_on_cpu(manifest: Manifest) -> list[str]:
     return [W8A8_ON_CPU] if is_w8a8 and manifest.graphs["decoder"].precision == "int8" else []
 
 
+class ProviderError(SessionOptionsError):
+    """An execution provider that this onnxruntime build does not have."""
+
+
 def make_session(
     path: Path,
     providers: Sequence[str],
@@ -110,7 +114,7 @@ def make_session(
     available = set(ort.get_available_providers())
     unknown = [p for p in providers if p not in available]
     if unknown:
-        raise SessionOptionsError(
+        raise ProviderError(
             f"execution provider(s) {unknown} not available in this onnxruntime "
             f"(available: {sorted(available)})"
         )
@@ -130,8 +134,23 @@ def ort_session_factory(
     return make
 
 
+# numpy dtype name (runtime.spec) -> onnxruntime's NodeArg.type
+ORT_TYPES = {
+    "float32": "tensor(float)",
+    "float16": "tensor(float16)",
+    "float64": "tensor(double)",
+    "int64": "tensor(int64)",
+    "int32": "tensor(int32)",
+    "int8": "tensor(int8)",
+    "uint8": "tensor(uint8)",
+    "bool": "tensor(bool)",
+}
+
+
 def check_session_io(session: Session, spec: GraphSpec, where: str) -> None:
-    """The graph must expose exactly the inputs/outputs the manifest's spec declares."""
+    """The graph must expose exactly the inputs/outputs the manifest's spec declares, with
+    its dtypes and fixed dimensions (checked where the session reports them: onnxruntime's
+    NodeArgs do), so a mismatch is caught at load, not at the first run."""
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
     if got_in != spec.input_names or got_out != spec.output_names:
@@ -141,6 +160,40 @@ def check_session_io(session: Session, spec: GraphSpec, where: str) -> None:
             f"{where}: graph I/O does not match the manifest spec "
             f"(missing {missing[:4]}, unexpected {extra[:4]})"
         )
+    args = [*session.get_inputs(), *session.get_outputs()]
+    for arg, declared in zip(args, (*spec.inputs, *spec.outputs)):
+        kind = getattr(arg, "type", None)
+        if isinstance(kind, str) and kind != ORT_TYPES.get(declared.dtype, kind):
+            raise ManifestError(
+                f"{where}: {declared.name} is {kind} in the graph, the manifest says "
+                f"{declared.dtype}"
+            )
+        shape = getattr(arg, "shape", None)
+        if not isinstance(shape, (list, tuple)):
+            continue
+        fixed = [d if isinstance(d, int) else None for d in declared.shape]
+        actual = [d if isinstance(d, int) else None for d in shape]
+        if len(actual) != len(fixed) or any(
+            a is not None and f is not None and a != f for a, f in zip(actual, fixed)
+        ):
+            raise ManifestError(
+                f"{where}: {declared.name} has shape {list(shape)} in the graph, the manifest "
+                f"says {list(declared.shape)}"
+            )
+
+
+def open_session(make: SessionFactory, name: str, path: Path) -> Session:
+    """`make(name, path)`, with a graph that onnxruntime (or the factory) cannot load
+    reported as a ManifestError naming the file."""
+    try:
+        return make(name, path)
+    except FlamingoExportError:
+        raise
+    except Exception as e:  # onnxruntime's pybind errors derive from Exception only
+        detail = " ".join(str(e).split())[:300]
+        raise ManifestError(
+            f"{path}: not a loadable ONNX model ({type(e).__name__}: {detail})"
+        ) from e
 
 
 class OnnxFlamingo(RowsCrossKV):
@@ -167,8 +220,8 @@ class OnnxFlamingo(RowsCrossKV):
         make = session_factory or ort_session_factory(providers, threads)
         self.sessions: dict[str, Session] = {}
         for name, entry in self.manifest.graphs.items():
-            path = safe_join(self.root, entry.file)
-            session = make(name, path)
+            path = self.manifest.path(self.root, entry.file)
+            session = open_session(make, name, path)
             check_session_io(session, entry.spec, str(path))
             self.sessions[name] = session
         self.vision_spec = self.manifest.graphs["vision"].spec
@@ -251,7 +304,9 @@ class OrtStepModel(BaseStepModel):
             past = {n: empty for n in self.past_names}
         self._past: Past = {n: past[n] for n in self.past_names}
         self.uses_position_ids = dims.uses_position_ids
-        self._source = np.arange(self.batch)  # original row of each current row (cross K/V owner)
+        # row of `cross_kv` each current row attends with: beams share their prompt's images, so
+        # a reorder moves this map; the K/V rows are gathered only when a step needs all of them
+        self._cross_rows = np.arange(self.batch)
         self._binding = None
         if io_binding and hasattr(self.session, "io_binding"):
             try:
@@ -261,7 +316,7 @@ class OrtStepModel(BaseStepModel):
         self._bound_cross: dict[str, np.ndarray] | None = None
         # decode steps attend to each row's current image only (runtime.decoding)
         self.current_image_only = True
-        self._local: tuple[dict, tuple, dict[str, np.ndarray]] | None = None
+        self._local: tuple[dict, tuple, dict[str, np.ndarray]] | None = None  # current image's
         self._output_names = engine.decoder_spec.output_names
 
     @property
@@ -326,18 +381,21 @@ class OrtStepModel(BaseStepModel):
         change; all images' keys otherwise."""
         keys = next(iter(self.cross_kv.values())).shape[2] if self.cross_kv else 0
         offsets = current_image_offsets(media, keys, self.engine.dims.num_latents)
+        rows = self._cross_rows
         if not self.current_image_only or offsets is None:
+            stored = next(iter(self.cross_kv.values())).shape[0] if self.cross_kv else len(rows)
+            if not np.array_equal(rows, np.arange(stored)):  # rows moved: gather them now
+                self.cross_kv = {k: v[rows] for k, v in self.cross_kv.items()}
+                self._cross_rows = np.arange(len(rows))
             return media, self.cross_kv
-        current = tuple(int(o) for o in offsets)
+        current = (tuple(int(o) for o in offsets), tuple(int(r) for r in rows))
         if self._local is None or self._local[0] is not self.cross_kv or self._local[1] != current:
-            local = current_image_kv(self.cross_kv, current, self.engine.dims.num_latents)
+            local = current_image_kv(
+                self.cross_kv, current[0], self.engine.dims.num_latents, rows=current[1]
+            )
             self._local = (self.cross_kv, current, local)
         return (media > 0).astype(np.int64), self._local[2]
 
     def _reorder(self, index: np.ndarray) -> None:
         self._past = {k: np.ascontiguousarray(v[index]) for k, v in self.past.items()}
-        source = self._source[index]
-        # beams of one prompt share its images: cross K/V moves only when rows change prompt
-        if len(source) != len(self._source) or not np.array_equal(source, self._source):
-            self.cross_kv = {k: v[index] for k, v in self.cross_kv.items()}
-        self._source = source
+        self._cross_rows = self._cross_rows[index]

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FlamingoExportError
-from .manifest import Manifest, safe_join, sha256_file
+from .manifest import Manifest, ManifestError, safe_join, sha256_file
+from .schema import load_json
 
 ENGINES_NAME = "engines.json"
 ENGINES_SCHEMA_VERSION = 1
@@ -145,10 +146,10 @@ def load_engines_manifest(root: str | Path, verify_hashes: bool = True) -> Engin
             f"{root}: no {ENGINES_NAME}; build the engines with `flamingo-export build {root}`"
         )
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EngineMismatchError(f"{path}: invalid JSON ({e})") from e
-    engines = EnginesManifest.from_dict(data, str(path))
+        resolved = safe_join(root, ENGINES_NAME, "file")
+    except ManifestError:  # like manifest.json: what says which hashes to trust stays inside
+        raise EngineMismatchError(f"{path}: resolves outside the export folder") from None
+    engines = EnginesManifest.from_dict(load_json(resolved, EngineMismatchError), str(path))
     for name, entry in engines.engines.items():
         file = safe_join(root, entry.file)
         if not file.is_file():

@@ -12,6 +12,7 @@ Details and reasons: docs/preprocessing.md.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -33,10 +34,10 @@ __all__ = [
     "ImageInput",
     "PreprocessConfig",
     "image_list",
-    "input_name",
     "load_image",
     "preprocess",
-    "preprocess_image",
+    "preprocess_one",
+    "source_key",
 ]
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -436,22 +437,17 @@ def preprocess(images: Sequence[ImageInput], config: PreprocessConfig) -> np.nda
     size = config.image_size
     out = np.empty((len(batch), 3, size, size), dtype=np.float32)
     for i, item in enumerate(batch):
-        out[i] = preprocess_image(item, config, input_name(item, f"image #{i}"))
+        out[i] = preprocess_one(item, config, f"image #{i}")
     return out
 
 
-def input_name(item: Any, label: str) -> str:
-    """`label`, plus the path for path inputs: how errors name an input."""
+def preprocess_one(item: ImageInput, config: PreprocessConfig, name: str) -> np.ndarray:
+    """One image -> (3, S, S) float32 (`preprocess` of a batch of one); `name` (plus the path
+    of a path input) is how errors name it."""
     if isinstance(item, (str, os.PathLike)):
-        return f"{label} ({os.fspath(item)})"
-    return label
-
-
-def preprocess_image(image: ImageInput, config: PreprocessConfig, name: str) -> np.ndarray:
-    """One image (or one frame of a clip) -> float32 (3, S, S): the eval transform of
-    :func:`preprocess`; errors are ImageErrors starting with `name`."""
+        name += f" ({os.fspath(item)})"
     size = config.image_size
-    im = load_image(image, name=name)
+    im = load_image(item, name=name)
     try:
         im = _to_rgb(_geometry(im, config, name))
     except ImageError:
@@ -461,10 +457,28 @@ def preprocess_image(image: ImageInput, config: PreprocessConfig, name: str) -> 
     if im.size != (size, size):  # defensive: geometry must give the crop size
         raise ImageError(f"{name}: internal error, got {im.size} after preprocessing")
     # ToTensor: uint8 HWC -> float32 CHW / 255, then Normalize: (x - mean) / std.
-    mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
     chw = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
     chw /= np.float32(255.0)
-    chw -= mean
-    chw /= std
+    chw -= np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
+    chw /= np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
     return chw
+
+
+def source_key(item: ImageInput) -> tuple[Any, ...] | None:
+    """What identifies an encoded image without decoding it, or None where nothing cheap does
+    (PIL images and arrays can change in place).
+
+    A path: its real path, device, inode, size and modification and change times in ns (a file
+    rewritten or replaced changes at least one; `os.utime` cannot set the change time).
+    Bytes: their sha256. A path that cannot be stat'ed gives None (loading then says why).
+    """
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            path = os.path.realpath(os.fspath(item))
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        return ("path", path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return ("bytes", hashlib.sha256(item).hexdigest())
+    return None

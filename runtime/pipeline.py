@@ -28,15 +28,22 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from .cache import ImageKV, PrefixCache, PrefixState, VisionCache, pixel_digest
+from .cache import ImageKV, PixelMemo, PrefixCache, PrefixState, VisionCache, pixel_digest
 from .contracts import DecoderStepModel, Engine
 from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
 from .generation import GenerationConfig, GenerationResult, ShouldStop, generate
-from .images import ImageError, ImageInput, PreprocessConfig, image_list
+from .images import (
+    ImageError,
+    ImageInput,
+    PreprocessConfig,
+    image_list,
+    preprocess_one,
+    source_key,
+)
 from .prompts import Demonstration, Task, build_few_shot_prompt, check_images_match, check_text
 from .spec import cross_attn_names, trained_context
 from .tokenizer import ExportTokenizer, load_export_tokenizer, stable_text
-from .video import Video, encode_media, preprocess_media
+from .video import Video, encode_media, preprocess_clip
 
 MediaInput = ImageInput | Video  # an image, or a clip of frames
 
@@ -158,17 +165,20 @@ class FlamingoPipeline:
         prefix_cache_entries: int = 8,
         prefix_cache_bytes: int = 1 << 30,
         vision_cache_bytes: int = 256 << 20,
+        pixel_memo_bytes: int = 64 << 20,
         io_binding: bool = True,
         engine: Engine | None = None,
     ) -> None:
         """`engine` replaces the onnxruntime engine (e.g. trt.engine.TrtFlamingo): any
-        runtime.contracts.Engine; its `limits` bound the prompts (the export's or lower)."""
+        runtime.contracts.Engine; its `limits` bound the prompts (the export's or lower).
+        `pixel_memo_bytes` bounds the preprocessed pixels kept per image file or bytes
+        (runtime.cache.PixelMemo; 0 turns it off)."""
         self.engine: Engine = (
             engine if engine is not None else OnnxFlamingo(export_dir, providers, threads)
         )
         for note in self.engine.performance_notes():
             warnings.warn(f"{export_dir}: {note}", RuntimeWarning, stacklevel=2)
-        self.tokenizer = load_export_tokenizer(self.engine.root / "tokenizer")
+        self.tokenizer = load_export_tokenizer(self.engine.root, self.engine.manifest)
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         self.max_seq_len, self._context = self._context_limit()
         self.max_images = self.engine.limits["max_images"]
@@ -178,6 +188,7 @@ class FlamingoPipeline:
         self.io_binding = io_binding
         self.prefix_cache = PrefixCache(prefix_cache_entries, prefix_cache_bytes)
         self.vision_cache = VisionCache(vision_cache_bytes)
+        self.pixel_memo = PixelMemo(pixel_memo_bytes)
         dims = self.engine.dims
         self._xattn_names = [n for j in dims.xattn_layers for n in cross_attn_names(j)]
 
@@ -320,13 +331,18 @@ class FlamingoPipeline:
         return self.generate(prompt, images, config, on_token, seed=seed)
 
     def clear_caches(self) -> None:
-        """Drop cached prefixes and image K/V (and reset their counters)."""
+        """Drop cached prefixes, image K/V and preprocessed pixels (and reset their counters)."""
         self.prefix_cache.clear()
         self.vision_cache.clear()
+        self.pixel_memo.clear()
 
     def cache_stats(self) -> dict[str, dict[str, Any]]:
-        """Entries, bytes, hits, misses, evictions of both caches."""
-        return {"prefix": self.prefix_cache.stats(), "vision": self.vision_cache.stats()}
+        """Entries, bytes, hits, misses, evictions of the prefix, vision and pixel caches."""
+        return {
+            "prefix": self.prefix_cache.stats(),
+            "vision": self.vision_cache.stats(),
+            "pixels": self.pixel_memo.stats(),
+        }
 
     # ------------------------------------------------------------------ steps
 
@@ -401,13 +417,34 @@ class FlamingoPipeline:
                 f"{len(images)} images"
             )
         try:
-            pixels = preprocess_media(images, self.preprocess_config, self.max_frames)
-        except ImageError as e:
+            pixels, hashes = self._pixels(images)
+        except ImageError as e:  # VideoError stays a VideoError
             raise type(e)(f"{where}{e}") from None
-        hashes = [pixel_digest(p) for p in pixels]  # a clip's: all its frames (and F)
         # a split needs a token after it: the first step must have something to run
         boundaries = np.flatnonzero(ids[:-1] == self.engine.eoc_token_id) + 1
         return _Row(ids, media_positions, pixels, hashes, boundaries, [None] * len(images))
+
+    def _pixels(self, images: list[Any]) -> tuple[list[np.ndarray], list[str]]:
+        """Each media item's preprocessed frames (F, 3, S, S) (an image: F = 1) and their
+        digests (a clip's covers all its frames); images from the pixel memo when the same
+        file or bytes came before."""
+        pixels, hashes = [], []
+        for i, item in enumerate(images):
+            if isinstance(item, Video):  # frames read and sampled anew (no memo)
+                frames = preprocess_clip(item, self.preprocess_config, self.max_frames, i)
+                pixels.append(frames)
+                hashes.append(pixel_digest(frames))
+                continue
+            key = source_key(item) if self.pixel_memo.max_bytes else None
+            known = self.pixel_memo.get(key) if key is not None else None
+            if known is None:
+                one = preprocess_one(item, self.preprocess_config, f"image #{i}")[None]
+                known = (one, pixel_digest(one))
+                if key is not None:
+                    self.pixel_memo.add(key, *known)
+            pixels.append(known[0])
+            hashes.append(known[1])
+        return pixels, hashes
 
     def _encode_missing_images(self, rows: list[_Row]) -> None:
         """Fill every row's image K/V: from its prefix state, the vision cache, or one vision

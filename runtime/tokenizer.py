@@ -18,9 +18,17 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from .manifest import ManifestError
+from .manifest import TOKENIZER_JSON, Manifest, ManifestError
 
-__all__ = ["ExportTokenizer", "clean_up_tokenization", "load_export_tokenizer", "stable_text"]
+TOKENIZER_CONFIG_JSON = "tokenizer/tokenizer_config.json"  # where clean_up_tokenization_spaces is
+
+__all__ = [
+    "ExportTokenizer",
+    "clean_up_tokenization",
+    "load_export_tokenizer",
+    "read_tokenizer",
+    "stable_text",
+]
 
 # transformers' PreTrainedTokenizerBase.clean_up_tokenization, applied in this order.
 _CLEAN_UPS = (
@@ -99,30 +107,38 @@ class ExportTokenizer:
         return [self.decode(ids, skip_special_tokens) for ids in sequences]
 
 
-def load_export_tokenizer(folder: str | Path) -> ExportTokenizer:
-    """The tokenizer of an export's `tokenizer/` folder (tokenizer.json + tokenizer_config.json).
+def load_export_tokenizer(root: str | Path, manifest: Manifest) -> ExportTokenizer:
+    """The tokenizer of the export at `root`: its tokenizer.json and, when listed,
+    tokenizer_config.json, each read only because `manifest` vouches for it (sha256 checked by
+    `load_manifest`). Raises ManifestError (a FlamingoExportError) naming the file when either
+    cannot be used."""
+    root = Path(root)
+    config = TOKENIZER_CONFIG_JSON in manifest.tokenizer_files
+    return read_tokenizer(
+        manifest.path(root, TOKENIZER_JSON),
+        manifest.path(root, TOKENIZER_CONFIG_JSON) if config else None,
+    )
 
-    Raises ManifestError (a FlamingoExportError) naming the file when either cannot be read.
-    """
-    folder = Path(folder)
-    path = folder / "tokenizer.json"
+
+def read_tokenizer(tokenizer_json: Path, config_json: Path | None = None) -> ExportTokenizer:
+    """An ExportTokenizer from a tokenizer.json and (optional) transformers'
+    tokenizer_config.json; ManifestError naming the file that cannot be used."""
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(tokenizer_json))
     except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
-        raise ManifestError(f"{path}: cannot load the tokenizer ({e})") from e
-    config_path = folder / "tokenizer_config.json"
+        raise ManifestError(f"{tokenizer_json}: not a usable tokenizer ({e})") from e
     clean_up = False  # transformers' default when the config does not say
-    if config_path.is_file():
+    if config_json is not None and config_json.is_file():
         try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config = json.loads(config_json.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{config_path}: cannot read ({e})") from e
+            raise ManifestError(f"{config_json}: cannot read ({e})") from e
         if not isinstance(config, dict):
-            raise ManifestError(f"{config_path}: expected a JSON object")
+            raise ManifestError(f"{config_json}: expected a JSON object")
         value = config.get("clean_up_tokenization_spaces", False)
         if not isinstance(value, bool):
             raise ManifestError(
-                f"{config_path}: 'clean_up_tokenization_spaces' must be true or false, "
+                f"{config_json}: 'clean_up_tokenization_spaces' must be true or false, "
                 f"got {value!r}"
             )
         clean_up = value

@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .images import ImageError, ImageInput, PreprocessConfig, input_name, preprocess_image
+from .images import ImageError, ImageInput, PreprocessConfig, preprocess_one
 
 __all__ = [
     "Video",
     "VideoError",
     "encode_media",
     "frame_count",
+    "preprocess_clip",
     "preprocess_media",
     "read_frames",
     "sample_indices",
@@ -236,34 +237,37 @@ def preprocess_media(
     items: Sequence[ImageInput | Video], config: PreprocessConfig, max_frames: int
 ) -> list[np.ndarray]:
     """Each media item as float32 frames (F, 3, S, S): an image is F = 1; a clip's sampled
-    frames are each preprocessed like an image. A clip without `num_frames` takes
+    frames are each preprocessed like an image (:func:`preprocess_clip`)."""
+    return [
+        preprocess_clip(item, config, max_frames, i)
+        if isinstance(item, Video)
+        else preprocess_one(item, config, f"image #{i}")[None]
+        for i, item in enumerate(items)
+    ]
+
+
+def preprocess_clip(
+    video: Video, config: PreprocessConfig, max_frames: int, index: int
+) -> np.ndarray:
+    """Media item number `index` (how errors name it), a clip: its sampled frames, each
+    preprocessed like an image, (F, 3, S, S) float32. F is the clip's `num_frames`, else
     `max_frames` (the export's); more than `max_frames` is a VideoError."""
-    out = []
-    for i, item in enumerate(items):
-        if not isinstance(item, Video):
-            out.append(preprocess_image(item, config, input_name(item, f"image #{i}"))[None])
-            continue
-        label = f"media #{i} ({item.name})"
-        asked = item.num_frames
-        if asked is None and max_frames == 1:
-            raise VideoError(
-                f"{label}: this export takes 1 frame per media item (max_frames 1: a model "
-                "without frame embeddings, exported without --max-frames); give the clip "
-                "num_frames=1 (its middle frame), or re-export with --max-frames F"
-            )
-        frames = asked or max_frames
-        if frames > max_frames:
-            raise VideoError(
-                f"{label}: {frames} frames asked, this export allows at most {max_frames} "
-                "per clip (max_frames)"
-            )
-        images = read_frames(item, frames)
-        out.append(
-            np.stack(
-                [preprocess_image(f, config, f"{label} frame {j}") for j, f in enumerate(images)]
-            )
+    label = f"media #{index} ({video.name})"
+    asked = video.num_frames
+    if asked is None and max_frames == 1:
+        raise VideoError(
+            f"{label}: this export takes 1 frame per media item (max_frames 1: a model "
+            "without frame embeddings, exported without --max-frames); give the clip "
+            "num_frames=1 (its middle frame), or re-export with --max-frames F"
         )
-    return out
+    frames = asked or max_frames
+    if frames > max_frames:
+        raise VideoError(
+            f"{label}: {frames} frames asked, this export allows at most {max_frames} "
+            "per clip (max_frames)"
+        )
+    images = read_frames(video, frames)
+    return np.stack([preprocess_one(f, config, f"{label} frame {j}") for j, f in enumerate(images)])
 
 
 def encode_media(

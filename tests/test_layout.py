@@ -100,3 +100,21 @@ def test_no_product_module_imports_fixtures() -> None:
         for f in targets.get("fixtures", set())
     }
     assert not offenders, sorted(offenders)
+
+
+def test_architecture_page_names_only_what_exists() -> None:
+    """docs/ARCHITECTURE.md's module table names every package once and no path that is gone
+    (a merge or a move that leaves a stale row fails here)."""
+    import re
+
+    page = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`((?:[a-z_]+/)+[a-z_]*(?:\.py|\.json)?)`", page))
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"docs/ARCHITECTURE.md names paths that do not exist: {missing}"
+    rows = [ln for ln in page.splitlines() if ln.startswith("| `")]
+    firsts = [re.findall(r"`([^`]+)`", ln.split("|")[1]) for ln in rows]
+    owners = [p for cell in firsts for p in cell]
+    repeated = sorted({p for p in owners if owners.count(p) > 1})
+    assert not repeated, f"docs/ARCHITECTURE.md has more than one row for {repeated}"
+    placed = {p.split("/")[0] for p in owners}
+    assert set(PACKAGES) <= placed, f"packages without a row: {set(PACKAGES) - placed}"

@@ -3,6 +3,7 @@ path gives (same token ids, log-probs within 1e-5), and the caches must key and 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def pipelines(tiny_export: Callable) -> Callable:
     def get(family: str) -> tuple[FlamingoPipeline, FlamingoPipeline]:
         if family not in cache:
             export = tiny_export(family)
-            plain = FlamingoPipeline(export, prefix_cache=False, vision_cache=False)
+            plain = FlamingoPipeline(
+                export, prefix_cache=False, vision_cache=False, pixel_memo_bytes=0
+            )
             cache[family] = (FlamingoPipeline(export), plain)
         return cache[family]
 
@@ -110,6 +113,36 @@ def test_same_pixels_hit_whatever_the_input_form(pipelines, pictures) -> None:
     pipe.clear_caches()
     assert pipe.cache_stats()["vision"]["entries"] == 0
     assert pipe.cache_stats()["prefix"]["entries"] == 0
+
+
+def test_pixel_memo_keys_on_the_file_or_bytes(pipelines, pictures, tmp_path: Path) -> None:
+    pipe, plain = pipelines("llama")
+    pipe.clear_caches()
+    config = pipe.default_config(max_new_tokens=3)
+    path = pictures[2]
+    for image in (path, path, Path(path).read_bytes(), Path(path).read_bytes()):
+        assert_same(pipe.generate("<image>Output:", [image], config),
+                    plain.generate("<image>Output:", [image], config))  # fmt: skip
+    memo = pipe.cache_stats()["pixels"]
+    assert (memo["entries"], memo["misses"], memo["hits"]) == (2, 2, 2)
+    for image in (Image.open(path), np.asarray(Image.open(path).convert("RGB"))):
+        pipe.generate("<image>Output:", [image], config)  # may change in place: never memoized
+    assert pipe.cache_stats()["pixels"]["entries"] == 2
+    assert plain.cache_stats()["pixels"]["entries"] == 0  # pixel_memo_bytes=0: off
+
+    # a file rewritten in place with other pixels, same size, its modification time put back:
+    # the change time still tells, and the answer is the new picture's
+    rng = np.random.default_rng(11)
+    moving = tmp_path / "moving.bmp"
+    first, second = (rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(2))
+    Image.fromarray(first).save(moving)
+    pipe.generate("<image>Output:", [str(moving)], config)
+    before = moving.stat()
+    Image.fromarray(second).save(moving)
+    os.utime(moving, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert moving.stat().st_size == before.st_size
+    assert_same(pipe.generate("<image>Output:", [str(moving)], config),
+                plain.generate("<image>Output:", [second], config))  # fmt: skip
 
 
 def test_eviction_and_limits_keep_results_exact(tiny_export, pipelines, pictures) -> None:

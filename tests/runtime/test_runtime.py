@@ -138,11 +138,12 @@ def test_run_command_streams_and_maps_flags(tiny_export, images, tmp_path) -> No
 
 
 def test_runtime_imports_and_runs_without_torch(tiny_export, images) -> None:
-    """Every runtime module imports with torch, transformers, tensorrt and cuda-python blocked
-    (runtime/engines.py reads engines.json without TensorRT); the pipeline runs."""
+    """Every runtime module imports with torch, transformers, tensorrt, cuda-python and onnx
+    blocked (runtime/engines.py reads engines.json without TensorRT, the manifest check reads
+    external-data locations without onnx); the pipeline runs."""
     code = f"""
 import importlib, pkgutil, sys
-for blocked in ("torch", "transformers", "tensorrt", "cuda"):
+for blocked in ("torch", "transformers", "tensorrt", "cuda", "onnx"):
     sys.modules[blocked] = None
 import runtime
 for module in pkgutil.iter_modules(runtime.__path__):
@@ -152,7 +153,8 @@ from runtime.generation import GenerationConfig
 out = FlamingoPipeline({str(tiny_export("mpt"))!r}).generate(
     "<image>A", [{images[0]!r}], GenerationConfig(max_new_tokens=4))
 assert len(out.token_ids) >= 1
-assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+loaded = [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+assert "torch" not in loaded and "onnx" not in loaded
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -213,3 +215,41 @@ def test_vision_workers_do_not_spin_into_the_decoder(tiny_export) -> None:
     pipe = FlamingoPipeline(tiny_export("llama"), threads=2)
     assert spinning(pipe.engine.sessions["vision"]) == "0"
     assert spinning(pipe.engine.sessions["decoder"]) == "default"
+
+
+def test_beams_share_their_prompts_image_kv(tiny_export, images) -> None:
+    """Beam search expands every row to its beams (reorder_cache); the image K/V stay one copy
+    per prompt (the rows are gathered only if a later step needs all images' keys), and each
+    beam's logits are those of a model given physically repeated K/V."""
+    from runtime.decoding import rows_cross_kv
+    from runtime.engine import OnnxFlamingo
+
+    engine = OnnxFlamingo(tiny_export("llama"))
+    pixels = preprocess(images, PreprocessConfig(engine.manifest.preprocess["image_size"]))
+    features = engine.encode_images(pixels)
+    rows = [[0, 1], [1]]  # two prompts: two images, one image
+    cross = rows_cross_kv(features, rows, engine.dims, engine.float_dtype)
+    media = engine.media_token_id
+    ids = np.array([[media, 5, 6, media, 7], [9, 9, media, 5, 6]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    beams = np.repeat(np.arange(2), 3)
+    shared = engine.step_model(cross, np.array([2, 1]))
+    shared.step(ids, mask)
+    shared.reorder_cache(beams)
+    copied = engine.step_model(
+        {k: v[beams] for k, v in cross.items()}, np.array([2, 2, 2, 1, 1, 1])
+    )
+    copied.step(ids[beams], mask[beams])
+    step_ids = np.full((6, 1), 11, dtype=np.int64)
+    step_mask = np.ones((6, 6), dtype=np.int64)
+    np.testing.assert_allclose(
+        shared.step(step_ids, step_mask), copied.step(step_ids, step_mask), atol=1e-5
+    )
+    assert all(v.shape[0] == 2 for v in shared.cross_kv.values())  # not one copy per beam
+    shared.reorder_cache(np.array([0, 0, 2, 3, 3, 5]))  # beams move: the map follows
+    copied.reorder_cache(np.array([0, 0, 2, 3, 3, 5]))
+    step_mask = np.ones((6, 7), dtype=np.int64)
+    np.testing.assert_allclose(
+        shared.step(step_ids, step_mask), copied.step(step_ids, step_mask), atol=1e-5
+    )
+    assert all(v.shape[0] == 2 for v in shared.cross_kv.values())

@@ -17,7 +17,7 @@ from runtime.pipeline import TextStream  # noqa: E402
 from runtime.tokenizer import (  # noqa: E402
     ExportTokenizer,
     clean_up_tokenization,
-    load_export_tokenizer,
+    read_tokenizer,
     stable_text,
 )
 
@@ -124,7 +124,7 @@ def _id_sequences(hf, n: int = 60) -> list[list[int]]:
 def test_decode_equals_transformers(saved: tuple[Path, str]) -> None:
     folder, kind = saved
     hf = transformers.AutoTokenizer.from_pretrained(folder)
-    ours = load_export_tokenizer(folder)
+    ours = _read(folder)
     assert ours.clean_up_tokenization_spaces is bool(hf.clean_up_tokenization_spaces)
     changed = 0
     for ids in _id_sequences(hf):
@@ -143,7 +143,7 @@ def test_decode_equals_transformers(saved: tuple[Path, str]) -> None:
 def test_stream_adds_up_to_the_text_and_never_takes_back(saved: tuple[Path, str]) -> None:
     folder, kind = saved
     hf = transformers.AutoTokenizer.from_pretrained(folder)
-    ours = load_export_tokenizer(folder)
+    ours = _read(folder)
     eoc = hf.convert_tokens_to_ids("<|endofchunk|>")
     for ids in _id_sequences(hf, 40):
         expect = hf.decode([t for t in ids if t != eoc], skip_special_tokens=True)
@@ -192,12 +192,17 @@ def test_wrapping_and_errors(tmp_path: Path) -> None:
     assert wrapped.token_to_id("<s>") == backend.token_to_id("<s>")  # everything else delegated
     stream = TextStream(backend)  # a plain tokenizers.Tokenizer still streams (no clean-up)
     assert stream.push(backend.token_to_id("A")) == "A"
-    with pytest.raises(ManifestError, match=r"tokenizer\.json: cannot load the tokenizer"):
-        load_export_tokenizer(tmp_path)
+    with pytest.raises(ManifestError, match=r"tokenizer\.json: not a usable tokenizer"):
+        _read(tmp_path)
     backend.save(str(tmp_path / "tokenizer.json"))
-    assert load_export_tokenizer(tmp_path).clean_up_tokenization_spaces is False
+    assert _read(tmp_path).clean_up_tokenization_spaces is False
     for bad, message in (("{", "cannot read"), ("[]", "expected a JSON object"), (
         '{"clean_up_tokenization_spaces": "yes"}', "must be true or false")):  # fmt: skip
         (tmp_path / "tokenizer_config.json").write_text(bad)
         with pytest.raises(ManifestError, match=message):
-            load_export_tokenizer(tmp_path)
+            _read(tmp_path)
+
+
+def _read(folder: Path) -> ExportTokenizer:
+    """An export's tokenizer/ folder as the runtime reads it (runtime.tokenizer)."""
+    return read_tokenizer(folder / "tokenizer.json", folder / "tokenizer_config.json")
