@@ -65,7 +65,7 @@ def test_parity_on_video_prompts(tiny_video) -> None:
     """`parity` (export vs PyTorch) on prompts mixing clips of 1-4 frames and images: every
     output within 1e-4, greedy identical, the fp32 gate passes."""
     model, _, out = tiny_video
-    tok = load_export_tokenizer(out / "tokenizer")
+    tok = load_export_tokenizer(out, load_manifest(out))
     episodes = [
         Episode("<image>A<|endofchunk|><image>B<|endofchunk|><image>",
                 (Video(_clip(1), 4), _image(1), Video(_clip(2), 3)), "caption", 2),
@@ -165,7 +165,9 @@ def test_export_frame_limit() -> None:
         ExportOptions(max_frames=0).validate()
 
 
-def test_an_export_before_video_is_refused_with_what_changed(tiny_video, tmp_path) -> None:
+def test_an_export_before_video_or_beyond_its_frame_embeddings_is_refused(
+    tiny_video, tmp_path
+) -> None:
     import shutil
 
     _, _, out = tiny_video
@@ -179,7 +181,11 @@ def test_an_export_before_video_is_refused_with_what_changed(tiny_video, tmp_pat
     data["schema_version"] = 3
     del data["limits"]["max_frames"]
     (old / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"limits \['max_frames'\] missing"):
+    with pytest.raises(ManifestError, match=r"limits: missing required key 'max_frames'"):
+        load_manifest(old)
+    data["limits"]["max_frames"] = 5  # the schema allows it; the frame embeddings do not
+    (old / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"limits.max_frames 5 exceeds .*max_num_frames 4"):
         load_manifest(old)
 
 
