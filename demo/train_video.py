@@ -78,9 +78,6 @@ class VideoConfig:
     image_episodes: int = 4  # image episodes per step: images keep working
     lr: float = 5e-4
     gate_lr_scale: float = 1.0  # the gates are open already
-    # the frame embeddings start at zero beside patch tokens of std ~2.5: at the base rate they
-    # would move ~0.1 in the whole run, too little for the resampler to tell frames apart
-    frame_lr_scale: float = 20.0
     eval_n: int = 200
     eval_seed: int = EVAL_SEED
 
@@ -127,21 +124,10 @@ def make_clip_batch(rng: random.Random, tok, pool: int, episodes: int, shots: in
     return episode_batch(tok, eps, rows, frames.view(pool, VIDEO_FRAMES, *frames.shape[1:]))
 
 
-def video_optimizer(model: Flamingo, cfg: VideoConfig) -> torch.optim.Optimizer:
-    """`flamingo_optimizer`, with the frame embeddings in their own group: no weight decay,
-    `cfg.frame_lr_scale` times the learning rate."""
-    opt = flamingo_optimizer(model, cfg.lr, cfg.gate_lr_scale)
-    frame = model.perceiver.frame_embs
-    for group in opt.param_groups:
-        group["params"] = [p for p in group["params"] if p is not frame]
-    opt.add_param_group({"params": [frame], "weight_decay": 0.0, "lr_scale": cfg.frame_lr_scale})
-    return opt
-
-
 def train_video(model: Flamingo, tok, cfg: VideoConfig, log: Callable[[str], None]) -> list[float]:
     """Next-token loss of the clip episodes plus that of the image episodes, every step."""
     rng = random.Random(f"flamingo-demo/video/{cfg.seed}")
-    opt = video_optimizer(model, cfg)
+    opt = flamingo_optimizer(model, cfg.lr, cfg.gate_lr_scale)
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses = []
     for step in range(cfg.steps):
