@@ -18,7 +18,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, ImageDraw
 
@@ -315,51 +315,40 @@ def sample_episode(
     demo_split: Split = "train",
     query_split: Split = "train",
     attribute: str | None = None,
+    video: bool = False,
 ) -> Episode:
-    """An episode with a random attribute (uniform over the five) unless one is given."""
-    attribute = attribute or rng.choice(tuple(ATTRIBUTES))
-    demos = tuple(sample_scene(rng, demo_split) for _ in range(shots))
-    return Episode(attribute, demos, sample_scene(rng, query_split))
+    """An episode with a random attribute (uniform over the five; `video`: a clip episode,
+    uniform over VIDEO_ATTRIBUTES) unless one is given."""
+    attributes, draw = (VIDEO_ATTRIBUTES, sample_clip) if video else (ATTRIBUTES, sample_scene)
+    attribute = attribute or rng.choice(tuple(attributes))
+    demos = tuple(draw(rng, demo_split) for _ in range(shots))
+    return Episode(attribute, demos, draw(rng, query_split))
 
 
-def eval_episodes(n: int, seed: int, shots: int = 8) -> list[Episode]:
-    """The held-out evaluation set: its own seed stream, demos from any pair, held-out queries.
+def sample_video_episode(rng: random.Random, shots: int, **kw: Any) -> Episode:
+    """`sample_episode` of clips."""
+    return sample_episode(rng, shots, video=True, **kw)
+
+
+def eval_episodes(n: int, seed: int, shots: int = 8, video: bool = False) -> list[Episode]:
+    """The held-out evaluation set: its own seed stream, demos from any pair, held-out queries
+    (`video`: the clip set, from a stream of its own).
 
     Episode i is the same for every `shots` (drawn with 8 demonstrations, then truncated), so
     a shot/accuracy table compares the same queries.
     """
+    stream = "video-eval" if video else "eval"
     out = []
     for i in range(n):
-        rng = random.Random(f"flamingo-demo/eval/{seed}/{i}")
-        full = sample_episode(rng, 8, demo_split="any", query_split="heldout")
+        rng = random.Random(f"flamingo-demo/{stream}/{seed}/{i}")
+        full = sample_episode(rng, 8, demo_split="any", query_split="heldout", video=video)
         out.append(full.truncated(shots))
     return out
-
-
-def sample_video_episode(
-    rng: random.Random,
-    shots: int,
-    *,
-    demo_split: Split = "train",
-    query_split: Split = "train",
-    attribute: str | None = None,
-) -> Episode:
-    """A clip episode with a random attribute (uniform over VIDEO_ATTRIBUTES) unless given."""
-    attribute = attribute or rng.choice(tuple(VIDEO_ATTRIBUTES))
-    demos = tuple(sample_clip(rng, demo_split) for _ in range(shots))
-    return Episode(attribute, demos, sample_clip(rng, query_split))
 
 
 def video_eval_episodes(n: int, seed: int, shots: int = 8) -> list[Episode]:
-    """The held-out clip evaluation set, drawn like `eval_episodes` from its own stream:
-    demonstrations of any pair, queries of held-out pairs, episode i the same for every
-    `shots`."""
-    out = []
-    for i in range(n):
-        rng = random.Random(f"flamingo-demo/video-eval/{seed}/{i}")
-        full = sample_video_episode(rng, 8, demo_split="any", query_split="heldout")
-        out.append(full.truncated(shots))
-    return out
+    """`eval_episodes` of clips."""
+    return eval_episodes(n, seed, shots, video=True)
 
 
 def save_clip(frames: list[Image.Image], path: str | Path) -> Path:
