@@ -232,3 +232,56 @@ def test_tensorrt_engine_runs_clips_in_parts(tiny_video, tmp_path) -> None:
     assert trt.executors["vision"].profile == 0  # the last run: images
     names = [n for j in trt.dims.xattn_layers for n in cross_attn_names(j)]
     assert set(names) <= set(got)
+
+
+def test_run_command_takes_clips_in_command_line_order(tiny_video, tmp_path) -> None:
+    """`run --video` (a folder of frames, an animated GIF) fills the markers in the order the
+    --image/--video flags are typed, equal to the pipeline given the same media in that order;
+    a few-shot JSONL takes {"video": ...}; bad clips are one-line errors."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    _, _, out = tiny_video
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(_clip(1, 5)):
+        frame.save(folder / f"frame_{i:03d}.png")
+    gif = tmp_path / "clip.gif"
+    frames = _clip(2, 6)
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=50)
+    image = tmp_path / "a.png"
+    _image(3).save(image)
+    prompt = "<image>A<image>B<image>C"
+    args = ["run", str(out), "--prompt", prompt, "--max-new-tokens", "3", "--json", "-q"]
+    args += ["--video", str(folder), "--image", str(image), "--video", str(gif)]
+    args += ["--num-frames", "3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)["token_ids"]
+    media = [Video(str(folder), 3), str(image), Video(str(gif), 3)]
+    config = GenerationConfig(max_new_tokens=3)
+    want = FlamingoPipeline(out).generate(prompt, media, config).token_ids
+    assert got == want
+
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(json.dumps({"video": "frames", "caption": "red"}) + "\n")
+    few = ["run", str(out), "--demos", str(demos), "--video", str(gif), "--max-new-tokens", "2"]
+    result = CliRunner().invoke(main, [*few, "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["demonstrations"] == [{"video": str(folder), "text": "red"}]
+    assert record["query_video"] == str(gif)
+
+    short = tmp_path / "short"
+    short.mkdir()
+    for i, frame in enumerate(_clip(4, 2)):
+        frame.save(short / f"{i}.png")
+    for bad, message in (
+        (["--video", str(tmp_path / "missing.mp4")], "missing.mp4: file not found"),
+        (["--video", str(folder), "--num-frames", "9"], "9 frames asked, this export allows"),
+        (["--video", str(short), "--num-frames", "3"], "has 2 frames, 3 were asked"),
+    ):
+        result = CliRunner().invoke(main, ["run", str(out), "--prompt", "<image>A", *bad])
+        assert result.exit_code == 1, result.output
+        assert message in result.output and "Traceback" not in result.output, result.output
