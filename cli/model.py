@@ -45,7 +45,7 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     if as_json:
         echo_json(info)
         return
-    lm, v = info["lm"], info["vision"]
+    lm, v, r = info["lm"], info["vision"], info["resampler"]
     stop = "<|endofchunk|>" if info["media_rule"] == "openflamingo" else "</s> (EOS)"
     lines = [
         ("LM family", info["lm_family"]),
@@ -55,8 +55,10 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
                    f"{v['layers']} layers, {v['heads']} heads, act {v['act']}, "
                    f"{'CLS + patch' if v['include_cls'] else 'patch'} tokens "
                    f"{'after' if v['tokens_after_ln_post'] else 'before'} ln_post"),
-        ("resampler", (f"{info['resampler']['depth']} layers, {info['image_tokens']} latents"
-                       if info["resampler"]["enabled"]
+        ("resampler", (f"{r['depth']} layers, {info['image_tokens']} latents, "
+                       + (f"frame embeddings for clips of up to {r['max_num_frames']} frames"
+                          if r.get("max_num_frames") else "no frame embeddings")
+                       if r["enabled"]
                        else f"none: {info['image_tokens']} vision tokens per image")),
         ("cross-attention", f"every {info['cross_attn_every_n_layers']} layer(s): before "
                             f"decoder layers {info['cross_attn_layer_indices']}"),
@@ -124,6 +126,7 @@ def export(
     max_images: int | None,
     max_seq_len: int | None,
     decoder_form: str,
+    max_frames: int | None,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -139,7 +142,7 @@ def export(
     from precision.streaming import export_streaming, streams
     from runtime.spec import DecoderForm
 
-    limits = {"max_images": max_images, "max_seq_len": max_seq_len}
+    limits = {"max_images": max_images, "max_seq_len": max_seq_len, "max_frames": max_frames}
     options = ExportOptions(
         opset=opset,
         force=force,

@@ -332,17 +332,28 @@ def load_model(
 # ------------------------------------------------------------------ limits
 
 
-def limit_options(*, batch: bool, lowered: bool, seq_default: str = "2048") -> Decorator:
-    """`--max-images`, `--max-seq-len` (and `--max-batch`): the shapes graphs or engines are
-    made for. `lowered`: the default is the export's own, and values may only lower it."""
+def limit_options(
+    *, batch: bool, lowered: bool, seq_default: str = "2048", frames: bool = True
+) -> Decorator:
+    """`--max-images`, `--max-seq-len` (and `--max-batch`, `--max-frames`): the shapes graphs
+    or engines are made for. `lowered`: the default is the export's own, and values may only
+    lower it."""
     suffix = " (default: the export's; may only be lowered)" if lowered else ""
     options = [
         click.option("--max-images", type=click.IntRange(min=1), default=None,
-                     help=f"Most images per prompt{suffix or ' (default 32)'}."),
+                     help=f"Most media items (images or clips) per prompt"
+                          f"{suffix or ' (default 32)'}."),
         click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
                      help=f"Most tokens per row, prompt + generated"
                           f"{suffix or f' (default {seq_default})'}."),
     ]  # fmt: skip
+    if frames:
+        options.append(
+            click.option("--max-frames", type=click.IntRange(min=1), default=None,
+                         help="Most frames per video clip" + (suffix or " (default: the "
+                              "checkpoint's frame embeddings, max_num_frames; 1 without "
+                              "them: images only)") + "."),
+        )  # fmt: skip
     if batch:
         options.insert(
             0,
@@ -377,8 +388,8 @@ def quantize_options(f: Any) -> Any:
     return compose(
         click.option("--calibration", default="random", show_default=True,
                      help="int8 calibration data: a JSONL of {image, caption} / {image, "
-                          "question, answer} (or a folder holding one), 'demo' (the demo task) "
-                          "or 'random'."),
+                          "question, answer} (or a folder holding one), 'demo' (the demo task), "
+                          "'demo-video' (its clips) or 'random'."),
         click.option("--calibration-method",
                      type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
                      show_default=True, help="int8 activation range estimator."),
@@ -467,11 +478,13 @@ def evaluation_options(episodes: int, decode_steps: int) -> Decorator:
         click.option("--data", default="random", show_default=True,
                      help="Evaluation prompts: a JSONL/folder (as --calibration), 'demo-eval' "
                           "(the demo task's held-out set, --max-shots shots each; task "
-                          "accuracy), 'demo' or 'random'."),
+                          "accuracy), 'demo-video-eval' (the same with clips), 'demo', "
+                          "'demo-video' or 'random'."),
         click.option("--episodes", type=int, default=episodes, show_default=True,
                      help="Evaluation episodes."),
         click.option("--max-shots", type=int, default=2, show_default=True,
-                     help="Most demonstrations per evaluation prompt (demo-eval: exactly)."),
+                     help="Most demonstrations per evaluation prompt (demo-eval, "
+                     "demo-video-eval: exactly)."),
         click.option("--decode-steps", type=int, default=decode_steps, show_default=True,
                      help="Teacher-forced decode steps per evaluation episode (also the greedy "
                           "length)."),

@@ -19,28 +19,64 @@ from .options import (
     user_errors,
 )
 
+MEDIA_OPTIONS = ("images", "videos")
 
-@click.command()
+
+class MediaOrderCommand(click.Command):
+    """A command that records the command-line order of its --image and --video values
+    (click collects each option's values separately) in `ctx.meta["media_order"]`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+        ctx.meta["media_order"] = [p.name for p in order if p.name in MEDIA_OPTIONS]
+        return super().parse_args(ctx, args)
+
+
+def media_in_order(images: tuple[Path, ...], videos: list[Any]) -> list[Any]:
+    """--image and --video values merged in the order they were given on the command line."""
+    order = click.get_current_context().meta.get("media_order")
+    if order is None or len(order) != len(images) + len(videos):  # called outside click
+        order = ["images"] * len(images) + ["videos"] * len(videos)
+    sources = {"images": iter(str(p) for p in images), "videos": iter(videos)}
+    return [next(sources[name]) for name in order]
+
+
+@click.command(cls=MediaOrderCommand)
 @EXPORT_DIR
 @click.option(
     "--prompt",
     default=None,
-    help="Text with one <image> marker per image (instead of --demos/--task).",
+    help="Text with one <image> marker per image or clip (instead of --demos/--task).",
 )
 @click.option(
     "--image",
     "images",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Image file, once per <image> marker, in order; with --demos or --task: the "
-    "one query image.",
+    help="Image file, once per <image> marker; images and clips (--video) fill the markers "
+    "in command-line order; with --demos or --task: the one query image.",
+)
+@click.option(
+    "--video",
+    "videos",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Video clip, once per <image> marker like --image: a video file (the 'video' extra, "
+    "PyAV), an animated GIF or a folder of frame images (sorted by name); with --demos or "
+    "--task: the one query clip.",
+)
+@click.option(
+    "--num-frames",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Frames sampled uniformly from every clip (default: the export's max_frames).",
 )
 @click.option(
     "--demos",
     type=click.Path(path_type=Path),
     default=None,
     help="Few-shot demonstrations, JSONL: {image, caption} or {image, question, "
-    "answer} per line (image paths relative to the file).",
+    "answer} per line, {video, ...} for a clip (paths relative to the file).",
 )
 @click.option(
     "--task",
@@ -68,6 +104,8 @@ def run(
     export_dir: Path,
     prompt: str | None,
     images: tuple[Path, ...],
+    videos: tuple[Path, ...],
+    num_frames: int | None,
     demos: Path | None,
     task: str | None,
     question: str | None,
@@ -81,8 +119,8 @@ def run(
     quiet: bool,
     **kw: Any,
 ) -> None:
-    """Generate from EXPORT_DIR: --prompt with its images, or a few-shot query
-    ([--demos FILE] [--task caption|vqa] [--question Q] --image QUERY).
+    """Generate from EXPORT_DIR: --prompt with its images and clips, or a few-shot query
+    ([--demos FILE] [--task caption|vqa] [--question Q] --image QUERY | --video QUERY).
 
     --engine says which runtime executes the graphs (onnxruntime, or the TensorRT engines of
     `build`); --provider picks onnxruntime's execution provider.
@@ -91,6 +129,7 @@ def run(
 
     from runtime.pipeline import TextStream
     from runtime.prompts import build_few_shot_prompt, check_text, load_demos_jsonl
+    from runtime.video import Video
 
     for flag, text in (("--prompt", prompt), ("--question", question)):
         if text is not None:  # argv bytes that are not UTF-8 arrive as lone surrogates
@@ -101,11 +140,13 @@ def run(
         raise click.UsageError("--task vqa needs --question (the query's question)")
     if question is not None and prompt is None and task != "vqa":
         raise click.UsageError("--question is only used with --task vqa")
-    if prompt is None and len(images) != 1:
+    if prompt is None and len(images) + len(videos) != 1:
         raise click.UsageError(
-            f"a few-shot query needs exactly one --image (the query), got {len(images)}; "
-            "or give --prompt"
+            "a few-shot query needs exactly one --image or --video (the query), got "
+            f"{len(images) + len(videos)}; or give --prompt"
         )
+    if num_frames is not None and not videos and demos is None:
+        raise click.UsageError("--num-frames samples the frames of clips; no --video given")
     if compare_ort and engine != "tensorrt":
         raise click.UsageError("--compare-ort compares --engine tensorrt with onnxruntime")
     say = progress_printer(quiet)
@@ -123,11 +164,14 @@ def run(
             click.echo(streamer.push(token_id), nl=False, err=as_json)
 
     few_shot = prompt is None
-    media: list[Any] = [str(p) for p in images]
+    media = media_in_order(images, [Video(str(p), num_frames) for p in videos])
     if few_shot:
         examples = load_demos_jsonl(demos) if demos is not None else []
+        for d in examples:
+            if isinstance(d.image, Video):
+                d.image = Video(d.image.source, num_frames)
         if not as_json and not quiet:  # what the answer is conditioned on (stdout = answer)
-            _echo_few_shot(examples, images[0], question)
+            _echo_few_shot(examples, media[0], question)
         prompt, media = build_few_shot_prompt(
             examples, question, task or "caption", query_image=media[0]
         )
@@ -137,7 +181,7 @@ def run(
     result = out.to_dict()
     if few_shot:
         result["demonstrations"] = [_demo_dict(d) for d in examples]
-        result["query_image"] = str(images[0])
+        result["query_video" if videos else "query_image"] = str(media[-1])
     if compare_ort:
         compared = _compare_with_onnxruntime(export_dir, prompt, media, config, out)
         result = {"tensorrt": result, **compared}
@@ -175,11 +219,14 @@ def _compare_with_onnxruntime(
 
 
 def _demo_dict(demo: Any) -> dict[str, str]:
+    from runtime.video import Video
+
     fields = {"text": demo.text, "question": demo.question, "answer": demo.answer}
-    return {"image": str(demo.image), **{k: v for k, v in fields.items() if v is not None}}
+    kind = "video" if isinstance(demo.image, Video) else "image"
+    return {kind: str(demo.image), **{k: v for k, v in fields.items() if v is not None}}
 
 
-def _echo_few_shot(examples: list[Any], query: Path, question: str | None) -> None:
+def _echo_few_shot(examples: list[Any], query: Any, question: str | None) -> None:
     click.echo(f"{len(examples)} demonstration(s):", err=True)
     for d in examples:
         said = d.text if d.text is not None else f"Q: {d.question} A: {d.answer}"

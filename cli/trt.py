@@ -34,6 +34,7 @@ def check(
     max_batch: int | None,
     max_images: int | None,
     max_seq_len: int | None,
+    max_frames: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -43,7 +44,7 @@ def check(
 
     report = check_export(
         export_dir, trt_version, max_batch=max_batch, max_images=max_images,
-        max_seq_len=max_seq_len,
+        max_seq_len=max_seq_len, max_frames=max_frames,
     )  # fmt: skip
     if as_json:
         echo_json(report.to_dict())
@@ -69,7 +70,7 @@ def check(
     default=None,
     help="Weight precision (default: fp16 for a preset, the export's own for --export).",
 )
-@limit_options(batch=True, lowered=False)
+@limit_options(batch=True, lowered=False, frames=False)
 @output_options
 @user_errors()
 def plan(
@@ -128,6 +129,7 @@ def build(
     max_batch: int | None,
     max_images: int | None,
     max_seq_len: int | None,
+    max_frames: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -137,7 +139,7 @@ def build(
 
     engines = build_engines(
         export_dir, target=target, max_batch=max_batch, max_images=max_images,
-        max_seq_len=max_seq_len, progress=progress_printer(quiet),
+        max_seq_len=max_seq_len, max_frames=max_frames, progress=progress_printer(quiet),
     )  # fmt: skip
     if as_json:
         echo_json(engines.to_dict())

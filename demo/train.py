@@ -474,9 +474,9 @@ def build_flamingo(lm_dir: Path, vision_path: Path, cfg: DemoConfig) -> tuple[Fl
 
 @dataclass
 class FlamingoBatch:
-    """A step's data: `pixels` of a pool of images, and episodes that index into the pool."""
+    """A step's data: `pixels` of a pool of media, and episodes that index into the pool."""
 
-    pixels: torch.Tensor  # (P, 3, S, S)
+    pixels: torch.Tensor  # (P, 3, S, S) images, or (P, F, 3, S, S) clips of F frames
     image_index: torch.Tensor  # (B, T_img) rows of `pixels`, in prompt order
     input_ids: torch.Tensor  # (B, T) right-padded
     attention_mask: torch.Tensor  # (B, T)
@@ -492,29 +492,37 @@ def make_batch(rng: random.Random, tok, pool: int, episodes: int, shots: int) ->
     """Episodes share a pool of images (one image is asked different attributes in different
     episodes), so the resampler runs once per image per step rather than once per use."""
     scenes = [sample_scene(rng, "train") for _ in range(pool)]
-    rows, texts = [], []
+    rows, eps = [], []
     for _ in range(episodes):
         index = rng.sample(range(pool), shots + 1)
         attribute = rng.choice(tuple(ATTRIBUTES))
-        ep = Episode(attribute, tuple(scenes[i] for i in index[:-1]), scenes[index[-1]])
+        eps.append(Episode(attribute, tuple(scenes[i] for i in index[:-1]), scenes[index[-1]]))
         rows.append(index)
-        texts.append(episode_text(ep))
-    enc = tok(texts, padding=True, padding_side="right", return_tensors="pt")
+    return episode_batch(tok, eps, rows, to_pixels([s.render() for s in scenes]))
+
+
+def episode_batch(
+    tok, episodes: Sequence[Episode], rows: list[list[int]], pixels: torch.Tensor
+) -> FlamingoBatch:
+    """Tokenized training sequences with OpenFlamingo's labels over a pool of media."""
+    enc = tok(
+        [episode_text(e) for e in episodes], padding=True, padding_side="right", return_tensors="pt"
+    )
     ids, mask = enc["input_ids"], enc["attention_mask"]
     # OpenFlamingo's labels: every token except padding, the first token and <image>
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, 0] = -100
     labels = labels.masked_fill(ids == tok.encode(MEDIA_TOKEN)[-1], -100)
-    return FlamingoBatch(
-        to_pixels([s.render() for s in scenes]), torch.tensor(rows), ids, mask, labels
-    )
+    return FlamingoBatch(pixels, torch.tensor(rows), ids, mask, labels)
 
 
 def flamingo_loss(model: Flamingo, batch: FlamingoBatch) -> torch.Tensor:
-    """Next-token loss of `Flamingo.forward`, with each pool image resampled once."""
+    """Next-token loss of `Flamingo.forward`, with each pool media item resampled once."""
+    pixels = batch.pixels if batch.pixels.ndim == 5 else batch.pixels.unsqueeze(1)
+    pool, frames = pixels.shape[:2]
     with torch.no_grad():
-        _, patch_tokens = model.vision_encoder(batch.pixels)
-    latents = model.perceiver(patch_tokens)  # (P, L, Dv)
+        _, patch_tokens = model.vision_encoder(pixels.flatten(0, 1))  # (P*F, V, Dv)
+    latents = model.perceiver(patch_tokens.unflatten(0, (pool, frames)))  # (P, L, Dv)
     b, t_img = batch.image_index.shape
     cross_kv = []
     for k, v in model.lang_model.media_kv(latents):  # (P, H, L, Dh) per layer
@@ -593,9 +601,14 @@ def train_flamingo(
 
 @torch.no_grad()
 def predict(
-    model: Flamingo, tokenizer, episodes: Sequence[Episode], max_new_tokens: int = 6
+    model: Flamingo,
+    tokenizer,
+    episodes: Sequence[Episode],
+    max_new_tokens: int = 6,
+    vision_x: torch.Tensor | None = None,
 ) -> list[str]:
-    """Greedy answers (text before `<|endofchunk|>`) for episodes with equal shot counts."""
+    """Greedy answers (text before `<|endofchunk|>`) for episodes with equal shot counts, on
+    their images, or on `vision_x` (B, T_img, F, 3, S, S) when given (clips)."""
     from flamingo.generate import generate
 
     if not episodes:
@@ -603,8 +616,9 @@ def predict(
     n_img = len(episodes[0].demos) + 1
     if any(len(e.demos) + 1 != n_img for e in episodes):
         raise ValueError("predict needs episodes with the same number of shots")
-    pixels = to_pixels([im for e in episodes for im in e.images()])
-    vision_x = pixels.view(len(episodes), n_img, 1, *pixels.shape[1:])
+    if vision_x is None:
+        pixels = to_pixels([im for e in episodes for im in e.images()])
+        vision_x = pixels.view(len(episodes), n_img, 1, *pixels.shape[1:])
     enc = tokenizer(
         [e.prompt() for e in episodes], padding=True, padding_side="left", return_tensors="pt"
     )

@@ -27,6 +27,7 @@ from runtime.spec import (
     BATCH,
     LOGITS_POSITIONS,
     MEDIA_KEYS,
+    NUM_FRAMES,
     NUM_IMAGES,
     PAST_SEQUENCE,
     PORTABLE,
@@ -74,13 +75,15 @@ class ExportOptions:
     max_images: int = 32
     # None: the LM's context (max_position_embeddings), at most DEFAULT_MAX_SEQ_LEN
     max_seq_len: int | None = None
+    # frames per media item (clips); None: the model's max_num_frames (frame embeddings), else 1
+    max_frames: int | None = None
     force: bool = False
     # the decoder's form (runtime.spec.DecoderForm; exporter/decoder_forms.py rewrites into it)
     decoder_form: DecoderForm = PORTABLE
 
     def validate(self) -> None:
         """What can be refused before the model is loaded (with_model checks against it)."""
-        for name in ("opset", "max_images", "max_seq_len"):
+        for name in ("opset", "max_images", "max_seq_len", "max_frames"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ExportError(f"--{name.replace('_', '-')} must be an int, got {value!r}")
@@ -97,6 +100,8 @@ class ExportOptions:
             raise ExportError(
                 f"--max-seq-len must be in [2, {MAX_SEQ_LEN}], got {self.max_seq_len}"
             )
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ExportError(f"--max-frames must be >= 1, got {self.max_frames}")
 
     def with_model(self, model_cfg: dict[str, Any], say: Progress) -> ExportOptions:
         """These options with max_seq_len checked against (or defaulted from) the LM's context:
@@ -126,18 +131,33 @@ class ExportOptions:
                 f"--max-images {self.max_images} exceeds max_seq_len {seq}: every image takes "
                 "an <image> token"
             )
-        return replace(self, max_seq_len=seq)
+        return replace(self, max_seq_len=seq, max_frames=self._frames(model_cfg))
+
+    def _frames(self, model_cfg: dict[str, Any]) -> int:
+        """max_frames: at most the frame embeddings the checkpoint has (a clip's frame f gets
+        embedding f); a model without them (the released ones) takes clips only when asked,
+        its frames then unordered for the resampler."""
+        embedded = model_cfg["resampler"].get("max_num_frames")
+        if self.max_frames is None:
+            return embedded or 1
+        if embedded is not None and self.max_frames > embedded:
+            raise ExportError(
+                f"--max-frames {self.max_frames} exceeds the {embedded} frame embeddings of "
+                f"this checkpoint (perceiver.frame_embs, max_num_frames {embedded})"
+            )
+        return self.max_frames
 
 
 class VisionGraph(nn.Module):
-    """pixel_values -> image latents and every cross-attention layer's K/V over them."""
+    """pixel_values (N, F, 3, S, S) of N media items of F frames -> their latents and every
+    cross-attention layer's K/V over them."""
 
     def __init__(self, model: Flamingo) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        latents = self.model.encode_images(pixel_values)
+        latents = self.model.encode_media(pixel_values)
         flat = [t for kv in self.model.lang_model.media_kv(latents) for t in kv]
         return (latents, *flat)
 
@@ -287,6 +307,7 @@ def trace_sizes(dims: ModelDims) -> dict[str, int]:
     """The dynamic dimensions of the tracing inputs (every one >= 2, none specialised)."""
     return {
         NUM_IMAGES: 3,
+        NUM_FRAMES: 2,
         BATCH: 2,
         SEQUENCE: 5,
         PAST_SEQUENCE: 3,
@@ -441,7 +462,11 @@ def write_manifest(
         special_tokens=special,
         preprocess=preprocess_config.to_dict(),
         graphs=graphs,
-        limits={"max_images": options.max_images, "max_seq_len": options.max_seq_len},
+        limits={
+            "max_images": options.max_images,
+            "max_seq_len": options.max_seq_len,
+            "max_frames": options.max_frames,
+        },
         tokenizer_files=tok_files,
         tools=tool_versions(),
         quantization=quantization or {},

@@ -63,7 +63,11 @@ class VisionConfig:
 class ResamplerConfig:
     """Perceiver resampler; dim is the vision width. IDEFICS may leave it out (`enabled`
     False: cross-attention attends to the vision tokens themselves), adds LayerNorms over the
-    head dim on q and k (`qk_layer_norms`, its qk_layer_norms_perceiver) and uses ReLU."""
+    head dim on q and k (`qk_layer_norms`, its qk_layer_norms_perceiver) and uses ReLU.
+
+    `max_num_frames` (OpenFlamingo's name): the checkpoint has learned frame (temporal)
+    embeddings `perceiver.frame_embs` (max_num_frames, dim), added to each frame's patch tokens
+    of a clip; None (the released image models): no frame embeddings."""
 
     depth: int = 6
     heads: int = 8
@@ -73,6 +77,7 @@ class ResamplerConfig:
     enabled: bool = True
     qk_layer_norms: bool = False
     ff_act: str = "gelu"
+    max_num_frames: int | None = None
 
 
 @dataclass

@@ -28,6 +28,8 @@ def describe(model: Flamingo, tokenizer: Any, report: LoadReport) -> dict[str, A
         "cross_attn": asdict(cfg.cross_attn),
         "media_rule": cfg.media_rule,
         "image_tokens": cfg.image_tokens,
+        # frames a clip may have (learned frame embeddings); None: no frame embeddings
+        "max_num_frames": cfg.resampler.max_num_frames,
         "num_parameters": {
             "vision_encoder": count(model.vision_encoder),
             "perceiver": count(model.perceiver) if model.perceiver is not None else 0,

@@ -618,7 +618,8 @@ _PERCEIVER_LAYER = re.compile(r"^perceiver\.layers\.(\d+)\.")
 
 def resampler_config_from_checkpoint(sd: dict[str, torch.Tensor], path: Path) -> ResamplerConfig:
     """Depth, latents and ff_mult from the tensors (released models: 6, 64, 4; smaller models
-    such as the trained demo reduce them). Heads stay OpenFlamingo's 8; dim_head = inner / 8."""
+    such as the trained demo reduce them), max_num_frames from `perceiver.frame_embs` (absent in
+    the released models: None). Heads stay OpenFlamingo's 8; dim_head = inner / 8."""
     if "perceiver.latents" not in sd or "perceiver.layers.0.0.to_q.weight" not in sd:
         raise LoadError(
             f"{path}: missing resampler tensors (perceiver.latents, perceiver.layers.0.*)"
@@ -633,12 +634,26 @@ def resampler_config_from_checkpoint(sd: dict[str, torch.Tensor], path: Path) ->
             f"{path}: resampler tensors do not fit {heads} heads and an integer ff_mult "
             f"(to_q {inner} x {dim})"
         )
+    if "perceiver.media_time_embs" in sd:
+        raise LoadError(
+            f"{path}: 'perceiver.media_time_embs' (OpenFlamingo's per-media time embeddings) is "
+            "not supported; frame embeddings ('perceiver.frame_embs') are"
+        )
+    frame_embs = sd.get("perceiver.frame_embs")
+    if frame_embs is not None and (
+        frame_embs.ndim != 2 or frame_embs.shape[0] < 1 or frame_embs.shape[1] != dim
+    ):
+        raise LoadError(
+            f"{path}: tensor 'perceiver.frame_embs' has shape {tuple(frame_embs.shape)}, "
+            f"expected (max_num_frames >= 1, {dim})"
+        )
     return ResamplerConfig(
         depth=depth,
         heads=heads,
         dim_head=inner // heads,
         num_latents=num_latents,
         ff_mult=ff.shape[0] // dim,
+        max_num_frames=None if frame_embs is None else int(frame_embs.shape[0]),
     )
 
 

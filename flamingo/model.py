@@ -1,8 +1,9 @@
 """The Flamingo reference model in PyTorch: the numbers every exported graph is measured against.
 
-Read top to bottom: CLIP vision tower -> Perceiver resampler -> gated cross-attention ->
-decoder layers of the three LM families -> FlamingoLM (LM with cross-attention and explicit KV
-cache tensors) -> Flamingo (the whole model, OpenFlamingo's forward semantics).
+Read top to bottom: CLIP vision tower -> Perceiver resampler (frame embeddings for clips) ->
+gated cross-attention -> decoder layers of the three LM families -> FlamingoLM (LM with
+cross-attention and explicit KV cache tensors) -> Flamingo (the whole model, OpenFlamingo's
+forward semantics).
 
 Why the LM is re-implemented from HF weights instead of wrapping HF modules (OpenFlamingo's
 mixin): the exported decoder graph needs KV cache and cross-attention K/V as plain tensors in and
@@ -10,7 +11,8 @@ out, attention written from MatMul/Softmax (TensorRT cannot carry past KV throug
 Attention op), and a forward that does not change with transformers' cache API. Parameter names
 inside each decoder layer match HF's so weights load without a rename table per tensor.
 
-Shape letters: B batch, T new tokens, P past tokens, S = P + T, N images, L latents per image,
+Shape letters: B batch, T new tokens, P past tokens, S = P + T, N images (media items: an image
+or a clip), F frames per media item, V patch tokens per frame, L latents per media item,
 M = images x latents (cross-attention keys), D width, H heads, Dh head dim.
 """
 
@@ -254,11 +256,22 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """(N, V, D) patch tokens -> (N, L, D) latents: a fixed number of visual tokens per image."""
+    """(N, F, V, D) patch tokens of N media items -> (N, L, D) latents: a fixed number of
+    visual tokens per media item, an image (F = 1) or a clip of F frames.
+
+    With frame embeddings (cfg.max_num_frames, OpenFlamingo's `frame_embs`), frame f's tokens
+    get `frame_embs[f]` added; then the F x V tokens are flattened and the latents attend over
+    all of them: one set of latents stands for the whole clip (the Flamingo paper's video path,
+    open_flamingo's `PerceiverResampler(max_num_frames=F)`)."""
 
     def __init__(self, dim: int, cfg: ResamplerConfig) -> None:
         super().__init__()
+        self.dim = dim
         self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim))
+        if cfg.max_num_frames is not None:
+            self.frame_embs = nn.Parameter(torch.randn(cfg.max_num_frames, dim))
+        else:
+            self.register_parameter("frame_embs", None)
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [PerceiverAttention(dim, cfg), feed_forward(dim, cfg.ff_mult, cfg.ff_act)]
@@ -268,6 +281,18 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, media: torch.Tensor) -> torch.Tensor:
+        if media.ndim != 4:
+            raise ValueError(f"media must be (N, F, V, D) patch tokens, got {tuple(media.shape)}")
+        if self.frame_embs is not None:
+            frames = media.shape[1]
+            if not torch.jit.is_tracing() and frames > self.frame_embs.shape[0]:
+                raise ValueError(
+                    f"{frames} frames per media item, but the resampler has frame embeddings "
+                    f"for at most {self.frame_embs.shape[0]} (max_num_frames)"
+                )
+            # (F, 1, D): one embedding per frame, the same for all of its V patch tokens
+            media = media + self.frame_embs[:frames].unsqueeze(1).to(media.dtype)
+        media = reshape_keep_dims(media, 0, -1, self.dim)  # (N, F*V, D)
         latents = self.latents.to(media.dtype).expand(media.shape[0], -1, -1)
         for attn, ff in self.layers:
             latents = attn(media, latents) + latents
@@ -762,16 +787,29 @@ class Flamingo(nn.Module):
         self.preprocess: dict | None = None
         self.prompt_format: dict | None = None
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) preprocessed pixels -> (N, L, Dv) resampled latents (without a
-        resampler, IDEFICS: the vision tokens themselves, L = cfg.image_tokens)."""
-        _, tokens = self.vision_encoder(pixels)  # (N, g*g [+1 CLS], Dv)
-        return tokens if self.perceiver is None else self.perceiver(tokens)
+    def encode_media(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, F, 3, H, W) preprocessed frames of N media items -> (N, L, Dv) latents.
+
+        Every frame goes through the vision encoder alone; the resampler sees all F frames of
+        an item at once (an image is F = 1). Without a resampler (IDEFICS) the latents are an
+        image's vision tokens themselves (L = cfg.image_tokens; images only)."""
+        n, frames = pixels.shape[0], pixels.shape[1]
+        _, tokens = self.vision_encoder(pixels.flatten(0, 1))  # (N*F, g*g [+1 CLS], Dv)
+        tokens = tokens.reshape(n, frames, tokens.shape[-2], tokens.shape[-1])  # (N, F, V, Dv)
+        if self.perceiver is None:
+            if not torch.jit.is_tracing() and frames != 1:
+                raise ValueError("a model without a resampler takes images only (F = 1)")
+            return tokens[:, 0]
+        return self.perceiver(tokens)
 
     def media_index(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) prompt ids -> which image each token attends to (cfg.media_rule)."""
         eos = self.cfg.eos_token_id if self.cfg.media_rule == "idefics" else None
         return media_index_from_ids(input_ids, self.cfg.media_token_id, eos)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) preprocessed pixels -> (N, L, Dv) latents (media items of one frame)."""
+        return self.encode_media(pixels.unsqueeze(1))
 
     def cross_kv_for_rows(self, latents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(B, T_img, L, Dv) latents of each row's images -> per layer (B, H, T_img*L, Dh)."""
@@ -788,15 +826,15 @@ class Flamingo(nn.Module):
         return out
 
     def encode_vision_x(self, vision_x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """OpenFlamingo's vision_x (B, T_img, F, C, H, W), F = 1 -> cross-attention K/V."""
+        """OpenFlamingo's vision_x (B, T_img, F, C, H, W) -> cross-attention K/V: T_img media
+        items per row, each of F frames (images: F = 1; open_flamingo's own wrapper asserts
+        F == 1, its resampler takes any F up to max_num_frames)."""
         if vision_x.ndim != 6:
             raise ValueError(
                 f"vision_x must be (B, T_img, F, C, H, W), got {tuple(vision_x.shape)}"
             )
-        b, t_img, frames = vision_x.shape[:3]
-        if frames != 1:
-            raise ValueError(f"only single-frame media are supported (F = 1), got F = {frames}")
-        latents = self.encode_images(vision_x.flatten(0, 2))
+        b, t_img = vision_x.shape[:2]
+        latents = self.encode_media(vision_x.flatten(0, 1))
         return self.cross_kv_for_rows(latents.view(b, t_img, *latents.shape[1:]))
 
     def forward(

@@ -20,8 +20,9 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from runtime.engine import OnnxFlamingo, ort_session_factory
-from runtime.images import PreprocessConfig, preprocess
+from runtime.images import PreprocessConfig
 from runtime.tokenizer import load_export_tokenizer
+from runtime.video import encode_media, preprocess_media
 
 from .data import CalibrationError, Episode
 
@@ -59,7 +60,7 @@ class EpisodeRunner:
         self.preprocess = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         self.decode_steps = decode_steps
         self.image_batch = image_batch
-        self._pixels: dict[int, np.ndarray] = {}
+        self._pixels: dict[int, list[np.ndarray]] = {}
 
     def _session(self, name: str, path: Path) -> Any:
         """onnxruntime's session; the decoder's wrapped to record what the runtime feeds it."""
@@ -68,27 +69,29 @@ class EpisodeRunner:
             self._recorder = session = _RecordingSession(session)
         return session
 
-    def pixels(self, episode: Episode) -> np.ndarray | None:
-        if not episode.images:
-            return None
+    def pixels(self, episode: Episode) -> list[np.ndarray]:
+        """Each media item's frames (F, 3, S, S), as the runtime preprocesses them."""
         key = id(episode)
         if key not in self._pixels:
-            self._pixels[key] = preprocess(list(episode.images), self.preprocess)
+            max_frames = self.engine.limits["max_frames"]
+            self._pixels[key] = preprocess_media(list(episode.images), self.preprocess, max_frames)
         return self._pixels[key]
 
     def vision_feeds(self, episodes: list[Episode]) -> Iterator[Feed]:
-        """pixel_values batches of up to `image_batch` images, every episode image once."""
+        """pixel_values batches of up to `image_batch` media items of one frame count, every
+        episode's media once."""
         dtype = np.dtype(self.engine.vision_spec.inputs[0].dtype)
-        pending: list[np.ndarray] = []
+        pending: dict[int, list[np.ndarray]] = {}
         for episode in episodes:
-            px = self.pixels(episode)
-            if px is not None:
-                pending.extend(px)
-            while len(pending) >= self.image_batch:
-                batch, pending = pending[: self.image_batch], pending[self.image_batch :]
+            for px in self.pixels(episode):
+                batch = pending.setdefault(len(px), [])
+                batch.append(px)
+                if len(batch) == self.image_batch:
+                    yield {"pixel_values": np.stack(batch).astype(dtype)}
+                    batch.clear()
+        for batch in pending.values():
+            if batch:
                 yield {"pixel_values": np.stack(batch).astype(dtype)}
-        if pending:
-            yield {"pixel_values": np.stack(pending).astype(dtype)}
 
     def decoder_feeds(self, episodes: list[Episode]) -> Iterator[Feed]:
         """Prefill + `decode_steps` greedy steps per episode, batch 1, real KV states."""
@@ -98,9 +101,9 @@ class EpisodeRunner:
         try:
             for episode in episodes:
                 px = self.pixels(episode)
-                n = 0 if px is None else len(px)
+                n = len(px)
                 # text-only prompt: one all-zero image slot, never attended
-                features = engine.encode_images(px) if px is not None else {}
+                features = encode_media(engine.encode_images, px) if px else {}
                 rows_kv = engine.rows_cross_kv(features, [list(range(n))])
                 ids = np.array([self.tokenizer.encode(episode.prompt).ids], dtype=np.int64)
                 model = engine.step_model(rows_kv, np.array([n]), io_binding=False)

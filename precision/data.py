@@ -4,8 +4,9 @@ Quantization ranges are only as good as the activations they are measured on, so
 prompts look like what the runtime will see: OpenFlamingo few-shot prompts (demonstrations
 ``<image>Output:{caption}<|endofchunk|>`` or the VQA template, then an open query), 0 to
 ``max_shots`` demonstrations each, from a JSONL ``DATA`` file, ``random`` synthetic images or
-the demo task (``demo`` to calibrate, ``demo-eval`` to measure): see ``calibration_set``. Every
-episode carries its query's label (caption, VQA answer, demo answer) for task accuracy.
+the demo task (``demo`` to calibrate, ``demo-eval`` to measure; with clips instead of images,
+``demo-video`` and ``demo-video-eval``): see ``calibration_set``. Every episode carries its
+query's label (caption, VQA answer, demo answer) for task accuracy.
 Everything is a pure function of ``seed`` (``random.Random`` seeded with strings).
 """
 
@@ -24,10 +25,11 @@ from demo import task as demo_task
 from runtime.errors import FlamingoExportError
 from runtime.images import ImageError, load_image
 from runtime.prompts import Demonstration, build_few_shot_prompt, load_demos_jsonl
+from runtime.video import Video
 
 Progress = Callable[[str], None]
 
-SOURCES = ("random", "demo", "demo-eval")  # besides a DATA path
+SOURCES = ("random", "demo", "demo-eval", "demo-video", "demo-video-eval")  # or a DATA path
 _COLOURS = {
     "red": (215, 35, 35),
     "green": (35, 160, 60),
@@ -66,7 +68,7 @@ class Episode:
     """A few-shot prompt (demonstrations + open query) and its images in prompt order."""
 
     prompt: str
-    images: tuple[Any, ...]
+    images: tuple[Any, ...]  # media items: images or clips (runtime.video.Video)
     task: str
     shots: int
     answer: str | None = None  # the query's label (caption or VQA answer), for task accuracy
@@ -210,25 +212,38 @@ def build_episodes(items: Sequence[Item], n: int, max_shots: int, seed: int) -> 
     return episodes
 
 
-def demo_episodes(n: int, max_shots: int, seed: int) -> list[Episode]:
-    """Episodes of the demo model's own task (demo.task), 1..max_shots shots."""
+def demo_episodes(n: int, max_shots: int, seed: int, video: bool = False) -> list[Episode]:
+    """Episodes of the demo model's own task (demo.task), 1..max_shots shots; `video`: its
+    clip episodes."""
+    stream = "demo-video" if video else "demo"
+    draw = demo_task.sample_video_episode if video else demo_task.sample_episode
     episodes = []
     for i in range(n):
-        rng = random.Random(f"flamingo-calibration/demo/{seed}/{i}")
-        ep = demo_task.sample_episode(rng, rng.randint(min(1, max_shots), max_shots))
+        rng = random.Random(f"flamingo-calibration/{stream}/{seed}/{i}")
+        ep = draw(rng, rng.randint(min(1, max_shots), max_shots))
         episodes.append(_from_demo(ep))
     return episodes
 
 
-def demo_eval_episodes(n: int, shots: int, seed: int) -> list[Episode]:
-    """The demo task's held-out evaluation episodes (`demo_task.eval_episodes`), `shots` each."""
+def demo_eval_episodes(n: int, shots: int, seed: int, video: bool = False) -> list[Episode]:
+    """The demo task's held-out evaluation episodes (`demo_task.eval_episodes`, or
+    `video_eval_episodes` for clips), `shots` each."""
     if not 0 <= shots <= 8:
-        raise CalibrationError(f"demo-eval episodes have 0..8 shots, got max_shots={shots}")
-    return [_from_demo(ep) for ep in demo_task.eval_episodes(n, seed, shots)]
+        name = "demo-video-eval" if video else "demo-eval"
+        raise CalibrationError(f"{name} episodes have 0..8 shots, got max_shots={shots}")
+    draw = demo_task.video_eval_episodes if video else demo_task.eval_episodes
+    return [_from_demo(ep) for ep in draw(n, seed, shots)]
 
 
 def _from_demo(ep: Any) -> Episode:
-    return Episode(ep.prompt(), tuple(ep.images()), "caption", len(ep.demos), ep.answer)
+    """A demo-task episode as prompt + media: images, or each clip's VIDEO_FRAMES sampled
+    frames (the frames the runtime samples from its CLIP_FRAMES, rendered alone)."""
+    if ep.is_video:
+        frames = demo_task.VIDEO_FRAMES
+        media = tuple(Video(c.sampled(frames), frames) for c in (*ep.demos, ep.query))
+    else:
+        media = tuple(ep.images())
+    return Episode(ep.prompt(), media, "caption", len(ep.demos), ep.answer)
 
 
 def calibration_set(
@@ -239,7 +254,8 @@ def calibration_set(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> CalibrationSet:
-    """The calibration episodes for `source`: a DATA path, 'random', 'demo' or 'demo-eval'.
+    """The calibration episodes for `source`: a DATA path, 'random', 'demo', 'demo-eval',
+    'demo-video' or 'demo-video-eval'.
 
     * DATA: a JSONL file (or a folder holding exactly one) of ``{image, caption}`` or
       ``{image, question, answer}`` records, image paths relative to the file. Images that fail
@@ -249,7 +265,8 @@ def calibration_set(
     * ``demo``: episodes of the demo model's task (``demo.task``, training split);
       ``demo-eval``: its held-out evaluation set (held-out colour-shape pairs as queries,
       exactly ``max_shots`` shots, episode i the same as in the README's accuracy table when
-      ``seed`` is ``demo_task.EVAL_SEED``).
+      ``seed`` is ``demo_task.EVAL_SEED``). ``demo-video`` and ``demo-video-eval``: the same
+      with clips (the demo video model's task, `demo_task.video_eval_episodes`).
 
     Raises ``CalibrationError`` for an empty request or unusable data.
     """
@@ -267,6 +284,11 @@ def calibration_set(
         return CalibrationSet("demo", demo_episodes(episodes, max_shots, seed), seed)
     if str(source) == "demo-eval":
         return CalibrationSet("demo-eval", demo_eval_episodes(episodes, max_shots, seed), seed)
+    if str(source) == "demo-video":
+        return CalibrationSet("demo-video", demo_episodes(episodes, max_shots, seed, True), seed)
+    if str(source) == "demo-video-eval":
+        eps = demo_eval_episodes(episodes, max_shots, seed, video=True)
+        return CalibrationSet("demo-video-eval", eps, seed)
     items, skipped, reasons = load_items(Path(source), progress)
     eps = build_episodes(items, episodes, max_shots, seed)
     return CalibrationSet(str(source), eps, seed, len(items), skipped, reasons)

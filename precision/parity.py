@@ -25,8 +25,9 @@ from runtime.decoding import rows_cross_kv
 from runtime.engine import DEFAULT_PROVIDERS, OnnxFlamingo, ort_session_factory
 from runtime.errors import FlamingoExportError
 from runtime.generation import GenerationConfig, generate
-from runtime.images import PreprocessConfig, preprocess
+from runtime.images import PreprocessConfig
 from runtime.spec import cross_attn_names
+from runtime.video import encode_media, preprocess_media
 
 Progress = Callable[[str], None]
 METRICS = ("vision_cosine", "decoder_cosine", "pipeline_cosine", "top1", "greedy", "task_delta")
@@ -149,8 +150,10 @@ class OnnxBackend:
         self.dims = self.engine.dims
         self.precisions = {k: g.precision for k, g in self.manifest.graphs.items()}
         self.preprocess = PreprocessConfig.from_dict(self.manifest.preprocess)
+        self.max_frames: int | None = self.manifest.limits["max_frames"]
 
     def encode(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, F, 3, S, S) frames of N media items (or (N, 3, S, S) images) -> vision outputs."""
         return self.engine.encode_images(pixels)
 
     def decoder(self, features: dict[str, np.ndarray], n_images: int) -> Any:
@@ -176,12 +179,17 @@ class TorchBackend:
         self.dims = ModelDims.from_config(cfg)
         self.precisions = {"vision": "fp32", "decoder": "fp32"}
         self.preprocess = PreprocessConfig(image_size=model.cfg.vision.image_size)
+        # frames a clip may have: the frame embeddings (None: any number)
+        self.max_frames: int | None = model.cfg.resampler.max_num_frames
 
     def encode(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, F, 3, S, S) frames of N media items (or (N, 3, S, S) images) -> vision outputs."""
         import torch
 
+        pixels = np.asarray(pixels, np.float32)
+        pixels = pixels[:, None] if pixels.ndim == 4 else pixels
         with torch.no_grad():
-            latents = self.model.encode_images(torch.from_numpy(np.asarray(pixels, np.float32)))
+            latents = self.model.encode_media(torch.from_numpy(pixels))
             out = {"image_latents": latents.numpy()}
             for j, (k, v) in zip(self.dims.xattn_layers, self.model.lang_model.media_kv(latents)):
                 out[cross_attn_names(j)[0]], out[cross_attn_names(j)[1]] = k.numpy(), v.numpy()
@@ -290,8 +298,8 @@ def measure(
 ) -> dict[str, Any]:
     """All parity numbers for `candidate` against `reference` over the episodes.
 
-    * vision: every output (latents, each cross-attention K/V) on the same pixels: cosine, max
-      and mean abs error;
+    * vision: every output (latents, each cross-attention K/V) on the same pixels (images, or
+      clips' frames: runtime.video), cosine, max and mean abs error;
     * decoder: the candidate decoder fed the reference's own inputs (image K/V, tokens) under
       teacher forcing on the reference's greedy tokens (prefill, then `decode_steps` steps on
       its own KV): logits cosine, max/mean abs error, top-1 agreement of next-token predictions;
@@ -319,11 +327,14 @@ def measure(
     config = GenerationConfig(
         max_new_tokens=max(decode_steps, 1), eos_token_ids=(eoc,) if eoc is not None else ()
     )
+    # clips without their own frame count take the most frames both sides allow
+    max_frames = min((m for m in (reference.max_frames, candidate.max_frames) if m), default=1)
     for e, episode in enumerate(episodes):
         n = len(episode.images)
-        pixels = preprocess(list(episode.images), reference.preprocess) if n else None
         if n:
-            ref_vis, cand_vis = reference.encode(pixels), candidate.encode(pixels)
+            media = preprocess_media(list(episode.images), reference.preprocess, max_frames)
+            ref_vis = encode_media(reference.encode, media)
+            cand_vis = encode_media(candidate.encode, media)
             for name, value in ref_vis.items():
                 vision.setdefault(name, ErrorStats()).add(value, cand_vis[name])
         else:

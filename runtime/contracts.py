@@ -68,8 +68,8 @@ class Engine(Protocol):
 
     @property
     def limits(self) -> dict[str, int]:
-        """max_images, max_seq_len (TensorRT: and max_batch) it runs within: the export's or
-        lower."""
+        """max_images, max_seq_len, max_frames (TensorRT: and max_batch) it runs within: the
+        export's or lower."""
         ...
 
     def performance_notes(self) -> list[str]:
@@ -77,7 +77,8 @@ class Engine(Protocol):
         ...
 
     def encode_images(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, 3, S, S) preprocessed pixels -> {image_latents, cross_attn.{j}.key|value}."""
+        """(N, 3, S, S) images or (N, F, 3, S, S) media items of F frames (1..max_frames)
+        -> {image_latents, cross_attn.{j}.key|value}, one entry per item."""
         ...
 
     def rows_cross_kv(

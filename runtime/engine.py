@@ -243,7 +243,7 @@ class OnnxFlamingo(RowsCrossKV):
 
     @property
     def limits(self) -> dict[str, int]:
-        """The export's max_images and max_seq_len."""
+        """The export's max_images, max_seq_len and max_frames."""
         return self.manifest.limits
 
     def performance_notes(self) -> list[str]:
@@ -252,10 +252,17 @@ class OnnxFlamingo(RowsCrossKV):
         return slow_on_cpu(self.manifest) if on_cpu else []
 
     def encode_images(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, 3, S, S) preprocessed pixels -> {image_latents, cross_attn.{j}.key|value}."""
+        """(N, 3, S, S) images or (N, F, 3, S, S) media items of F frames (clips) ->
+        {image_latents, cross_attn.{j}.key|value}, one entry per item."""
+        pixels = pixel_values[:, None] if pixel_values.ndim == 4 else pixel_values
+        frames, most = pixels.shape[1], self.limits["max_frames"]
+        if not 1 <= frames <= most:
+            raise ValueError(
+                f"{frames} frames per media item: this export takes 1..{most} (max_frames)"
+            )
         dtype = np.dtype(self.vision_spec.inputs[0].dtype)
         outputs = self.sessions["vision"].run(
-            None, {"pixel_values": np.ascontiguousarray(pixel_values, dtype=dtype)}
+            None, {"pixel_values": np.ascontiguousarray(pixels, dtype=dtype)}
         )
         return dict(zip(self.vision_spec.output_names, outputs))
 

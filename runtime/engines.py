@@ -62,7 +62,7 @@ class EnginesManifest:
     tensorrt_version: str
     device: dict[str, str]  # name, compute_capability
     target: str | None
-    limits: dict[str, int]  # max_batch, max_images, max_seq_len
+    limits: dict[str, int]  # max_batch, max_images, max_seq_len, max_frames
     strongly_typed: bool
     workspace_bytes: int
     engines: dict[str, EngineEntry]
@@ -118,7 +118,7 @@ class EnginesManifest:
         for key in ("name", "compute_capability"):
             if key not in out.device:
                 raise EngineMismatchError(f"{where}: device.{key} missing")
-        for key in ("max_batch", "max_images", "max_seq_len"):
+        for key in ("max_batch", "max_images", "max_seq_len", "max_frames"):
             if out.limits.get(key, 0) < 1:
                 raise EngineMismatchError(f"{where}: limits.{key} missing or < 1")
         names = {p.get("name") for p in engines["decoder"].profiles}
@@ -181,7 +181,7 @@ def check_against_export(engines: EnginesManifest, manifest: Manifest, root: Pat
         raise EngineMismatchError(
             f"{root}: manifest.json changed since the engines were built; rebuild them"
         )
-    for key in ("max_images", "max_seq_len"):
+    for key in ("max_images", "max_seq_len", "max_frames"):
         if engines.limits[key] > manifest.limits[key]:
             raise EngineMismatchError(
                 f"{root}: engines built for {key} {engines.limits[key]} > the export's "

@@ -25,7 +25,13 @@ from .onnx_external import OnnxFormatError, external_tensors
 from .schema import check_document, load_json
 from .spec import PORTABLE, DecoderForm, GraphSpec, ModelDims, decoder_spec, vision_spec
 
-SCHEMA_VERSION = 3  # 2: decoder input logits_index; 3: IDEFICS (model fields, prompt)
+SCHEMA_VERSION = 4
+# what each version changed in the contract (named when an older export is refused)
+SCHEMA_CHANGES = {
+    2: "decoder input logits_index",
+    3: "IDEFICS (model fields, prompt)",
+    4: "vision input pixel_values with a frames axis (video clips) and limits.max_frames",
+}
 MANIFEST_NAME = "manifest.json"
 SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 MANIFEST_SCHEMA: dict[str, Any] = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
@@ -110,7 +116,7 @@ class Manifest:
     special_tokens: dict[str, Any]
     preprocess: dict[str, Any]  # runtime.images.PreprocessConfig.to_dict()
     graphs: dict[str, GraphEntry]
-    limits: dict[str, int]  # max_images, max_seq_len
+    limits: dict[str, int]  # max_images, max_seq_len, max_frames
     tokenizer_files: list[str]
     tools: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
@@ -145,9 +151,15 @@ class Manifest:
             raise ManifestError(f"{where}: expected a JSON object, got {kind}")
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
+            since = [
+                f"{v}: {change}"
+                for v, change in SCHEMA_CHANGES.items()
+                if isinstance(version, int) and not isinstance(version, bool) and version < v
+            ]
             raise ManifestError(
                 f"{where}: schema_version {version!r} is not supported by this runtime "
                 f"(expected {SCHEMA_VERSION}); re-export with a matching flamingo-export"
+                + (f" (changed since: {'; '.join(since)})" if since else "")
             )
         d = check_document(d, MANIFEST_SCHEMA, where, ManifestError)
         manifest = cls(
@@ -195,6 +207,12 @@ class Manifest:
         if len({tokens["media_token_id"], tokens["eoc_token_id"]}) != 2:
             raise ManifestError(
                 f"{where}: special_tokens.media_token_id and eoc_token_id must differ"
+            )
+        embedded = self.model["resampler"]["max_num_frames"]
+        if embedded is not None and self.limits["max_frames"] > embedded:
+            raise ManifestError(
+                f"{where}: limits.max_frames {self.limits['max_frames']} exceeds the model's "
+                f"frame embeddings (model.resampler.max_num_frames {embedded})"
             )
         if self.preprocess["image_size"] != dims.image_size:
             raise ManifestError(

@@ -1,10 +1,12 @@
 """Prompt in, text out: tokenizer + image preprocessing + the two graphs + the shared search.
 
 Torch-free (numpy, onnxruntime, tokenizers, Pillow). One request is a batch of prompts with
-`<image>` markers and their images, left-padded into one decoder batch.
+`<image>` markers and their media, left-padded into one decoder batch. A media item is an image
+or a video clip (`runtime.video.Video`), mixed freely: each fills one `<image>` marker, in the
+order given; a clip's frames are sampled and preprocessed like images (runtime/video.py).
 
 Few-shot prompts repeat their demonstrations, so their work is cached (runtime/cache.py):
-* image K/V per preprocessed-pixel hash (vision cache);
+* image K/V per preprocessed-pixel hash (vision cache; a clip's key covers all its frames);
 * the decoder state after the demonstrations (prefix cache). A prompt is prefilled in two parts,
   split after its last `<|endofchunk|>` (the end of the demonstrations): the prefix alone, batch
   1, with only the prefix's images, snapshotted; then the rest. A later prompt reuses the longest
@@ -49,6 +51,9 @@ from .prompts import (
 )
 from .spec import cross_attn_names, trained_context
 from .tokenizer import ExportTokenizer, load_export_tokenizer, stable_text
+from .video import Video, encode_media, preprocess_clip
+
+MediaInput = ImageInput | Video  # an image, or a clip of frames
 
 OnToken = Callable[[int, int], None]
 
@@ -97,7 +102,7 @@ class _Row:
 
     ids: np.ndarray  # (L,) int64
     media_positions: np.ndarray  # token index of each image's marker
-    pixels: np.ndarray | None  # (n, 3, S, S)
+    pixels: list[np.ndarray]  # per media item (F, 3, S, S); images F = 1
     hashes: list[str]
     boundaries: np.ndarray  # prefix lengths that end a demonstration (after <|endofchunk|>)
     image_kv: list[ImageKV | None] = field(default_factory=list)
@@ -187,6 +192,7 @@ class FlamingoPipeline:
         self.idefics_prompt = IdeficsPromptFormat.from_dict(prompt) if prompt else None
         self.max_seq_len, self._context = self._context_limit()
         self.max_images = self.engine.limits["max_images"]
+        self.max_frames = self.engine.limits["max_frames"]
         self.use_prefix_cache = prefix_cache
         self.use_vision_cache = vision_cache
         self.io_binding = io_binding
@@ -207,7 +213,7 @@ class FlamingoPipeline:
     def generate(
         self,
         prompt: str,
-        images: Sequence[ImageInput],
+        images: Sequence[MediaInput],
         config: GenerationConfig | None = None,
         on_token: OnToken | None = None,
         should_stop: ShouldStop | None = None,
@@ -215,6 +221,9 @@ class FlamingoPipeline:
         seed: int | None = None,
     ) -> Generation:
         """Greedy/beam/sampled continuation of an interleaved prompt (OpenFlamingo semantics).
+        `images`: one media item per `<image>` marker, in order: an image, or a clip
+        (`runtime.video.Video`; its frames: the clip's `num_frames`, else the export's
+        max_frames).
 
         `on_token(0, token_id)` streams tokens (greedy/sampling: as chosen; beams: at the end);
         `should_stop(0)` -> True ends the generation early (runtime.generation.generate).
@@ -230,7 +239,7 @@ class FlamingoPipeline:
     def generate_batch(
         self,
         prompts: Sequence[str],
-        images_per_prompt: Sequence[Sequence[ImageInput]],
+        images_per_prompt: Sequence[Sequence[MediaInput]],
         config: GenerationConfig | None = None,
         on_token: OnToken | None = None,
         should_stop: ShouldStop | None = None,
@@ -322,7 +331,7 @@ class FlamingoPipeline:
     def few_shot(
         self,
         demos: Sequence[Demonstration],
-        query_image: ImageInput,
+        query_image: MediaInput,
         task: Task = "caption",
         question: str | None = None,
         config: GenerationConfig | None = None,
@@ -388,7 +397,7 @@ class FlamingoPipeline:
         return config
 
     def _prepare(
-        self, prompt: str, images: Sequence[ImageInput], config: GenerationConfig, where: str
+        self, prompt: str, images: Sequence[MediaInput], config: GenerationConfig, where: str
     ) -> _Row:
         """Validate, tokenize, preprocess and hash one prompt (no state is touched)."""
         if not isinstance(prompt, str):
@@ -424,7 +433,10 @@ class FlamingoPipeline:
                 f"{where}the tokenizer found {len(media_positions)} <image> tokens for "
                 f"{len(images)} images"
             )
-        pixels, hashes = self._pixels(images)
+        try:
+            pixels, hashes = self._pixels(images)
+        except ImageError as e:  # VideoError stays a VideoError
+            raise type(e)(f"{where}{e}") from None
         # a split needs a token after it: the first step must have something to run; IDEFICS'
         # media state at a split is more than the image count: no prefix reuse (yet)
         boundaries = np.flatnonzero(ids[:-1] == self.engine.eoc_token_id) + 1
@@ -432,23 +444,25 @@ class FlamingoPipeline:
             boundaries = boundaries[:0]
         return _Row(ids, media_positions, pixels, hashes, boundaries, [None] * len(images))
 
-    def _pixels(self, images: list[Any]) -> tuple[np.ndarray | None, list[str]]:
-        """(N, 3, S, S) preprocessed pixels and their digests, each from the pixel memo when
-        the same file or bytes came before."""
-        if not images:
-            return None, []
-        size = self.preprocess_config.image_size
-        pixels = np.empty((len(images), 3, size, size), dtype=np.float32)
-        hashes = []
+    def _pixels(self, images: list[Any]) -> tuple[list[np.ndarray], list[str]]:
+        """Each media item's preprocessed frames (F, 3, S, S) (an image: F = 1) and their
+        digests (a clip's covers all its frames); images from the pixel memo when the same
+        file or bytes came before."""
+        pixels, hashes = [], []
         for i, item in enumerate(images):
+            if isinstance(item, Video):  # frames read and sampled anew (no memo)
+                frames = preprocess_clip(item, self.preprocess_config, self.max_frames, i)
+                pixels.append(frames)
+                hashes.append(pixel_digest(frames))
+                continue
             key = source_key(item) if self.pixel_memo.max_bytes else None
             known = self.pixel_memo.get(key) if key is not None else None
             if known is None:
-                one = preprocess_one(item, self.preprocess_config, f"image #{i}")
+                one = preprocess_one(item, self.preprocess_config, f"image #{i}")[None]
                 known = (one, pixel_digest(one))
                 if key is not None:
                     self.pixel_memo.add(key, *known)
-            pixels[i] = known[0]
+            pixels.append(known[0])
             hashes.append(known[1])
         return pixels, hashes
 
@@ -478,7 +492,7 @@ class FlamingoPipeline:
                     missing[digest] = row.pixels[i]  # type: ignore[index]
         if not missing:
             return
-        features = self.engine.encode_images(np.stack(list(missing.values())))
+        features = encode_media(self.engine.encode_images, list(missing.values()))
         computed = {
             digest: {n: features[n][k].copy() for n in self._xattn_names}
             for k, digest in enumerate(missing)

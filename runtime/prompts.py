@@ -56,7 +56,8 @@ _TASKS = ("caption", "vqa", "raw")
 
 @dataclass
 class Demonstration:
-    """One in-context example: an image plus its caption (``text``) or question/answer."""
+    """One in-context example: an image (or a clip, ``runtime.video.Video``) plus its caption
+    (``text``) or question/answer."""
 
     image: Any
     text: str | None = None
@@ -189,18 +190,22 @@ def check_images_match(prompt: str, n_images: int) -> None:
 def _opt_str(record: dict[str, Any], key: str, where: str) -> str | None:
     value = record.get(key)
     if value is not None:
-        check_text(value, f"{where}: {key!r}", markers=key == "image")
+        check_text(value, f"{where}: {key!r}", markers=key in ("image", "video"))
     return value
 
 
 def load_demos_jsonl(path: str | os.PathLike, *, check_exists: bool = True) -> list[Demonstration]:
     """Read demonstrations from a JSONL file, one JSON object per line.
 
-    Each object has ``image`` (a path; relative paths are resolved against the JSONL file's
-    folder, absolute ones are kept) and either ``caption`` or ``question`` + ``answer``
-    (``answers``, a list whose first item is used, is accepted as in VQA annotations).
-    Blank lines are skipped.  Errors are ValueErrors naming ``file:line``.
+    Each object has ``image`` (a path) or ``video`` (a clip: a video file, an animated image
+    or a folder of frame images, read as ``runtime.video.Video`` with the export's frame
+    count); relative paths are resolved against the JSONL file's folder, absolute ones are
+    kept. And either ``caption`` or ``question`` + ``answer`` (``answers``, a list whose first
+    item is used, is accepted as in VQA annotations). Blank lines are skipped.  Errors are
+    ValueErrors naming ``file:line``.
     """
+    from .video import Video
+
     file = Path(path)
     try:
         text = read_regular(file).decode("utf-8")
@@ -217,14 +222,18 @@ def load_demos_jsonl(path: str | os.PathLike, *, check_exists: bool = True) -> l
         record = parse_json(line, where)
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        image = _opt_str(record, "image", where)
+        if "image" in record and "video" in record:
+            raise ValueError(f"{where}: give 'image' or 'video', not both")
+        key = "video" if "video" in record else "image"
+        image = _opt_str(record, key, where)
         if not image:
-            raise ValueError(f"{where}: missing or empty 'image' path")
+            raise ValueError(f"{where}: missing or empty 'image' (or 'video') path")
         image_path = Path(image)
         if not image_path.is_absolute():
             image_path = base / image_path
-        if check_exists and not image_path.is_file():
-            raise ValueError(f"{where}: image file not found: {image_path}")
+        exists = image_path.exists() if key == "video" else image_path.is_file()
+        if check_exists and not exists:
+            raise ValueError(f"{where}: {key} file not found: {image_path}")
         caption = _opt_str(record, "caption", where)
         question = _opt_str(record, "question", where)
         answer = _opt_str(record, "answer", where)
@@ -235,7 +244,6 @@ def load_demos_jsonl(path: str | os.PathLike, *, check_exists: bool = True) -> l
             answer = check_text(answers[0], f"{where}: 'answers'[0]", markers=False)
         if caption is None and (question is None or answer is None):
             raise ValueError(f"{where}: needs 'caption' or both 'question' and 'answer'")
-        demos.append(
-            Demonstration(image=str(image_path), text=caption, question=question, answer=answer)
-        )
+        media = Video(str(image_path)) if key == "video" else str(image_path)
+        demos.append(Demonstration(image=media, text=caption, question=question, answer=answer))
     return demos

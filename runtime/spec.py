@@ -2,9 +2,11 @@
 
 Declared once as data and read by the exporter (names, dynamic axes), the runtime (what to feed,
 what comes back), the TensorRT profile builder and the tests. No torch, no onnx.
-- vision: `pixel_values` (num_images, 3, S, S) -> `image_latents` (num_images, L, Dv) and, for
-  every gated cross-attention layer j (decoder-layer order), `cross_attn.{j}.key|value`
-  (num_images, H, L, Dh): image K/V computed once per image, never per generated token.
+- vision: `pixel_values` (num_images, num_frames, 3, S, S) -> `image_latents` (num_images, L, Dv)
+  and, for every gated cross-attention layer j (decoder-layer order), `cross_attn.{j}.key|value`
+  (num_images, H, L, Dh): K/V computed once per media item, never per generated token. A media
+  item is an image (num_frames 1) or a clip; one run takes items of one frame count (the
+  runtime groups them), and a clip gets one set of latents like an image (docs/ARCHITECTURE.md).
 - decoder, one graph for prefill and decode: `input_ids`, `attention_mask` (batch, past + new),
   `position_ids` (rotary families), `media_index` (which image each token attends to, 0 =
   none), `logits_index` (which new positions get logits: HF's `logits_to_keep` as indices),
@@ -27,7 +29,8 @@ BATCH = "batch"
 SEQUENCE = "sequence"
 PAST_SEQUENCE = "past_sequence"
 TOTAL_SEQUENCE = "total_sequence"  # past_sequence + sequence
-NUM_IMAGES = "num_images"
+NUM_IMAGES = "num_images"  # media items: images or clips
+NUM_FRAMES = "num_frames"  # frames per media item (1 for images), up to the export's max_frames
 MEDIA_KEYS = "media_keys"  # images per row x latents per image
 LOGITS_POSITIONS = "logits_positions"  # new positions whose logits are computed
 # the in-place decoder form's cache buffer length (past and present bound to one buffer)
@@ -182,7 +185,7 @@ def vision_spec(dims: ModelDims, dtype: str = "float32") -> GraphSpec:
         outputs += [TensorSpec(n, dtype, kv_shape) for n in cross_attn_names(j)]
     return GraphSpec(
         "vision",
-        (TensorSpec("pixel_values", dtype, (NUM_IMAGES, 3, s, s)),),
+        (TensorSpec("pixel_values", dtype, (NUM_IMAGES, NUM_FRAMES, 3, s, s)),),
         tuple(outputs),
     )
 

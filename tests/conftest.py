@@ -79,3 +79,17 @@ def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_video(tiny_paths: Callable, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(model, tokenizer, export folder) of the tiny LLaMA with frame embeddings for clips of
+    up to 4 frames (`perceiver.frame_embs`), exported fp32 (max_frames 4)."""
+    from exporter.export import export_model
+    from flamingo.loaders import load_flamingo
+
+    paths = tiny_paths("llama", max_num_frames=4)
+    model, tok, _ = load_flamingo(paths.lm_dir, paths.vision_path, paths.checkpoint_path)
+    out = tmp_path_factory.mktemp("export-video") / "out"
+    export_model(model, tok, out, progress=None)
+    return model, tok, out

@@ -60,6 +60,7 @@ def make_build_plan(
     max_batch: int | None = None,
     max_images: int | None = None,
     max_seq_len: int | None = None,
+    max_frames: int | None = None,
 ) -> BuildPlan:
     """Limits (the export's, optionally lowered), profiles per graph, workspace per target.
     Raises BuildError for a decoder form TensorRT does not build (runtime.spec.DecoderForm)."""
@@ -73,7 +74,7 @@ def make_build_plan(
             "--decoder-form)"
         )
 
-    limits = Limits.resolve(manifest.limits, max_batch, max_images, max_seq_len)
+    limits = Limits.resolve(manifest.limits, max_batch, max_images, max_seq_len, max_frames)
     dims = ModelDims.from_config(manifest.model)
     spec = get_target(target) if target else None
     profiles = {g: graph_profiles(g, dims, limits) for g in ENGINE_FILES}
@@ -254,10 +255,12 @@ def build_engines(
     max_images: int | None = None,
     max_seq_len: int | None = None,
     progress: Callable[[str], None] | None = print,
+    max_frames: int | None = None,
 ) -> EnginesManifest:
     """Build both engines into the export folder; returns what engines.json records.
 
-    Profiles come from trt/profiles.py (vision: one; decoder: prefill, extend, decode). One
+    Profiles come from trt/profiles.py (vision: images [+ clips]; decoder: prefill, extend,
+    decode). One
     timing cache, `OUT/timing.cache`, is loaded if present and saved after each engine, so a
     rebuild on the same device reuses the kernel timings. Atomic: the old engines.json is
     removed first, engines are written to temporary files and renamed, and engines.json (sha256
@@ -269,7 +272,7 @@ def build_engines(
     trt = import_tensorrt()
     root = Path(export_dir)
     manifest = load_manifest(root)
-    plan = make_build_plan(manifest, target, max_batch, max_images, max_seq_len)
+    plan = make_build_plan(manifest, target, max_batch, max_images, max_seq_len, max_frames)
     device = CudaDevice()
     info = device.info()
     device.close()

@@ -47,6 +47,7 @@ from .device import (
     device_memory_size,
     import_tensorrt,
 )
+from .profiles import Limits, clips_per_run
 
 
 def _runs(index: np.ndarray) -> list[tuple[int, int, int]]:
@@ -144,8 +145,11 @@ class TrtFlamingo(RowsCrossKV):
         self.logits_capacity = 0
         self.logits_ptr = 0
         vis = self.executors["vision"]
+        # a run holds at most max_images one-frame images or clips_per_run clips (profiles)
+        self.clips_per_run = clips_per_run(Limits(**lim))
+        frames = max(imgs, self.clips_per_run * lim["max_frames"])
         self.vision_in = dev.alloc(
-            int(np.prod((imgs, 3, d.image_size, d.image_size)))
+            int(np.prod((frames, 3, d.image_size, d.image_size)))
             * vis.tensor_dtype("pixel_values").itemsize
         )
         self.vision_out: dict[str, int] = {}
@@ -168,28 +172,39 @@ class TrtFlamingo(RowsCrossKV):
         return self.logits_ptr
 
     def encode_images(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, 3, S, S) pixels -> {image_latents, cross_attn.{j}.key|value} on the host (once
-        per prompt, not per step: the pipeline arranges them per row)."""
-        n = pixel_values.shape[0]
-        if not 1 <= n <= self.limits["max_images"]:
+        """(N, 3, S, S) images or (N, F, 3, S, S) media items of F frames -> {image_latents,
+        cross_attn.{j}.key|value} on the host (once per prompt, not per step: the pipeline
+        arranges them per row). One-frame items run under the "images" profile, up to
+        max_images per run; clips under "clips", `clips_per_run` per run."""
+        pixels = pixel_values[:, None] if pixel_values.ndim == 4 else pixel_values
+        n, frames = pixels.shape[:2]
+        if not 1 <= frames <= self.limits["max_frames"]:
             raise ValueError(
-                f"{n} images: the vision engine was built for 1..{self.limits['max_images']}"
+                f"{frames} frames per media item: the vision engine was built for "
+                f"1..{self.limits['max_frames']} (max_frames)"
             )
         vis, dev = self.executors["vision"], self.device
-        vis.set_profile(0)
-        pixels = np.ascontiguousarray(pixel_values, dtype=vis.tensor_dtype("pixel_values"))
-        dev.upload(self.vision_in, pixels)
-        vis.set_input_shape("pixel_values", pixels.shape)
-        vis.set_address("pixel_values", self.vision_in)
+        if frames == 1:
+            profile, per_run = 0, self.limits["max_images"]
+        else:
+            profile, per_run = 1, self.clips_per_run
+        vis.set_profile(profile)
+        pixels = np.ascontiguousarray(pixels, dtype=vis.tensor_dtype("pixel_values"))
         outs = {}
         for t in self.vision_spec.outputs:
             shape = tuple(n if isinstance(x, str) else x for x in t.shape)
             outs[t.name] = np.empty(shape, dtype=vis.tensor_dtype(t.name))
-            vis.set_address(t.name, self.vision_out[t.name])
-        vis.execute()
-        for name, out in outs.items():
-            dev.download(out, self.vision_out[name])
-        dev.synchronize()
+        for start in range(0, n, per_run):
+            part = pixels[start : start + per_run]
+            dev.upload(self.vision_in, part)
+            vis.set_input_shape("pixel_values", part.shape)
+            vis.set_address("pixel_values", self.vision_in)
+            for name in outs:
+                vis.set_address(name, self.vision_out[name])
+            vis.execute()
+            for name, out in outs.items():
+                dev.download(out[start : start + len(part)], self.vision_out[name])
+            dev.synchronize()
         return outs
 
     def step_model(

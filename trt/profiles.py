@@ -2,10 +2,12 @@
 
 Every dynamic axis in `runtime/spec.py` is named; a TensorRT engine needs, for every input, a
 min/opt/max shape per optimization profile. This module turns the export manifest's limits
-(`max_images`, `max_seq_len`) plus `max_batch` into those ranges, for `check` (is every symbolic
-dim covered?) and `build` (the profiles themselves). Pure data: no onnx, no TensorRT. The vision
-graph gets one profile, the decoder three (prefill, extend, decode: why in `decoder_profiles`
-and docs/jetson.md, "Optimization profiles"); the opt values are documented on `OPT_*`.
+(`max_images`, `max_seq_len`, `max_frames`) plus `max_batch` into those ranges, for `check` (is
+every symbolic dim covered?) and `build` (the profiles themselves). Pure data: no onnx, no
+TensorRT. The vision graph gets an image profile, and a clip profile when the export takes
+clips (why in `vision_profiles`); the decoder three (prefill, extend, decode: why in
+`decoder_profiles` and docs/jetson.md, "Optimization profiles"); the opt values are documented
+on `OPT_*`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from runtime.spec import (
     BATCH,
     LOGITS_POSITIONS,
     MEDIA_KEYS,
+    NUM_FRAMES,
     NUM_IMAGES,
     PAST_SEQUENCE,
     SEQUENCE,
@@ -63,11 +66,13 @@ class DimRange:
 
 @dataclass(frozen=True)
 class Limits:
-    """What an engine is built for: rows per step, images per row, tokens per row."""
+    """What an engine is built for: rows per step, media items (images or clips) per row,
+    tokens per row, frames per clip."""
 
     max_batch: int
     max_images: int
     max_seq_len: int
+    max_frames: int = 1
 
     @classmethod
     def resolve(
@@ -76,11 +81,16 @@ class Limits:
         max_batch: int | None = None,
         max_images: int | None = None,
         max_seq_len: int | None = None,
+        max_frames: int | None = None,
     ) -> Limits:
         """The export's limits, optionally lowered (never raised: the export declares what the
         runtime and its prompt checks were built for)."""
         out = {"max_batch": max_batch if max_batch is not None else DEFAULT_MAX_BATCH}
-        for key, value in (("max_images", max_images), ("max_seq_len", max_seq_len)):
+        for key, value in (
+            ("max_images", max_images),
+            ("max_seq_len", max_seq_len),
+            ("max_frames", max_frames),
+        ):
             declared = int(manifest_limits[key])
             if value is not None and value > declared:
                 raise ProfileError(
@@ -98,6 +108,7 @@ class Limits:
             "max_batch": self.max_batch,
             "max_images": self.max_images,
             "max_seq_len": self.max_seq_len,
+            "max_frames": self.max_frames,
         }
 
 
@@ -137,9 +148,34 @@ class Profile:
         return cls(d["name"], {k: DimRange(*v) for k, v in d["dims"].items()})
 
 
+def clips_per_run(limits: Limits) -> int:
+    """Clips of up to max_frames frames one vision run takes (the clip profile's num_images):
+    as many frames as a run of max_images images, at least one clip."""
+    return max(1, limits.max_images // limits.max_frames)
+
+
 def vision_profiles(dims: ModelDims, limits: Limits) -> list[Profile]:
+    """ "images" (num_frames 1, up to max_images per run) and, when the export takes clips,
+    "clips" (2..max_frames frames, up to `clips_per_run` per run; runtimes split larger
+    batches). Why two: one profile's max corner would be max_images x max_frames frames, and
+    TensorRT reserves activation memory for its max; this way a run never holds more frames
+    than max_images images (or one clip), and images keep kernels timed for one frame."""
     n = limits.max_images
-    return [Profile("vision", {NUM_IMAGES: DimRange(1, min(OPT_IMAGES, n), n)})]
+    images = {NUM_IMAGES: DimRange(1, min(OPT_IMAGES, n), n), NUM_FRAMES: DimRange(1, 1, 1)}
+    profiles = [Profile("images", images)]
+    if limits.max_frames > 1:
+        clips = clips_per_run(limits)
+        f = limits.max_frames
+        profiles.append(
+            Profile(
+                "clips",
+                {
+                    NUM_IMAGES: DimRange(1, min(OPT_IMAGES, clips), clips),
+                    NUM_FRAMES: DimRange(2, f, f),
+                },
+            )
+        )
+    return profiles
 
 
 def decoder_profiles(dims: ModelDims, limits: Limits) -> list[Profile]:

@@ -518,6 +518,7 @@ def check_export(
     max_images: int | None = None,
     max_seq_len: int | None = None,
     manifest: Manifest | None = None,
+    max_frames: int | None = None,
 ) -> CheckReport:
     """Check every graph of an export folder against one TensorRT version's parser."""
     if version not in RULES:
@@ -525,7 +526,7 @@ def check_export(
     root = Path(root)
     manifest = manifest or load_manifest(root, verify_hashes=False)
     dims = ModelDims.from_config(manifest.model)
-    limits = Limits.resolve(manifest.limits, max_batch, max_images, max_seq_len)
+    limits = Limits.resolve(manifest.limits, max_batch, max_images, max_seq_len, max_frames)
     reports = []
     for name, entry in manifest.graphs.items():
         path = safe_join(root, entry.file)

@@ -336,7 +336,8 @@ def test_max_seq_len_defaults_to_the_lms_context(tiny_export) -> None:
     for family in FAMILIES:
         manifest = load_manifest(tiny_export(family), verify_hashes=False)
         assert manifest.model["lm"]["max_position_embeddings"] == 256
-        assert manifest.limits == {"max_images": 32, "max_seq_len": 256}
+        # max_frames 1: no frame embeddings, images only (docs/video.md)
+        assert manifest.limits == {"max_images": 32, "max_seq_len": 256, "max_frames": 1}
 
 
 def test_max_seq_len_beyond_a_rotary_lms_context_is_refused(tiny_model, tmp_path) -> None:

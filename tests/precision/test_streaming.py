@@ -71,7 +71,7 @@ def assert_same_outputs(reference: Path, streamed: Path) -> None:
     manifest = load_manifest(reference)
     dims = ModelDims.from_config(manifest.model)
     rng = np.random.default_rng(0)
-    sizes = {"num_images": 2, "batch": 1, "sequence": 4, "past_sequence": 0,
+    sizes = {"num_images": 2, "num_frames": 1, "batch": 1, "sequence": 4, "past_sequence": 0,
              "total_sequence": 4, "media_keys": 2 * dims.num_latents,
              "logits_positions": 1}  # fmt: skip
     for entry in manifest.graphs.values():

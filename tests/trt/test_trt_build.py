@@ -59,9 +59,12 @@ def test_default_profiles_from_manifest_limits(tiny_export) -> None:
     dims, limits = _dims(tiny_export)
     assert limits["max_seq_len"] == 256  # the tiny LM's context: opt would equal max
     lim = Limits.resolve({**limits, "max_seq_len": 2048})  # an export declaring 2048
-    assert lim.to_dict() == {"max_batch": DEFAULT_MAX_BATCH, "max_images": 32, "max_seq_len": 2048}
-    (vision,) = graph_profiles("vision", dims, lim)
+    assert lim.to_dict() == {
+        "max_batch": DEFAULT_MAX_BATCH, "max_images": 32, "max_seq_len": 2048, "max_frames": 1
+    }  # fmt: skip
+    (vision,) = graph_profiles("vision", dims, lim)  # images only: no clip profile
     assert vision.dims["num_images"].to_list() == [1, 5, 32]
+    assert vision.dims["num_frames"].to_list() == [1, 1, 1]
     prefill, extend, decode = graph_profiles("decoder", dims, lim)
     assert (prefill.name, extend.name, decode.name) == ("prefill", "extend", "decode")
     r = {k: v.to_list() for k, v in prefill.dims.items()}
@@ -108,6 +111,7 @@ def test_limits_may_be_lowered_not_raised(tiny_export) -> None:
         "max_batch": 3,
         "max_images": 4,
         "max_seq_len": 128,
+        "max_frames": 1,
     }
     with pytest.raises(ProfileError, match="exceeds the export's max_seq_len 256"):
         Limits.resolve(limits, max_seq_len=512)
@@ -142,7 +146,7 @@ def test_engines_json_round_trip_and_schema(tiny_export, tmp_path: Path) -> None
     data = json.loads((out / ENGINES_NAME).read_text())
     assert data["schema_version"] == 1 and data["tensorrt_version"] == "10.3.0"
     assert data["device"] == {"name": "Stand-in GPU", "compute_capability": "8.7"}
-    assert data["limits"] == {"max_batch": 2, "max_images": 32, "max_seq_len": 256}
+    assert data["limits"] == {"max_batch": 2, "max_images": 32, "max_seq_len": 256, "max_frames": 1}
     assert data["target"] == "orin-nano-8gb" and data["strongly_typed"] is True
     manifest = load_manifest(out)
     assert data["engines"]["decoder"]["source"] == {"decoder.onnx": manifest.files["decoder.onnx"]}
@@ -310,8 +314,12 @@ def test_step_model_limits_are_clear_errors(tiny_model, tiny_export, tmp_path) -
     out = fake_build(tiny_export("llama"), tmp_path / "out", max_batch=1, max_images=2)
     trt = stand_in_engine(out)
     pixels = np.zeros((3, 3, 32, 32), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"3 images: the vision engine was built for 1\.\.2"):
-        trt.encode_images(pixels)
+    # more images than the engine's max_images run in parts (2 + 1), like one run of each
+    whole = trt.encode_images(pixels)["image_latents"]
+    part = trt.encode_images(pixels[2:])["image_latents"]
+    assert whole.shape[0] == 3 and np.array_equal(whole[2:], part)
+    with pytest.raises(ValueError, match=r"2 frames per media item: .*built for 1\.\.1"):
+        trt.encode_images(pixels[:, None].repeat(2, axis=1))
     feats = trt.encode_images(pixels[:2])
     model = trt.step_model(trt.rows_cross_kv(feats, [[0, 1]]), np.array([2]))
     ids = _prompt(tok, "<image><image>hi")
