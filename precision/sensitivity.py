@@ -22,16 +22,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from precision.graph import load_graph, name_nodes, weight_nodes
+from precision.options import QuantizeError, QuantizeOptions
 from precision.parity import OnnxBackend, gate, measure
-from precision.quantize import (
-    QuantizeError,
-    QuantizeOptions,
-    embedding_nodes,
-    load_graph,
-    name_nodes,
-    quantize_export,
-    weight_nodes,
-)
+from precision.quantize import quantize_export
+from precision.rewrites import embedding_nodes
 from runtime.manifest import load_manifest, safe_join
 from runtime.tokenizer import load_export_tokenizer
 

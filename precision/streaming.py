@@ -60,14 +60,9 @@ from flamingo.loaders import ResolvedFlamingo, resolve_flamingo
 from runtime.manifest import GraphEntry, Manifest
 from runtime.spec import ModelDims, decoder_spec, vision_spec
 
-from .quantize import (
-    QuantizeError,
-    QuantizeOptions,
-    WeightStore,
-    exceeds_proto_limit,
-    rewrite_graph,
-    written_graph,
-)
+from .graph import WeightStore, exceeds_proto_limit
+from .options import QuantizeError, QuantizeOptions
+from .quantize import rewrite_graph, written_graph
 
 Progress = Any  # Callable[[str], None]
 

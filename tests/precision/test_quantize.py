@@ -428,9 +428,9 @@ def test_graphs_over_the_protobuf_limit_use_external_data(
 ) -> None:
     """The >2 GB code paths (path-based conversion, one `<graph>.onnx.data` per graph), run on
     the tiny model by lowering the limit."""
-    import precision.quantize as quantize
+    from precision import graph
 
-    monkeypatch.setattr(quantize, "ONNX_PROTO_LIMIT", (64 << 20) + 1)
+    monkeypatch.setattr(graph, "ONNX_PROTO_LIMIT", (64 << 20) + 1)
     for precision in ("fp16", "int4"):
         out = tmp_path / precision
         quantize_export(tiny_export("mpt"), out, QuantizeOptions(precision, precision))

@@ -142,9 +142,9 @@ def test_graphs_over_the_protobuf_limit_stream_into_the_same_data_files(
 ) -> None:
     """Both routes' >2 GB branches (external data, fp16 conversion and opset conversion of a
     large graph), run on the tiny model by lowering the limit."""
-    import precision.quantize as quantize
+    from precision import graph
 
-    monkeypatch.setattr(quantize, "ONNX_PROTO_LIMIT", (64 << 20) + 1)
+    monkeypatch.setattr(graph, "ONNX_PROTO_LIMIT", (64 << 20) + 1)
     for precision in ("fp16", "int4"):
         options = QuantizeOptions(vision=precision, decoder=precision, **QUICK)
         ref = tmp_path / f"ref-{precision}"
