@@ -311,21 +311,22 @@ def load_model(
     if model.get("model_dir") is not None:
         from flamingo.idefics import load_idefics
 
-        return load_idefics(model["model_dir"], preset=model["preset"])
-    from flamingo.loaders import load_flamingo
+        loaded = load_idefics(model["model_dir"], preset=model["preset"])
+    else:
+        from flamingo.loaders import load_flamingo
 
-    loaded = load_flamingo(
-        model["lm_dir"],
-        model["vision_path"],
-        model["checkpoint_path"],
-        cross_attn_every_n_layers=model["cross_attn_every_n_layers"],
-        preset=model["preset"],
-        vision_heads=model["vision_heads"],
-        vision_act=model["vision_act"],
-        vision_tokens_after_ln_post=model["vision_tokens_after_ln_post"],
-    )
-    for assumption in loaded[2].assumptions if say is not None else ():
-        say(f"assumed: {assumption}")
+        loaded = load_flamingo(
+            model["lm_dir"],
+            model["vision_path"],
+            model["checkpoint_path"],
+            cross_attn_every_n_layers=model["cross_attn_every_n_layers"],
+            preset=model["preset"],
+            vision_heads=model["vision_heads"],
+            vision_act=model["vision_act"],
+            vision_tokens_after_ln_post=model["vision_tokens_after_ln_post"],
+        )
+    for line in loaded[2].lines() if say is not None else ():
+        say(line)
     return loaded
 
 

@@ -35,6 +35,7 @@ from .loaders import (
     LoadError,
     LoadReport,
     _obj,
+    check_head_dim,
     check_weight,
     clip_hf_to_open_clip,
     read_hf_weights,
@@ -197,6 +198,7 @@ def idefics_config(hf: dict[str, Any], path: Path) -> FlamingoConfig:
             f"vision_config.embed_dim ({width})"
         )
     head_dim = hidden // heads
+    check_head_dim(head_dim, path)
     inv_freq = 1.0 / (
         ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     )

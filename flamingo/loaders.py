@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -194,8 +194,10 @@ def read_hf_weights(
             data = read_json_object(index, SHARD_INDEX_SCHEMA)
             sd: dict[str, torch.Tensor] = {}
             for shard in sorted(set(data["weight_map"].values())):
-                path = (lm_dir / shard).resolve()
-                if Path(shard).is_absolute() or not path.is_relative_to(lm_dir.resolve()):
+                # the name, not its target, must stay inside: the hub cache's snapshot files
+                # are symlinks into its blobs folder (huggingface_hub's layout)
+                name = PurePosixPath(shard)
+                if name.is_absolute() or "\\" in shard or ".." in name.parts or not name.name:
                     raise LoadError(f"{index}: weight_map names {shard!r}, outside {lm_dir}")
                 shard_sd = reader(lm_dir / shard)
                 sources.update(dict.fromkeys(shard_sd, lm_dir / shard))
@@ -360,6 +362,20 @@ def lm_config_from_hf(hf_config: dict[str, Any], path: Path) -> LMConfig:
     )
 
 
+# Far above every released LM's (64-256); checked before the rotary table (head_dim / 2
+# floats) and the model are built, so a corrupt config.json fails at once, not out of memory.
+MAX_HEAD_DIM = 1024
+
+
+def check_head_dim(head_dim: int, path: Path) -> None:
+    """Refuses an attention head width past MAX_HEAD_DIM (LoadError naming `path`)."""
+    if head_dim > MAX_HEAD_DIM:
+        raise LoadError(
+            f"{path}: attention heads of width {head_dim} (hidden size / heads); at most "
+            f"{MAX_HEAD_DIM} is accepted (released LMs use 64-256): is the config corrupt?"
+        )
+
+
 def _check_heads(hf_config: dict[str, Any], family: str, path: Path) -> None:
     """Attention heads that split the width (and KV heads that split the heads)."""
     width, heads = (
@@ -370,6 +386,10 @@ def _check_heads(hf_config: dict[str, Any], family: str, path: Path) -> None:
         raise LoadError(
             f"{path}: {heads} ({hf_config[heads]}) does not divide {width} ({hf_config[width]})"
         )
+    head_dim = (hf_config.get("head_dim") if explicit_head_dim else None) or (
+        hf_config[width] // hf_config[heads]
+    )
+    check_head_dim(head_dim, path)
     kv = hf_config.get("num_key_value_heads") if family == "llama" else None
     if kv is not None and hf_config[heads] % kv:
         raise LoadError(
@@ -593,6 +613,19 @@ class LoadReport:
     # values the files do not say, each with the flag that overrides it
     assumptions: list[str] = field(default_factory=list)
 
+    def lines(self) -> list[str]:
+        """What every command that loads a model says (inspect, export): tensors ignored
+        ("unexpected"), rows made up ("filled"), values assumed ("assumed")."""
+        return [
+            f"{label}: {item}"
+            for label, items in (
+                ("unexpected", self.unexpected),
+                ("filled", self.filled),
+                ("assumed", self.assumptions),
+            )
+            for item in items
+        ]
+
 
 _XATTN = re.compile(
     r"^lang_encoder\.(?P<layers>.+)\.(?P<i>\d+)\.gated_cross_attn_layer\.(?P<rest>.+)$"
@@ -668,6 +701,22 @@ def map_checkpoint_key(key: str, family: str) -> str | None:
         mapped = map_lm_key(family, hf_key)
         return f"lang_model.{mapped}" if mapped else None
     return None
+
+
+def source_key(our_key: str, family: str) -> str:
+    """Where an OpenFlamingo model's files keep the tensor `our_key` (the inverse of
+    map_checkpoint_key / map_lm_key; vision as open_clip names it): what errors name."""
+    layers = next(src for src, dst in LM_KEY_MAP.get(family, []) if dst == "layers.")
+    if m := re.match(r"^lang_model\.cross_attn_layers\.(\d+)\.(.+)$", our_key):
+        return f"lang_encoder.{layers}{m[1]}.gated_cross_attn_layer.{m[2]}"
+    if our_key.startswith("lang_model."):
+        rest = our_key[len("lang_model.") :]
+        for src, dst in LM_KEY_MAP.get(family, []):
+            if rest.startswith(dst):
+                return src + rest[len(dst) :]
+    if our_key.startswith("vision_encoder."):
+        return "visual." + our_key[len("vision_encoder.") :]
+    return our_key  # perceiver.*: the checkpoint's own name
 
 
 def resolve_cross_attn_every_n(
@@ -917,9 +966,10 @@ def resolve_flamingo(
         where = {"perceiver": ckpt_path, "lang_model.cross": ckpt_path, "vision": vision_path}
         first = required_missing[0]
         src = next((p for pre, p in where.items() if first.startswith(pre)), lm_dir)
+        names = [source_key(k, lm_cfg.family) for k in required_missing[:2]]
         raise LoadError(
-            f"{src}: {len(required_missing)} required tensor(s) missing, e.g. {first!r}"
-            + (f" (and {required_missing[1]!r})" if len(required_missing) > 1 else "")
+            f"{src}: {len(required_missing)} required tensor(s) missing, e.g. {names[0]!r}"
+            + (f" (and {names[1]!r})" if len(names) > 1 else "")
         )
     if report.missing:
         raise LoadError(f"{lm_dir}: output embeddings missing ({report.missing[0]})")

@@ -364,8 +364,8 @@ def export_streaming(
     check_output(out, options.force, inputs=inputs)
     say("reading the shapes of the model files' tensors (no weights)...")
     resolved = resolve_flamingo(**model_files, reader=read_lazy_state_dict)
-    for assumption in resolved.report.assumptions:
-        say(f"assumed: {assumption}")
+    for line in resolved.report.lines():
+        say(line)
     export_options = export_options.with_model(resolved.config.to_dict(), say)
     check_free_space(out, output_size(resolved, options))
     source = {k: str(model_files[k]) for k in ("lm_dir", "vision_path", "checkpoint_path")}

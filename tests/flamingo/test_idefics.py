@@ -117,6 +117,8 @@ def test_loader_records_the_configuration(folders):
     [
         ({"model_type": "llama"}, r"config\.json: model_type 'llama' is not an IDEFICS"),
         ({"cross_layer_interval": 3}, r"cross_layer_interval \(3\) does not divide"),
+        # refused before the rotary table (2**28 floats) is built: at once, not out of memory
+        ({"hidden_size": 2**31, "intermediate_size": 2**33}, r"heads of width \d+ .*corrupt"),
     ],
 )
 def test_refuses_configs_transformers_would_not_run_as_idefics(folders, tmp_path, change, words):
@@ -147,6 +149,23 @@ def test_refuses_a_shard_outside_the_folder(folders, tmp_path):
     index.write_text(json.dumps(data))
     with pytest.raises(LoadError, match=r"weight_map names '\.\./elsewhere\.safetensors', outside"):
         load_idefics(folder)
+
+
+def test_loads_the_hub_cache_layout_of_symlinked_shards(folders, tmp_path):
+    """huggingface_hub's cache: snapshots/<rev>/ holds symlinks into ../../blobs/; the shard
+    names stay inside the folder even though their targets do not."""
+    source = folders["resampler-qk-float-1-shards"]
+    blobs = tmp_path / "hub" / "blobs"
+    snapshot = tmp_path / "hub" / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in source.iterdir():
+        shutil.copy(f, blobs / f"{f.name}.blob")
+        (snapshot / f.name).symlink_to(f"../../blobs/{f.name}.blob")
+    got = load_idefics(snapshot)[0].state_dict()
+    want = load_idefics(source)[0].state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_refuses_a_missing_tensor(folders, tmp_path):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from cli.main import main
-from flamingo.loaders import LoadError, load_flamingo
+from flamingo.loaders import LoadError, load_flamingo, read_state_dict
 
 
 @pytest.fixture
@@ -53,6 +53,8 @@ LM_CONFIGS = [
      r"num_attention_heads \(3\) does not divide hidden_size \(64\)"),
     ("kv-heads-split", {"num_key_value_heads": 3},
      r"num_key_value_heads \(3\) does not divide num_attention_heads \(4\)"),
+    ("huge-heads", {"hidden_size": 2**31, "num_attention_heads": 4, "head_dim": None},
+     r"attention heads of width 536870912 \(hidden size / heads\); at most 1024"),
 ]  # fmt: skip
 
 
@@ -194,3 +196,32 @@ def test_export_command_refuses_bad_model_options_cleanly(tiny_paths, tmp_path, 
     assert result.exit_code == 1 and "Error: --" in result.output, result.output
     assert isinstance(result.exception, SystemExit)
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])  # int4: the streamed route
+def test_export_says_which_checkpoint_tensors_it_ignored(tiny_paths, tmp_path, precision) -> None:
+    """A tensor the model has no place for (a renamed or mistyped key) is named by export as
+    by inspect, on the fp32 and the streamed route alike."""
+    p = tiny_paths("llama")
+    sd = read_state_dict(p.checkpoint_path)
+    sd["junk"] = torch.zeros(3)
+    checkpoint = tmp_path / "extra.safetensors"
+    save_file(sd, checkpoint)
+    files = ["--lm", str(p.lm_dir), "--vision", str(p.vision_path), "--checkpoint",
+             str(checkpoint)]  # fmt: skip
+    args = ["export", *files, "-o", str(tmp_path / "o"), "--precision", precision]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"unexpected: {checkpoint}:junk" in result.output
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_a_missing_tensor_is_named_as_the_files_name_it(tiny_paths, tmp_path, family) -> None:
+    p = tiny_paths(family)
+    sd = read_state_dict(p.checkpoint_path)
+    key = next(k for k in sd if k.endswith(".gated_cross_attn_layer.attn.to_kv.weight"))
+    del sd[key]
+    checkpoint = tmp_path / "incomplete.safetensors"
+    save_file(sd, checkpoint)
+    with pytest.raises(LoadError, match=rf"1 required tensor\(s\) missing, e\.g\. '{key}'$"):
+        load_flamingo(p.lm_dir, p.vision_path, checkpoint)
