@@ -71,13 +71,8 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     click.echo("parameters")
     for name, n in info["num_parameters"].items():
         click.echo(f"  {name:<19}{n:>14,}")
-    for label, items in (
-        ("unexpected", report.unexpected),
-        ("filled", report.filled),
-        ("assumed", report.assumptions),
-    ):
-        for item in items:
-            click.echo(f"{label}: {item}")
+    for line in report.lines():
+        click.echo(line)
 
 
 @click.command()
@@ -111,8 +106,9 @@ def inspect(as_json: bool, quiet: bool, **kw: Any) -> None:
     show_default=True,
     help="The decoder graph's form, a comma list: 'portable' (what TensorRT parses), "
     "'in-graph' (media and logits indices computed in the graph: onnxruntime-genai can drive "
-    "it), 'inplace' (GroupQueryAttention appending to a preallocated KV cache); the last two "
-    "run on onnxruntime only (runtime.spec.DecoderForm).",
+    "it), 'inplace' (GroupQueryAttention appending to a preallocated KV cache), or both "
+    "'inplace,in-graph'; the last three run on onnxruntime only (runtime.spec.DecoderForm). "
+    "'concat' and 'inputs' name the portable choice of each half explicitly.",
 )
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @precision_options(default="fp32")

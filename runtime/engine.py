@@ -75,18 +75,26 @@ NO_SPIN_GRAPHS = frozenset({"vision"})
 # onnxruntime's CPU EP fuses only the MatMuls whose output is re-quantized and runs the rest as
 # DequantizeLinear + float MatMul, dequantizing every weight at every step, so it decodes slower
 # than fp32 there, weight-only int8 faster (docs/measurements.md).
-W8A8_ON_CPU = (
-    "the decoder is int8 W8A8 (quantize --int8-mode w8a8), made for TensorRT: onnxruntime's "
-    "CPU EP runs it slower than fp32 (decode ~5.7x on the bench model); on CPU quantize with "
+_W8A8_NOTE = (
+    "the decoder is int8 W8A8 (quantize --int8-mode w8a8), {made}: onnxruntime's CPU EP runs "
+    "it slower than fp32 (decode ~5.7x on the bench model); on CPU quantize with "
     "--int8-mode weight-only or --precision int4"
 )
+W8A8_ON_CPU = _W8A8_NOTE.format(made="made for TensorRT")
 
 
 def slow_on_cpu(manifest: Manifest) -> list[str]:
     """Why this export's graphs run badly on onnxruntime's CPU EP (empty: nothing known)."""
     decoder = manifest.quantization.get("decoder")
     is_w8a8 = isinstance(decoder, dict) and decoder.get("mode") == "w8a8"
-    return [W8A8_ON_CPU] if is_w8a8 and manifest.graphs["decoder"].precision == "int8" else []
+    entry = manifest.graphs["decoder"]
+    if not (is_w8a8 and entry.precision == "int8"):
+        return []
+    if entry.form.portable:
+        return [W8A8_ON_CPU]
+    # W8A8 pays off only in TensorRT, which this form does not run on (runtime.spec.DecoderForm)
+    form = ",".join(entry.form.to_dict().values())
+    return [_W8A8_NOTE.format(made=f"in decoder form {form}, which TensorRT does not run")]
 
 
 class ProviderError(SessionOptionsError):

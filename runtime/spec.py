@@ -242,18 +242,33 @@ class DecoderForm:
     def parse(cls, text: str) -> DecoderForm:
         """From the CLI's comma list, e.g. "in-graph", "inplace", "inplace,in-graph", "portable"
         (each word names a kv_cache or an indices value)."""
-        kv, idx = PORTABLE.kv_cache, PORTABLE.indices
+        chosen: dict[str, str] = {}
         for word in (w.strip() for w in text.split(",") if w.strip()):
             if word in KV_CACHE_FORMS:
-                kv = word
+                half = "kv_cache"
             elif word in INDEX_FORMS:
-                idx = word
-            elif word != "portable":
+                half = "indices"
+            elif word == "portable":
+                half = "portable"
+            else:
                 raise DecoderFormError(
                     f"unknown decoder form {word!r}: expected a comma list of "
                     f"{(*KV_CACHE_FORMS, *INDEX_FORMS, 'portable')}"
                 )
-        return cls(kv, idx)
+            if half in chosen and chosen[half] != word:
+                raise DecoderFormError(
+                    f"decoder form {text!r} names two {half} choices: {chosen[half]!r} and {word!r}"
+                )
+            chosen[half] = word
+        form = cls(
+            chosen.get("kv_cache", PORTABLE.kv_cache), chosen.get("indices", PORTABLE.indices)
+        )
+        if "portable" in chosen and not form.portable:
+            raise DecoderFormError(
+                f"decoder form {text!r}: 'portable' cannot be combined with "
+                f"{form.kv_cache if form.kv_cache != PORTABLE.kv_cache else form.indices!r}"
+            )
+        return form
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> DecoderForm:

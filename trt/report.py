@@ -11,6 +11,7 @@ from .profiles import Limits
 
 ERROR, WARNING = "error", "warning"
 RULE_ORDER = (
+    "decoder-form",
     "opset",
     "operators",
     "constant-inputs",

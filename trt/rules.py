@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto
 
 from runtime.manifest import Manifest, load_manifest, safe_join
-from runtime.spec import ModelDims
+from runtime.spec import DecoderForm, ModelDims
 
 from .graph_index import GraphIndex, all_nodes, attribute, default_opset, node_name, type_name
 from .parser_tables import LAYERNORM_85_REASON, OP_REASONS, QUANTIZED_TYPES, RULES, ParserRules
@@ -510,6 +510,19 @@ def check_model(
     return findings
 
 
+def form_finding(form: DecoderForm) -> Finding:
+    """The error of a decoder graph in a form TensorRT does not take (runtime.spec.DecoderForm:
+    only the portable form has TensorRT's inputs and parseable ops)."""
+    words = ",".join(w for w in (form.kv_cache, form.indices) if w not in ("concat", "inputs"))
+    return Finding(
+        "decoder-form",
+        ERROR,
+        words,
+        f"decoder form '{words}' runs on onnxruntime only; re-export with --decoder-form "
+        "portable for TensorRT (the findings below follow from the form)",
+    )
+
+
 def check_export(
     root: str | Path,
     version: str,
@@ -534,6 +547,8 @@ def check_export(
         findings = check_model(
             model, version, graph_name=name, dims=dims, limits=limits, base_dir=root
         )
+        if not entry.form.portable:  # say why before the parser's findings follow from it
+            findings.insert(0, form_finding(entry.form))
         reports.append(
             GraphReport(
                 name,

@@ -251,6 +251,15 @@ def test_decoder_form_option_parse_and_cli_refusal(tmp_path) -> None:
     assert DecoderForm.parse("portable") == PORTABLE
     with pytest.raises(DecoderFormError, match="unknown decoder form 'fast'"):
         DecoderForm.parse("fast")
+    assert DecoderForm.parse("concat,inputs") == PORTABLE
+    assert DecoderForm.parse("inplace,inplace") == INPLACE
+    for contradiction, words in (
+        ("inplace,concat", "two kv_cache choices: 'inplace' and 'concat'"),
+        ("in-graph,inputs", "two indices choices"),
+        ("portable,inplace", "'portable' cannot be combined with 'inplace'"),
+    ):
+        with pytest.raises(DecoderFormError, match=words):
+            DecoderForm.parse(contradiction)
     result = CliRunner().invoke(
         main,
         ["export", "--lm", str(tmp_path), "--vision", str(tmp_path / "v"),
@@ -304,3 +313,31 @@ def test_quantized_forms_generate_the_quantized_portable_tokens(
             assert manifest.quantization["decoder"]["backends"] == ["onnxruntime"]
         results[form] = [_generate(out, tok, p, config).sequences for p in PROMPTS]
     assert results[BOTH] == results[PORTABLE]
+
+
+def test_check_says_first_that_the_form_is_onnxruntime_only(form_export) -> None:
+    """`check` on a non-portable export leads with the form, not with the parser findings
+    that follow from it; the portable export passes."""
+    from trt.rules import check_export
+
+    assert check_export(form_export("llama", PORTABLE), "10").ok
+    report = check_export(form_export("llama", BOTH), "10")
+    decoder = next(g for g in report.graphs if g.name == "decoder")
+    first = decoder.findings[0]
+    assert (first.rule, first.subject) == ("decoder-form", "inplace,in-graph")
+    assert "--decoder-form portable" in report.format()
+    vision = next(g for g in report.graphs if g.name == "vision")
+    assert all(f.rule != "decoder-form" for f in vision.findings)
+
+
+def test_w8a8_note_of_a_form_does_not_promise_tensorrt(form_export, tmp_path) -> None:
+    """W8A8 is made for TensorRT; on a form TensorRT does not run, the CPU note says so."""
+    from precision.quantize import QuantizeOptions, quantize_export
+    from runtime.engine import W8A8_ON_CPU, slow_on_cpu
+
+    out = tmp_path / "w8a8"
+    options = QuantizeOptions(vision="fp32", decoder="int8", int8_mode="w8a8")
+    quantize_export(form_export("llama", INPLACE), out, options)
+    (note,) = slow_on_cpu(load_manifest(out))
+    assert "TensorRT does not run" in note and "made for TensorRT" not in note
+    assert note != W8A8_ON_CPU
