@@ -167,9 +167,13 @@ def run(
     media = media_in_order(images, [Video(str(p), num_frames) for p in videos])
     if few_shot:
         examples = load_demos_jsonl(demos) if demos is not None else []
-        for d in examples:
-            if isinstance(d.image, Video):
-                d.image = Video(d.image.source, num_frames)
+        clips = [d for d in examples if isinstance(d.image, Video)]
+        if num_frames is not None and not videos and not clips:
+            raise click.UsageError(
+                f"--num-frames samples the frames of clips; neither --video nor {demos} gives one"
+            )
+        for d in clips:
+            d.image = Video(d.image.source, num_frames)
         if not as_json and not quiet:  # what the answer is conditioned on (stdout = answer)
             _echo_few_shot(examples, media[0], question)
         prompt, media = build_few_shot_prompt(

@@ -119,10 +119,15 @@ def _folder_frames(folder: Path, name: str) -> Frames:
     try:
         files = sorted(
             p for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in known
+            if not p.name.startswith(".") and p.suffix.lower() in known and not p.is_dir()
         )  # fmt: skip
     except OSError as e:
         raise VideoError(f"{name}: cannot list the folder ({e.strerror})") from e
+    for p in files:  # a frame that is named but cannot be read would silently shift the clip
+        if not p.is_file():
+            raise VideoError(
+                f"{name}: frame {p.name} is not a regular file (a broken symlink, a FIFO?)"
+            )
     return len(files), lambda idx: [files[i] for i in idx]
 
 
@@ -258,7 +263,8 @@ def preprocess_clip(
         raise VideoError(
             f"{label}: this export takes 1 frame per media item (max_frames 1: a model "
             "without frame embeddings, exported without --max-frames); give the clip "
-            "num_frames=1 (its middle frame), or re-export with --max-frames F"
+            "num_frames=1 (its middle frame; `run --num-frames 1`), or re-export with "
+            "--max-frames F"
         )
     frames = asked or max_frames
     if frames > max_frames:

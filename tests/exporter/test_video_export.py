@@ -285,3 +285,15 @@ def test_run_command_takes_clips_in_command_line_order(tiny_video, tmp_path) -> 
         result = CliRunner().invoke(main, ["run", str(out), "--prompt", "<image>A", *bad])
         assert result.exit_code == 1, result.output
         assert message in result.output and "Traceback" not in result.output, result.output
+
+    image_demos = tmp_path / "image_demos.jsonl"
+    image_demos.write_text(json.dumps({"image": "a.png", "caption": "red"}) + "\n")
+    for extra, message in (
+        ([], "no --video given"),
+        (["--demos", str(image_demos)], "neither --video nor"),
+    ):
+        args = ["run", str(out), "--image", str(image), "--num-frames", "2", *extra]
+        if not extra:
+            args += ["--prompt", "<image>A"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and message in result.output, result.output

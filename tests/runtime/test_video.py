@@ -4,6 +4,7 @@ of mixed media, vision runs grouped by frame count, and the errors."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -118,6 +119,13 @@ def test_clip_errors_name_the_clip(clip_files, tmp_path) -> None:
         read_frames(Video(broken), 1)
     with pytest.raises(VideoError, match="num_frames must be an int >= 1"):
         Video(clip_files["gif"], num_frames=0)
+    dangling = tmp_path / "dangling"
+    shutil.copytree(clip_files["folder"], dangling)
+    (dangling / "sub.png").mkdir()  # a folder is skipped like a hidden file
+    assert frame_count(Video(dangling)) == FRAMES
+    (dangling / "frame_004b.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(VideoError, match=r"frame frame_004b\.png is not a regular file"):
+        read_frames(Video(dangling), 2)
     with pytest.raises(VideoError, match="got a single image"):
         Video(Image.new("RGB", (4, 4)))
     with pytest.raises(VideoError, match="FxHxW or FxHxWxC"):
