@@ -403,6 +403,12 @@ def _shot_result(k: int, samples: dict[str, list[Sample]]) -> dict[str, Any]:
         for baseline in cases
         if not baseline.startswith("runtime")
     }
+    # every other export against the PyTorch baselines, paired per repeat like `ratios`
+    export_ratios = {
+        name: {b: _ratios(runs, samples[b]) for b in cases if b in ("reference", "oracle")}
+        for name, runs in samples.items()
+        if name.startswith("export:")
+    }
     first = samples["runtime_uncached"][0]
     return {
         "shots": k,
@@ -410,6 +416,7 @@ def _shot_result(k: int, samples: dict[str, list[Sample]]) -> dict[str, Any]:
         "prompt_tokens": first.prompt_tokens,
         "cases": cases,
         "ratios": ratios,
+        "export_ratios": export_ratios,
         "same_tokens_as_runtime_uncached": same,
     }
 

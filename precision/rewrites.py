@@ -359,7 +359,9 @@ def to_int8_dynamic(
         reduce_range=False,
         weight_type=QuantType.QInt8,
         use_external_data_format=big,
-        extra_options={"MatMulConstBOnly": True},
+        # DefaultTensorType: outputs of contrib ops (the in-place decoder form's
+        # GroupQueryAttention) have no inferred type; quantized graphs are fp32 (_check_source)
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
     )
     quantized = load_graph(dst)
     embeddings = quantize_embeddings(quantized, kept) if options.quantize_embeddings else []
