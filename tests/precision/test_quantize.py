@@ -453,13 +453,25 @@ def test_quantized_exports_pass_the_tensorrt_10_check(quantized: Callable, preci
         assert not check_export(quantized("mpt", precision), "8.6").ok
 
 
+def _assert_int8_parity(src: Path, out: Path) -> None:
+    """`out` against its fp32 source `src` at the tiny int8 bars (4 random episodes)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
+    episodes = calibration_set("random", episodes=4, seed=1234).episodes
+    result = run_parity(
+        OnnxBackend(src), OnnxBackend(out), episodes, tokenizer, decode_steps=8,
+        overrides={"int8": TINY_BARS["int8"]},
+    )  # fmt: skip
+    assert result["failures"] == [], result["failures"]
+
+
 def test_int8_weight_only_is_per_channel_dq_that_onnxruntime_runs_as_matmulnbits(
     quantized: Callable, tiny_export: Callable, tmp_path: Path
 ) -> None:
     """Weight-only int8: no activation Q/DQ, no calibration, per-channel int8 weights; the CPU
     EP turns each DQ -> MatMul into MatMulNBits (the fast decode path) and parity holds."""
     import onnxruntime as ort
-    from tokenizers import Tokenizer
 
     from trt.rules import check_export
 
@@ -486,14 +498,7 @@ def test_int8_weight_only_is_per_channel_dq_that_onnxruntime_runs_as_matmulnbits
     assert check_export(out, "10").ok
     old = check_export(out, "8.6")
     assert old.ok and "weight-only DequantizeLinear" in json.dumps(old.to_dict())
-    src = tiny_export("llama")
-    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
-    episodes = calibration_set("random", episodes=4, seed=1234).episodes
-    result = run_parity(
-        OnnxBackend(src), OnnxBackend(out), episodes, tokenizer, decode_steps=8,
-        overrides={"int8": TINY_BARS["int8"]},
-    )  # fmt: skip
-    assert result["failures"] == [], result["failures"]
+    _assert_int8_parity(tiny_export("llama"), out)
 
 
 def test_int8_dynamic_quantizes_weight_matmuls_only_and_keeps_parity(
@@ -504,7 +509,6 @@ def test_int8_dynamic_quantizes_weight_matmuls_only_and_keeps_parity(
     MatMulInteger into int8 GEMM nodes), attention's activation x activation MatMuls
     float; onnxruntime only; parity with fp32 at the int8 bars, both graphs."""
     import onnxruntime as ort
-    from tokenizers import Tokenizer
 
     out = quantized("llama", "int8", int8_mode="dynamic", calibration="/nowhere/at/all")
     manifest = load_manifest(out)
@@ -529,14 +533,7 @@ def test_int8_dynamic_quantizes_weight_matmuls_only_and_keeps_parity(
         assert "MatMulInteger" not in optimized
         fused = optimized.count("DynamicQuantizeMatMul") + optimized.count("MatMulIntegerToFloat")
         assert fused == record["weight_nodes"]
-    src = tiny_export("llama")
-    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
-    episodes = calibration_set("random", episodes=4, seed=1234).episodes
-    result = run_parity(
-        OnnxBackend(src), OnnxBackend(out), episodes, tokenizer, decode_steps=8,
-        overrides={"int8": TINY_BARS["int8"]},
-    )  # fmt: skip
-    assert result["failures"] == [], result["failures"]
+    _assert_int8_parity(tiny_export("llama"), out)
 
 
 def test_w8a8_int8_on_the_cpu_runtime_says_it_is_slow_there(
