@@ -75,10 +75,12 @@ class RuntimeBackend:
 
     name = "runtime"
 
-    def __init__(self, export_dir: Path, threads: int, new_tokens: int) -> None:
+    def __init__(
+        self, export_dir: Path, threads: int, new_tokens: int, allow_spinning: bool = True
+    ) -> None:
         from runtime.pipeline import FlamingoPipeline
 
-        self.pipe = FlamingoPipeline(export_dir, threads=threads)
+        self.pipe = FlamingoPipeline(export_dir, threads=threads, allow_spinning=allow_spinning)
         self.config = self.pipe.default_config(max_new_tokens=new_tokens, eos_token_ids=())
         self.media_token_id = self.pipe.engine.media_token_id
 

@@ -76,6 +76,7 @@ class BenchOptions:
     image_size: int = 256  # synthetic image side before preprocessing
     seed: int = 0
     settle_ms: float = 250.0  # pause before each run: idle threads spin on (docs/bench.md)
+    allow_spinning: bool = True  # onnxruntime's intra-op spinning, the runtime's graphs
 
     def validate(self) -> None:
         if not self.shots or any(k < 0 for k in self.shots):
@@ -261,7 +262,9 @@ def run_bench(
 
     say(f"loading the export ({threads} threads)")
     runtime, runtime_rss = loaded(
-        lambda: RuntimeBackend(Path(export_dir), threads, options.new_tokens)
+        lambda: RuntimeBackend(
+            Path(export_dir), threads, options.new_tokens, options.allow_spinning
+        )
     )
     model_rss = {"runtime": runtime_rss}
     check_fits(runtime.pipe, options)
@@ -270,7 +273,9 @@ def run_bench(
         name = _export_case_name(Path(path), baselines)
         say(f"loading baseline export {path}")
         baselines[name], model_rss[name] = loaded(
-            lambda p=path: RuntimeBackend(Path(p), threads, options.new_tokens)
+            lambda p=path: RuntimeBackend(
+                Path(p), threads, options.new_tokens, options.allow_spinning
+            )
         )
     versions = {"onnxruntime": _version("onnxruntime"), "numpy": np.__version__}
     framework_rss = 0  # torch + transformers: the baselines need them, the runtime does not
@@ -398,6 +403,12 @@ def _shot_result(k: int, samples: dict[str, list[Sample]]) -> dict[str, Any]:
         for baseline in cases
         if not baseline.startswith("runtime")
     }
+    # every other export against the PyTorch baselines, paired per repeat like `ratios`
+    export_ratios = {
+        name: {b: _ratios(runs, samples[b]) for b in cases if b in ("reference", "oracle")}
+        for name, runs in samples.items()
+        if name.startswith("export:")
+    }
     first = samples["runtime_uncached"][0]
     return {
         "shots": k,
@@ -405,6 +416,7 @@ def _shot_result(k: int, samples: dict[str, list[Sample]]) -> dict[str, Any]:
         "prompt_tokens": first.prompt_tokens,
         "cases": cases,
         "ratios": ratios,
+        "export_ratios": export_ratios,
         "same_tokens_as_runtime_uncached": same,
     }
 

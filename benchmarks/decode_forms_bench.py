@@ -12,6 +12,11 @@ read per step / measured read bandwidth, benchmarks/runtime_bench.py's), and whe
 a median step goes (onnxruntime's run vs the rest).
 
     python benchmarks/decode_forms_bench.py EXPORT_DIR --threads 2 --shots 0,4,16,32 --json
+
+`--precision fp32,int8-weight-only,int4` (runtime_bench.PRECISION_VARIANTS) quantizes every form
+(fp32 form first, then quantize, as `export --decoder-form` + `quantize` do) and times each
+precision x form in the same alternation; each precision has its own floor (its decoder's
+weight bytes) and its forms must give identical tokens (precisions differ from each other).
 """
 
 from __future__ import annotations
@@ -35,7 +40,11 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 from genai_peer import cpu_name, export_demo, prompt_ids  # noqa: E402
-from runtime_bench import decode_weight_bytes, memory_bandwidth  # noqa: E402
+from runtime_bench import (  # noqa: E402
+    decode_weight_bytes,
+    memory_bandwidth,
+    precision_export,
+)
 
 from runtime.spec import DecoderForm  # noqa: E402
 
@@ -93,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="default: all CPUs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--precision", default="fp32", help="comma list (runtime_bench's names)")
+    parser.add_argument(
+        "--no-allow-spinning", action="store_true", help="onnxruntime's workers do not spin"
+    )
+    parser.add_argument("--workdir", type=Path, default=None, help="keep derived exports here")
     args = parser.parse_args(argv)
 
     from exporter.decoder_forms import derive_export
@@ -101,18 +115,33 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or os.cpu_count() or 1
     shots = [int(s) for s in args.shots.split(",")]
     forms = {text: DecoderForm.parse(text) for text in args.forms.split(";")}
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     with tempfile.TemporaryDirectory(prefix="decode_forms_") as tmp:
-        src = args.export_dir or export_demo(Path(tmp) / "portable")
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        src = args.export_dir or export_demo(work / "portable")
         engines = {}
+        weights_of = {}
         for text, form in forms.items():
-            folder = src if form.portable else Path(tmp) / text.replace(",", "+")
-            if not form.portable:
+            folder = src if form.portable else work / text.replace(",", "+")
+            if not form.portable and not folder.exists():
                 derive_export(src, folder, form)
-            engines[text] = OnnxFlamingo(folder, threads=args.threads)
+            for precision in precisions:
+                say(f"{precision} {text}")
+                path = precision_export(folder, precision)
+                if form.portable:
+                    weights_of[precision] = decode_weight_bytes(path)
+                name = text if precisions == ["fp32"] else f"{precision} {text}"
+                engines[name] = (
+                    precision,
+                    OnnxFlamingo(path, threads=args.threads, spin=not args.no_allow_spinning),
+                )
+        if not weights_of:  # no portable form asked: the first form's weights
+            weights_of = {p: decode_weight_bytes(precision_export(folder, p)) for p in precisions}
         say("memory bandwidth")
         bandwidth = memory_bandwidth(threads)[f"{threads}_threads"]
-        weights = decode_weight_bytes(Path(src))
-        first = next(iter(engines.values()))
+        weights = weights_of[precisions[0]]
+        first = next(iter(engines.values()))[1]
         manifest, dims = first.manifest, first.dims
         rows = []
         for k in shots:
@@ -124,17 +153,20 @@ def main(argv: list[str] | None = None) -> int:
             ids = prompt_ids(manifest, k, args.seed)
             say(f"{k} shots: {ids.shape[1]} prompt tokens")
             samples: dict[str, list[dict]] = {t: [] for t in engines}
-            for engine in engines.values():  # warm-up
+            for _, engine in engines.values():  # warm-up
                 timed_generate(engine, cross, n_images, ids, 4)
             for _ in range(args.repeats):
-                for t, engine in engines.items():
+                for t, (_, engine) in engines.items():
                     samples[t].append(
                         timed_generate(engine, cross, n_images, ids, args.max_new_tokens)
                     )
             row: dict[str, Any] = {"shots": k, "prompt_tokens": int(ids.shape[1])}
-            reference = samples[next(iter(engines))][0]["tokens"]
+            # the forms of one precision give its tokens exactly; precisions differ
+            first_of: dict[str, list[int]] = {}
+            for t, runs in samples.items():
+                first_of.setdefault(engines[t][0], runs[0]["tokens"])
             row["tokens_identical"] = all(
-                s["tokens"] == reference for runs in samples.values() for s in runs
+                s["tokens"] == first_of[engines[t][0]] for t, runs in samples.items() for s in runs
             )
             for t, runs in samples.items():
                 steps = [x for s in runs for x in s["steps_ms"]]
@@ -148,16 +180,22 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     gbs = max(bandwidth["best_gbs"], bandwidth["read_best_gbs"])
     floor_ms = weights["per_step_bytes"] / (gbs * 1e9) * 1e3
+    floors = {p: w["per_step_bytes"] / (gbs * 1e9) * 1e3 for p, w in weights_of.items()}
     for row in rows:
         for t in engines:
             r = row[t]
-            r["vs_weights_floor"] = round(r["decode_ms_per_token"] / floor_ms, 3)
+            r["floor_ms"] = round(floors[engines[t][0]], 3)
+            r["vs_weights_floor"] = round(r["decode_ms_per_token"] / floors[engines[t][0]], 3)
             zero = next(x for x in rows if x["shots"] == rows[0]["shots"])[t]
             r["vs_first_shots"] = round(r["decode_ms_per_token"] / zero["decode_ms_per_token"], 3)
     report = {
         "rows": rows,
         "forms": {t: f.to_dict() for t, f in forms.items()},
         "weights_per_step_bytes": weights["per_step_bytes"],
+        "weights_per_step_bytes_by_precision": {
+            p: w["per_step_bytes"] for p, w in weights_of.items()
+        },
+        "allow_spinning": not args.no_allow_spinning,
         "bandwidth_gbs": gbs,
         "floor_ms": round(floor_ms, 3),
         "threads": threads,

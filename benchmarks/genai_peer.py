@@ -170,7 +170,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         derive_export(src, work / "form", form)
     src = work / "form"
     manifest = load_manifest(src)
-    engine = OnnxFlamingo(src, threads=args.threads, spin=not args.no_spin)
+    engine = OnnxFlamingo(src, threads=args.threads, spin=not args.no_allow_spinning)
     dims = engine.dims
     n_images = args.shots + 1
     rng = np.random.default_rng(args.seed)
@@ -245,7 +245,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "max_new_tokens": new,
         "repeats": args.repeats,
         "threads": args.threads or os.cpu_count(),
-        "our_decoder_spins": not args.no_spin,
+        "our_decoder_spins": not args.no_allow_spinning,
         "cpu": cpu_name(),
         "loadavg": os.getloadavg(),
         "onnxruntime_genai": og.__version__,
@@ -264,7 +264,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="default: all CPUs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--no-spin", action="store_true", help="our decoder's idle workers do not spin"
+        "--no-allow-spinning",
+        action="store_true",
+        help="our sessions do not spin (onnxruntime session.intra_op.allow_spinning = 0)",
     )
     args = parser.parse_args(argv)
     if args.max_new_tokens < 2 or args.repeats < 1 or args.shots < 0:

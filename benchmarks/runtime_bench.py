@@ -20,6 +20,11 @@ Targets (reported, never asserted):
 
     python benchmarks/runtime_bench.py --threads 1 --json > bench.json   # full (minutes)
     python benchmarks/runtime_bench.py --quick                           # smoke run (small)
+
+Reduced precisions (issue 18 (d), (e)): `--precision fp32,int8-dynamic,int8-weight-only,int4`
+quantizes the fp32 export into each (PRECISION_VARIANTS) and benches them in the same run (the
+first is the runtime, the others `--baseline-export`s), each against PyTorch and with its own
+weight-bandwidth floor (its decoder's weight bytes); `--decoder-form` exports that form first.
 """
 
 from __future__ import annotations
@@ -68,6 +73,15 @@ QUICK = dict(
     patch=16,
     embed_dim=128,
 )
+# --precision names -> quantize options (precision.options.QuantizeOptions fields); int4 in
+# onnxruntime's CPU form (MatMulNBits)
+PRECISION_VARIANTS: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "fp16": {"vision": "fp16", "decoder": "fp16"},
+    "int8-dynamic": {"vision": "int8", "decoder": "int8", "int8_mode": "dynamic"},
+    "int8-weight-only": {"vision": "int8", "decoder": "int8", "int8_mode": "weight-only"},
+    "int4": {"vision": "int4", "decoder": "int4", "int4_format": "matmulnbits"},
+}
 TARGETS = {
     "tokens_per_s_4shot_vs_oracle": 2.0,
     "tokens_per_s_4shot_vs_reference": 1.0,
@@ -126,6 +140,8 @@ def decode_weight_bytes(export_dir: Path) -> dict[str, int]:
 
     def nbytes(t: onnx.TensorProto) -> int:
         n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            return (n + 1) // 2  # two per byte
         return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
     tensors = {t.name: t for t in graph.initializer}
@@ -166,7 +182,44 @@ def kv_bytes_per_step(dims: dict[str, Any], tokens: int, images: int, itemsize: 
     return (self_kv + cross) * itemsize
 
 
-def bench_subprocess(export_dir: Path, paths: Any, options: Any, oracle: bool) -> dict[str, Any]:
+def precision_export(src: Path, variant: str) -> Path:
+    """`src` (an fp32 export) at a PRECISION_VARIANTS precision, in `<src>-<variant>` beside it
+    (kept and reused: the folder is complete once it exists, exports are written atomically)."""
+    if variant not in PRECISION_VARIANTS:
+        raise SystemExit(f"--precision {variant!r}: not one of {list(PRECISION_VARIANTS)}")
+    if variant == "fp32":
+        return src
+    out = src.with_name(f"{src.name}-{variant}")
+    if not out.exists():
+        from precision.quantize import QuantizeOptions, quantize_export
+
+        quantize_export(src, out, QuantizeOptions(**PRECISION_VARIANTS[variant]))
+    return out
+
+
+def form_export(src: Path, form_text: str) -> Path:
+    """`src` (portable fp32) in decoder form `form_text` (runtime.spec.DecoderForm.parse), in
+    `<src>-<form>` beside it (reused when present)."""
+    from exporter.decoder_forms import derive_export
+    from runtime.spec import DecoderForm
+
+    form = DecoderForm.parse(form_text)
+    if form.portable:
+        return src
+    out = src.with_name(f"{src.name}-{form_text.replace(',', '+')}")
+    if not out.exists():
+        derive_export(src, out, form)
+    return out
+
+
+def bench_subprocess(
+    export_dir: Path,
+    paths: Any,
+    options: Any,
+    oracle: bool,
+    baselines: list[Path] | None = None,
+    allow_spinning: bool = True,
+) -> dict[str, Any]:
     """`flamingo-export bench ... --json` (its click command) in a fresh process.
 
     So its memory numbers start from a clean interpreter, not from this one, which built and
@@ -195,7 +248,10 @@ def bench_subprocess(export_dir: Path, paths: Any, options: Any, oracle: bool) -
         "--checkpoint",
         str(paths.checkpoint_path),
         "--json",
+        "--allow-spinning" if allow_spinning else "--no-allow-spinning",
     ] + (["--oracle"] if oracle else [])
+    for path in baselines or []:
+        cmd += ["--baseline-export", str(path)]
     done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout)
 
@@ -259,7 +315,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-oracle", action="store_true", help="skip open_flamingo generate")
     parser.add_argument("--workdir", type=Path, default=None, help="keep model + export here")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        help=f"comma list of {list(PRECISION_VARIANTS)}: the first is the runtime, the rest "
+        "baseline exports of the same run (default fp32)",
+    )
+    parser.add_argument(
+        "--decoder-form", default="portable", help="decoder form of every export (default portable)"
+    )
+    parser.add_argument(
+        "--no-allow-spinning",
+        action="store_true",
+        help="the runtime's onnxruntime workers do not spin (a shared or loaded machine)",
+    )
     args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.precision.split(",") if v.strip()]
+    bad = [v for v in variants if v not in PRECISION_VARIANTS]
+    if bad or not variants:
+        parser.error(
+            f"--precision {bad or args.precision!r}: choose from {list(PRECISION_VARIANTS)}"
+        )
 
     import torch
 
@@ -310,11 +386,28 @@ def main(argv: list[str] | None = None) -> int:
         del model, tok, load_report
         gc.collect()
         torch.set_num_threads(options.resolved_threads())
+        start = time.perf_counter()
+        base = form_export(export_dir, args.decoder_form)
+        exports = {}
+        for variant in variants:
+            say(f"{variant} export ({args.decoder_form} decoder form)")
+            exports[variant] = precision_export(base, variant)
+        quantize_s = time.perf_counter() - start
 
         say("memory bandwidth")
         bandwidth = memory_bandwidth(options.resolved_threads())
-        weights = decode_weight_bytes(export_dir)
-        report = bench_subprocess(export_dir, paths, options, oracle=not args.no_oracle)
+        weights_of = {v: decode_weight_bytes(path) for v, path in exports.items()}
+        weights = weights_of[variants[0]]
+        report = bench_subprocess(
+            exports[variants[0]],
+            paths,
+            options,
+            oracle=not args.no_oracle,
+            baselines=[exports[v] for v in variants[1:]],
+            allow_spinning=not args.no_allow_spinning,
+        )
+        if args.workdir is not None:  # kept: the bench's own report, whatever follows
+            (workdir / "bench_report.json").write_text(json.dumps(report))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -347,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": params,
         "build_s": round(build_s, 1),
         "export_s": round(export_s, 1),
+        "quantize_s": round(quantize_s, 1),
+        "decoder_form": args.decoder_form,
+        "precisions": precision_table(report, variants, exports, weights_of, gbs),
         "load_avg_before_build": [round(v, 2) for v in load_start],
         "memory_bandwidth": bandwidth,
         "decode_weights": weights,
@@ -356,9 +452,55 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         print(json.dumps(report, indent=2))
+        print(render(report), file=sys.stderr)  # the tables too, in the same run
     else:
         print(render(report))
     return 0
+
+
+def precision_table(
+    report: dict[str, Any],
+    variants: list[str],
+    exports: dict[str, Path],
+    weights_of: dict[str, dict[str, int]],
+    gbs: float,
+) -> list[dict[str, Any]]:
+    """Per precision and shot count: vision ms/image, prefill ms, decode ms/token (medians),
+    decode vs that precision's weight floor, and speedups over the PyTorch baselines (the
+    inverse of the median per-repeat ratio; > 1: ours faster) for vision, prefill, total."""
+    rows = []
+    for r in report["results"]:
+        for i, variant in enumerate(variants):
+            case = "runtime_uncached" if i == 0 else f"export:{exports[variant].name}"
+            m = r["cases"].get(case)
+            if m is None:
+                continue
+            if i == 0:
+                ratios = {b: v["uncached"] for b, v in r["ratios"].items() if b in BASELINES}
+            else:
+                ratios = r.get("export_ratios", {}).get(case, {})
+            floor_ms = weights_of[variant]["per_step_bytes"] / (gbs * 1e9) * 1e3
+            row: dict[str, Any] = {
+                "shots": r["shots"],
+                "precision": variant,
+                "prompt_tokens": r["prompt_tokens"],
+                "vision_ms_per_image": m["vision_ms_per_image"],
+                "prefill_ms": m["prefill_ms"],
+                "decode_ms_per_token": m["decode_ms_per_token"],
+                "total_ms": m["total_ms"],
+                "weights_per_step_bytes": weights_of[variant]["per_step_bytes"],
+                "floor_ms": round(floor_ms, 3),
+                "decode_vs_floor": round(m["decode_ms_per_token"] / floor_ms, 3),
+            }
+            for baseline, ratio in ratios.items():
+                for metric in ("vision_ms_per_image", "prefill_ms", "total_ms"):
+                    value = ratio.get(metric)
+                    row[f"speedup_vs_{baseline}_{metric}"] = round(1 / value, 3) if value else None
+            rows.append(row)
+    return rows
+
+
+BASELINES = ("reference", "oracle")
 
 
 def render(report: dict[str, Any]) -> str:
@@ -390,6 +532,35 @@ def render(report: dict[str, Any]) -> str:
     for key, t in b["targets"].items():
         met = {True: "yes", False: "no", None: "-"}[t["met"]]
         lines.append(f"| {key} | {t['goal']} | {t['value']} ({t['note']}) | {met} |")
+    rows = b.get("precisions", [])
+    if rows:
+        lines += [
+            "",
+            f"Per precision ({b['decoder_form']} decoder form; speedup = PyTorch ms / ours, "
+            "median of per-repeat ratios; floor = decoder weight bytes per step / bandwidth):",
+            "",
+            "| shots | precision | vision ms/img | prefill ms | decode ms/tok | floor ms | "
+            "decode / floor | vision vs ref | prefill vs ref | total vs ref | "
+            "vision vs OF | prefill vs OF | total vs OF |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+
+        def x(row: dict[str, Any], key: str) -> str:
+            value = row.get(key)
+            return "-" if value is None else f"{value:.2f}x"
+
+        for row in rows:
+            lines.append(
+                f"| {row['shots']} | {row['precision']} | {row['vision_ms_per_image']:.1f} | "
+                f"{row['prefill_ms']:.1f} | {row['decode_ms_per_token']:.2f} | "
+                f"{row['floor_ms']:.2f} | {row['decode_vs_floor']:.2f} | "
+                + " | ".join(
+                    x(row, f"speedup_vs_{b}_{m}")
+                    for b in BASELINES
+                    for m in ("vision_ms_per_image", "prefill_ms", "total_ms")
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from .options import (
     progress_printer,
     require_extra,
     require_model_files,
+    spinning_option,
     user_errors,
 )
 
@@ -46,6 +47,7 @@ from .options import (
 @click.option(
     "--threads", type=int, default=None, help="onnxruntime = torch threads (default: all CPUs)."
 )
+@spinning_option
 @click.option(
     "--reference",
     is_flag=True,
@@ -84,6 +86,7 @@ def bench(
     repeats: int,
     warmup: int,
     threads: int | None,
+    allow_spinning: bool,
     reference: bool,
     oracle: bool,
     oracle_vision: Path | None,
@@ -125,6 +128,7 @@ def bench(
         warmup=warmup,
         threads=threads,
         settle_ms=settle_ms,
+        allow_spinning=allow_spinning,
     )
     say = progress_printer(quiet, prefix="bench")
     report = run_bench(export_dir, options, files, oracle, say, baseline_exports)

@@ -75,6 +75,7 @@ def eval_(
     engine: str,
     providers: tuple[str, ...],
     threads: int | None,
+    allow_spinning: bool,
     allow_other_device: bool,
     as_json: bool,
     quiet: bool,
@@ -97,7 +98,9 @@ def eval_(
     options.validate()
 
     def opener(export_dir: Path) -> Any:
-        return open_pipeline(export_dir, engine, providers, threads, allow_other_device, say)
+        return open_pipeline(
+            export_dir, engine, providers, threads, allow_other_device, say, allow_spinning
+        )
 
     result = evaluate(exports, task, data, options, opener, rices_vision, say)
     if report is not None:

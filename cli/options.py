@@ -408,11 +408,14 @@ def quantize_options(f: Any) -> Any:
         click.option("--calibration-cache", default=None,
                      help="int8 ranges file prefix: written after calibrating, reused when "
                           "present (re-quantize with another keep-list without calibrating)."),
-        click.option("--int8-mode", type=click.Choice(["w8a8", "weight-only"]), default="w8a8",
+        click.option("--int8-mode", type=click.Choice(["w8a8", "weight-only", "dynamic"]),
+                     default="w8a8",
                      show_default=True,
                      help="w8a8: calibrated int8 activations and weights (TensorRT int8 GEMMs); "
                           "weight-only: int8 weights, float activations, no calibration (fast "
-                          "memory-bound decode on onnxruntime CPU; TensorRT 10)."),
+                          "memory-bound decode on onnxruntime CPU; TensorRT 10); dynamic: "
+                          "onnxruntime's dynamic quantization, activations quantized at run "
+                          "time (int8 GEMMs for vision and prefill on CPU; onnxruntime only)."),
         click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128",
                      show_default=True, help="int4 block size (weights per scale)."),
         click.option("--int4-format", type=click.Choice(["qdq", "matmulnbits"]), default="qdq",
@@ -538,6 +541,18 @@ PROVIDER_ALIASES = {
 }
 
 
+def spinning_option(f: Any) -> Any:
+    """`--allow-spinning/--no-allow-spinning`: onnxruntime's `session.intra_op.allow_spinning`
+    for every graph's session (the vision graph never spins: runtime.engine.NO_SPIN_GRAPHS)."""
+    return click.option(
+        "--allow-spinning/--no-allow-spinning", "allow_spinning", default=True, show_default=True,
+        help="onnxruntime's intra-op workers spin between parallel regions while idle (its "
+             "session.intra_op.allow_spinning): fastest on cores of your own; "
+             "--no-allow-spinning on a loaded or shared machine, where a spinning worker burns "
+             "the time slices the next step needs.",
+    )(f)  # fmt: skip
+
+
 def engine_options(f: Any) -> Any:
     """Which runtime executes the graphs, and how."""
     return compose(
@@ -552,6 +567,7 @@ def engine_options(f: Any) -> Any:
                           "onnxruntime."),
         click.option("--threads", type=click.IntRange(min=0), default=None,
                      help="Intra-op threads (default or 0: onnxruntime's, all cores)."),
+        spinning_option,
         click.option("--allow-other-device", is_flag=True,
                      help="--engine tensorrt: accept engines built on another GPU of the same "
                           "compute capability."),
@@ -569,10 +585,12 @@ def open_pipeline(
     threads: int | None,
     allow_other_device: bool,
     say: Callable[[str], None],
+    allow_spinning: bool = True,
     **pipeline_kw: Any,
 ) -> Any:
     """A `runtime.pipeline.FlamingoPipeline` on the chosen engine; runtime warnings (e.g. an
-    export made for TensorRT that is slow on this provider) go to `say`."""
+    export made for TensorRT that is slow on this provider) go to `say`. `allow_spinning`:
+    onnxruntime's (`spinning_option`); TensorRT has no such setting."""
     import warnings
 
     from runtime.pipeline import FlamingoPipeline
@@ -590,7 +608,11 @@ def open_pipeline(
             pipe = FlamingoPipeline(export_dir, engine=trt_engine, **pipeline_kw)
         else:
             pipe = FlamingoPipeline(
-                export_dir, providers=provider_names(providers), threads=threads, **pipeline_kw
+                export_dir,
+                providers=provider_names(providers),
+                threads=threads,
+                allow_spinning=allow_spinning,
+                **pipeline_kw,
             )
     for w in caught:
         say(f"note: {w.message}")

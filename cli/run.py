@@ -112,6 +112,7 @@ def run(
     engine: str,
     providers: tuple[str, ...],
     threads: int | None,
+    allow_spinning: bool,
     allow_other_device: bool,
     compare_ort: bool,
     stream: bool,
@@ -151,7 +152,9 @@ def run(
         raise click.UsageError("--compare-ort compares --engine tensorrt with onnxruntime")
     say = progress_printer(quiet)
     search = {k: kw.pop(k) for k in GENERATION_KEYS}
-    pipe = open_pipeline(export_dir, engine, providers, threads, allow_other_device, say)
+    pipe = open_pipeline(
+        export_dir, engine, providers, threads, allow_other_device, say, allow_spinning
+    )
     with warnings.catch_warnings(record=True) as caught:  # e.g. --temperature without sampling
         warnings.simplefilter("always", UserWarning)
         config = pipe.default_config(**search)

@@ -29,8 +29,10 @@ def make_pipeline(
     providers: tuple[str, ...],
     threads: int | None,
     allow_other_device: bool = False,
+    allow_spinning: bool = True,
 ) -> Any:
-    """FlamingoPipeline over onnxruntime, or over the TensorRT engines `build` wrote."""
+    """FlamingoPipeline over onnxruntime (`allow_spinning`: its intra-op workers', see
+    cli.options.spinning_option), or over the TensorRT engines `build` wrote."""
     from runtime.pipeline import FlamingoPipeline
 
     if engine == "tensorrt":
@@ -38,7 +40,9 @@ def make_pipeline(
 
         trt_engine = TrtFlamingo(export_dir, strict_device=not allow_other_device)
         return FlamingoPipeline(export_dir, engine=trt_engine)
-    return FlamingoPipeline(export_dir, providers=providers, threads=threads)
+    return FlamingoPipeline(
+        export_dir, providers=providers, threads=threads, allow_spinning=allow_spinning
+    )
 
 
 def _need(module: str, extra: str, what: str) -> None:
@@ -142,6 +146,7 @@ def serve(
     engine: str,
     providers: tuple[str, ...],
     threads: int | None,
+    allow_spinning: bool,
     allow_other_device: bool,
     max_batch_size: int,
     max_queue: int,
@@ -199,7 +204,7 @@ def serve(
     )
     factory = functools.partial(
         make_pipeline, str(export_dir.resolve()), engine, tuple(provider_names(providers)),
-        threads, allow_other_device,
+        threads, allow_other_device, allow_spinning,
     )  # fmt: skip
 
     def ready(info: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ Progress = Callable[[str], None]
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 INT4_FORMATS = ("qdq", "matmulnbits")
-INT8_MODES = ("w8a8", "weight-only")
+INT8_MODES = ("w8a8", "weight-only", "dynamic")
 BLOCK_SIZES = (32, 64, 128)
 FP16_KEEP_CHOICES = ("norm", "softmax", "logits")
 # What stays fp32 in fp16 graphs by default: norm statistics only (docs/measurements.md).

@@ -9,6 +9,9 @@ TensorRT builds strongly typed; the manifest's spec records every I/O dtype.
   calibrated on few-shot episodes; weight GEMMs only. TensorRT's int8 GEMM form.
 * int8 ``weight-only``: per-channel int8 weights behind DequantizeLinear, no calibration; the
   CPU form (onnxruntime fuses it into MatMulNBits, and runs W8A8 slower than fp32).
+* int8 ``dynamic``: onnxruntime's dynamic quantization: per-channel int8 weights, activations
+  quantized at run time, int8 GEMMs (VNNI) for the compute-bound vision and prefill on CPU;
+  onnxruntime only.
 * int4: weight-only, blockwise (32/64/128): blocked DequantizeLinear (opset 21, TensorRT 10+)
   or MatMulNBits (onnxruntime only). int8 and int4 keep embeddings int8 per row.
 Written atomically like an export. Each form in detail: docs/quantization.md.
@@ -63,6 +66,7 @@ from .rewrites import (
     to_fp16,
     to_int4,
     to_int8,
+    to_int8_dynamic,
     to_int8_weight_only,
 )
 
@@ -93,13 +97,18 @@ def rewrite_graph(
             model, more = to_fp16(model, options.fp16_keep, keep, work, weights)
         elif precision == "int8" and options.int8_mode == "weight-only":
             model, more = to_int8_weight_only(model, options, keep, weights)
+        elif precision == "int8" and options.int8_mode == "dynamic":
+            model, more = to_int8_dynamic(model, options, keep, work)
         elif precision == "int8":
             model, more = to_int8(model, name, reader, options, keep, work)
         elif precision == "int4":
             model, more = to_int4(model, options, keep, work, weights)
         else:
             more = {}
-    if precision == "int4" and options.int4_format == "matmulnbits":
+    onnxruntime_only = (precision == "int4" and options.int4_format == "matmulnbits") or (
+        precision == "int8" and options.int8_mode == "dynamic"
+    )
+    if onnxruntime_only:
         backends = [b for b in backends if b == "onnxruntime"]
     info.update(more)
     info["backends"] = backends

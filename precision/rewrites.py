@@ -330,6 +330,51 @@ def to_int8_weight_only(
     return model, info
 
 
+def to_int8_dynamic(
+    model: onnx.ModelProto,
+    options: QuantizeOptions,
+    keep_nodes: list[str],
+    work: Path,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """onnxruntime's dynamic quantization (quantize_dynamic): int8 weights per output channel,
+    activations quantized at run time per tensor (uint8, DynamicQuantizeLinear), so each weight
+    MatMul runs as an int8 GEMM (onnxruntime's CPU EP: DynamicQuantizeMatMul, VNNI where the CPU
+    has it); no calibration. Weight MatMuls only (`MatMulConstBOnly`: attention's
+    activation x activation products stay float); Conv/Gemm stay float. onnxruntime only
+    (TensorRT has no DynamicQuantizeLinear)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    op_of = {n.name: n.op_type for n in model.graph.node}
+    kept = set(keep_nodes)
+    targets = [n for n in weight_nodes(model) if n not in kept and op_of[n] == "MatMul"]
+    big = _is_large(model)
+    src, dst = work / "int8-dynamic-src.onnx", work / "int8-dynamic.onnx"
+    save_graph(model, src)
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=targets,
+        per_channel=True,
+        reduce_range=False,
+        weight_type=QuantType.QInt8,
+        use_external_data_format=big,
+        # DefaultTensorType: outputs of contrib ops (the in-place decoder form's
+        # GroupQueryAttention) have no inferred type; quantized graphs are fp32 (_check_source)
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
+    )
+    quantized = load_graph(dst)
+    embeddings = quantize_embeddings(quantized, kept) if options.quantize_embeddings else []
+    info = {
+        "mode": "dynamic",
+        "weight_nodes": len(targets),
+        "activations": "per-tensor, uint8, quantized at run time",
+        "weights": "per-channel, symmetric",
+        "embeddings_int8": embeddings,
+    }
+    return quantized, info
+
+
 def to_int8(
     model: onnx.ModelProto,
     graph: str,

@@ -73,12 +73,13 @@ _GROUP = re.compile(r"^(.*?\.(?:layers|resblocks|blocks|cross_attn_layers)\.\d+)
 
 
 def streams(options: QuantizeOptions) -> bool:
-    """Whether `export` at these options streams: some graph below fp32 and no W8A8 int8
-    (which needs activations of the fp32 graph to calibrate)."""
+    """Whether `export` at these options streams: some graph below fp32 and no W8A8 or
+    dynamic int8 (W8A8 needs activations of the fp32 graph to calibrate; dynamic is
+    onnxruntime's quantize_dynamic over a whole fp32 graph)."""
     precisions = (options.vision, options.decoder)
     if all(p == "fp32" for p in precisions):
         return False
-    return not ("int8" in precisions and options.int8_mode == "w8a8")
+    return not ("int8" in precisions and options.int8_mode in ("w8a8", "dynamic"))
 
 
 # bytes per weight as written, per precision (int4: 4 bits plus an fp32 scale per block of 32)
@@ -349,9 +350,9 @@ def export_streaming(
     options.validate()
     if not streams(options):
         raise QuantizeError(
-            "the streaming export writes fp16, int8 weight-only and int4 graphs; fp32 and W8A8 "
-            "int8 go through the fp32 export (flamingo-export export without --precision, then "
-            "quantize)"
+            "the streaming export writes fp16, int8 weight-only and int4 graphs; fp32, W8A8 "
+            "and dynamic int8 go through the fp32 export (flamingo-export export without "
+            "--precision, then quantize)"
         )
     if not export_options.decoder_form.portable:
         raise QuantizeError(

@@ -176,13 +176,18 @@ class FlamingoPipeline:
         pixel_memo_bytes: int = 64 << 20,
         io_binding: bool = True,
         engine: Engine | None = None,
+        allow_spinning: bool = True,
     ) -> None:
-        """`engine` replaces the onnxruntime engine (e.g. trt.engine.TrtFlamingo): any
+        """`allow_spinning=False`: no graph's idle onnxruntime workers spin (onnxruntime's
+        `session.intra_op.allow_spinning`; for loaded or shared machines, runtime.engine).
+        `engine` replaces the onnxruntime engine (e.g. trt.engine.TrtFlamingo): any
         runtime.contracts.Engine; its `limits` bound the prompts (the export's or lower).
         `pixel_memo_bytes` bounds the preprocessed pixels kept per image file or bytes
         (runtime.cache.PixelMemo; 0 turns it off)."""
         self.engine: Engine = (
-            engine if engine is not None else OnnxFlamingo(export_dir, providers, threads)
+            engine
+            if engine is not None
+            else OnnxFlamingo(export_dir, providers, threads, spin=allow_spinning)
         )
         for note in self.engine.performance_notes():
             warnings.warn(f"{export_dir}: {note}", RuntimeWarning, stacklevel=2)

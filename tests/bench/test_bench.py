@@ -194,3 +194,38 @@ def test_oracle_without_an_hf_vision_tower_fails_before_loading(
     with pytest.raises(BenchError, match="give --oracle-vision DIR"):
         run_bench(tiny_export("llama"), BenchOptions(), files, oracle=True, progress=said.append)
     assert said == []  # nothing loaded, nothing measured
+
+
+def test_other_exports_against_pytorch_and_their_own_floor(
+    tiny_paths: Callable, tiny_export: Callable, tmp_path: Path
+) -> None:
+    """A baseline export is paired with the PyTorch reference like the runtime
+    (`export_ratios`), and runtime_bench's per-precision table inverts those ratios and puts
+    each precision's decode next to its own weight floor."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import runtime_bench
+
+    fp32 = tiny_export("llama")
+    int8 = runtime_bench.precision_export(fp32, "int8-dynamic")
+    assert int8 == fp32.with_name(f"{fp32.name}-int8-dynamic") and int8.is_dir()
+    paths = tiny_paths("llama")
+    files = ModelFiles(paths.lm_dir, paths.vision_path, paths.checkpoint_path)
+    options = BenchOptions(shots=(1,), new_tokens=3, repeats=1, warmup=0, threads=1, settle_ms=0)
+    report = run_bench(int8, options, files, oracle=False, baseline_exports=[fp32])
+    (r,) = report["results"]
+    name = f"export:{fp32.name}"
+    ratio = r["export_ratios"][name]["reference"]["prefill_ms"]
+    want = r["cases"][name]["prefill_ms"] / r["cases"]["reference"]["prefill_ms"]
+    assert ratio == pytest.approx(want, rel=0.02, abs=1e-3)
+    exports = {"int8-dynamic": int8, "fp32": fp32}
+    weights = {v: runtime_bench.decode_weight_bytes(p) for v, p in exports.items()}
+    assert weights["int8-dynamic"]["per_step_bytes"] < weights["fp32"]["per_step_bytes"] / 2
+    rows = runtime_bench.precision_table(report, list(exports), exports, weights, 10.0)
+    assert [row["precision"] for row in rows] == ["int8-dynamic", "fp32"]
+    for row in rows:
+        floor = weights[row["precision"]]["per_step_bytes"] / 1e10 * 1e3
+        assert row["floor_ms"] == pytest.approx(floor, rel=1e-3, abs=1e-3)
+        assert math.isfinite(row["speedup_vs_reference_total_ms"])
+    assert rows[1]["speedup_vs_reference_prefill_ms"] == pytest.approx(1 / ratio, rel=1e-2)

@@ -65,3 +65,26 @@ def test_decode_forms_bench_reports_each_form(tiny_export: Callable, capsys) -> 
         for form in ("portable", "inplace"):
             assert all(math.isfinite(v) and v > 0 for v in row[form].values())
     assert report["floor_ms"] > 0 and report["cpu"]
+
+
+def test_decode_forms_bench_times_each_precision_and_form(
+    tiny_export: Callable, capsys, tmp_path: Path
+) -> None:
+    """`--precision`: each precision x form is timed; the forms of one precision give its
+    tokens exactly, and each precision has its own weight floor (int8 reads fewer bytes)."""
+    import decode_forms_bench
+
+    args = [str(tiny_export("llama")), "--shots", "1", "--repeats", "1", "--json"]
+    more = ["--precision", "fp32,int8-weight-only", "--workdir", str(tmp_path)]
+    assert decode_forms_bench.main([*args, *more, "--max-new-tokens", "4", "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["rows"]
+    assert row["tokens_identical"] is True
+    names = [f"{p} {f}" for p in ("fp32", "int8-weight-only") for f in ("portable", "inplace")]
+    assert all(row[n]["decode_ms_per_token"] > 0 for n in names)
+    weights = report["weights_per_step_bytes_by_precision"]
+    assert 0 < weights["int8-weight-only"] < weights["fp32"] / 2
+    for n in names:
+        precision = n.split()[0]
+        floor = weights[precision] / (report["bandwidth_gbs"] * 1e9) * 1e3
+        assert row[n]["floor_ms"] == pytest.approx(floor, rel=1e-2, abs=1e-3)

@@ -242,3 +242,28 @@ def test_run_template_errors_name_the_cli_flags(tiny_export: Callable, tmp_path:
         result = CliRunner().invoke(main, [*base, *args])
         assert result.exit_code == 2 and message in result.output, result.output
         assert "query_question" not in result.output and "raw" not in result.output
+
+
+def test_no_allow_spinning_reaches_every_onnxruntime_session(tiny_export: Callable) -> None:
+    """`--no-allow-spinning` (cli.options.spinning_option) turns onnxruntime's
+    session.intra_op.allow_spinning off for the decoder too; the default leaves it on."""
+    from cli.options import open_pipeline
+
+    def spinning(pipe: object, graph: str) -> str:
+        options = pipe.engine.sessions[graph].get_session_options()  # type: ignore[attr-defined]
+        try:
+            return options.get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: onnxruntime's default (spin)
+            return "default"
+
+    def say(_message: str) -> None:
+        pass
+
+    export = tiny_export("llama")
+    off = open_pipeline(export, "onnxruntime", (), 1, False, say, allow_spinning=False)
+    assert spinning(off, "decoder") == spinning(off, "vision") == "0"
+    on = open_pipeline(export, "onnxruntime", (), 1, False, say)
+    assert spinning(on, "decoder") == "default"
+    for command in ("run", "bench", "eval", "serve"):
+        help_text = CliRunner().invoke(main, [command, "--help"]).output
+        assert "--allow-spinning / --no-allow-spinning" in help_text, command

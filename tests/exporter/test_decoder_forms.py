@@ -290,9 +290,10 @@ def test_export_writes_the_form_directly(tiny_model, form_export, tmp_path) -> N
     "options",
     [
         {"decoder": "int8", "int8_mode": "weight-only"},
+        {"decoder": "int8", "int8_mode": "dynamic"},
         {"decoder": "int4", "int4_format": "matmulnbits", "block_size": 32},
     ],
-    ids=["int8-weight-only", "int4-matmulnbits"],
+    ids=["int8-weight-only", "int8-dynamic", "int4-matmulnbits"],
 )
 def test_quantized_forms_generate_the_quantized_portable_tokens(
     tiny_model, form_export, tmp_path, options

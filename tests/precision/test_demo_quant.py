@@ -26,6 +26,7 @@ VARIANTS = {
     "fp16": (["--precision", "fp16"], 0.55),
     "int8": (["--precision", "int8", "--calibration", "demo"], 0.30),
     "int8-weight-only": (["--precision", "int8", "--int8-mode", "weight-only"], 0.30),
+    "int8-dynamic": (["--precision", "int8", "--int8-mode", "dynamic"], 0.30),
     "int4": (["--precision", "int4"], 0.18),
 }
 

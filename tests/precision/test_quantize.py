@@ -453,13 +453,25 @@ def test_quantized_exports_pass_the_tensorrt_10_check(quantized: Callable, preci
         assert not check_export(quantized("mpt", precision), "8.6").ok
 
 
+def _assert_int8_parity(src: Path, out: Path) -> None:
+    """`out` against its fp32 source `src` at the tiny int8 bars (4 random episodes)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
+    episodes = calibration_set("random", episodes=4, seed=1234).episodes
+    result = run_parity(
+        OnnxBackend(src), OnnxBackend(out), episodes, tokenizer, decode_steps=8,
+        overrides={"int8": TINY_BARS["int8"]},
+    )  # fmt: skip
+    assert result["failures"] == [], result["failures"]
+
+
 def test_int8_weight_only_is_per_channel_dq_that_onnxruntime_runs_as_matmulnbits(
     quantized: Callable, tiny_export: Callable, tmp_path: Path
 ) -> None:
     """Weight-only int8: no activation Q/DQ, no calibration, per-channel int8 weights; the CPU
     EP turns each DQ -> MatMul into MatMulNBits (the fast decode path) and parity holds."""
     import onnxruntime as ort
-    from tokenizers import Tokenizer
 
     from trt.rules import check_export
 
@@ -486,14 +498,42 @@ def test_int8_weight_only_is_per_channel_dq_that_onnxruntime_runs_as_matmulnbits
     assert check_export(out, "10").ok
     old = check_export(out, "8.6")
     assert old.ok and "weight-only DequantizeLinear" in json.dumps(old.to_dict())
-    src = tiny_export("llama")
-    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
-    episodes = calibration_set("random", episodes=4, seed=1234).episodes
-    result = run_parity(
-        OnnxBackend(src), OnnxBackend(out), episodes, tokenizer, decode_steps=8,
-        overrides={"int8": TINY_BARS["int8"]},
-    )  # fmt: skip
-    assert result["failures"] == [], result["failures"]
+    _assert_int8_parity(tiny_export("llama"), out)
+
+
+def test_int8_dynamic_quantizes_weight_matmuls_only_and_keeps_parity(
+    quantized: Callable, tiny_export: Callable, tmp_path: Path
+) -> None:
+    """Dynamic int8 (onnxruntime's quantize_dynamic): no calibration, every weight MatMul an
+    int8 GEMM on activations quantized at run time (the CPU EP fuses DynamicQuantizeLinear ->
+    MatMulInteger into int8 GEMM nodes), attention's activation x activation MatMuls
+    float; onnxruntime only; parity with fp32 at the int8 bars, both graphs."""
+    import onnxruntime as ort
+
+    out = quantized("llama", "int8", int8_mode="dynamic", calibration="/nowhere/at/all")
+    manifest = load_manifest(out)
+    assert "calibration" not in manifest.quantization  # nothing was calibrated
+    for name in ("vision", "decoder"):
+        record = manifest.quantization[name]
+        assert record["mode"] == "dynamic" and record["backends"] == ["onnxruntime"]
+        model = _graph(out, name)
+        inits = {t.name for t in model.graph.initializer}
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("MatMulInteger") == record["weight_nodes"] > 0
+        assert "QuantizeLinear" not in ops  # no calibrated activation ranges
+        for node in model.graph.node:  # what stays float reads no weight initializer
+            if node.op_type == "MatMul":
+                assert node.input[1] not in inits, node.name
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+        ort.InferenceSession(str(out / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+        optimized = [n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node]
+        # fused, one int8 GEMM node per weight (MatMulIntegerToFloat where several MatMuls
+        # share one quantized input, e.g. the q/k/v projections)
+        assert "MatMulInteger" not in optimized
+        fused = optimized.count("DynamicQuantizeMatMul") + optimized.count("MatMulIntegerToFloat")
+        assert fused == record["weight_nodes"]
+    _assert_int8_parity(tiny_export("llama"), out)
 
 
 def test_w8a8_int8_on_the_cpu_runtime_says_it_is_slow_there(

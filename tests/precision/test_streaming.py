@@ -343,6 +343,8 @@ def test_streaming_refuses_what_it_cannot_write(tiny_paths: Callable, tmp_path: 
     assert not streams(QuantizeOptions("int8", "int8"))  # W8A8 calibrates on the fp32 graphs
     assert not streams(QuantizeOptions("fp32", "fp32"))
     assert streams(QuantizeOptions("fp32", "int8", int8_mode="weight-only"))
+    # dynamic int8 is onnxruntime's quantize_dynamic over the whole fp32 graph
+    assert not streams(QuantizeOptions("fp32", "int8", int8_mode="dynamic"))
     with pytest.raises(QuantizeError, match="W8A8"):
         _stream(files, tmp_path / "a", QuantizeOptions("int8", "int8"))
     out = tmp_path / "exists"

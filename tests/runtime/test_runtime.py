@@ -219,6 +219,8 @@ def test_vision_workers_do_not_spin_into_the_decoder(tiny_export) -> None:
 
     quiet = OnnxFlamingo(tiny_export("llama"), threads=2, spin=False)  # a shared machine's choice
     assert spinning(quiet.sessions["vision"]) == spinning(quiet.sessions["decoder"]) == "0"
+    shared = FlamingoPipeline(tiny_export("llama"), threads=2, allow_spinning=False)
+    assert spinning(shared.engine.sessions["decoder"]) == "0"
 
 
 def test_beams_share_their_prompts_image_kv(tiny_export, images) -> None:
