@@ -3,16 +3,16 @@ shipped demo model, so that clips (``demo.task`` ``ClipScene``) are answered fro
 
 ``python -m demo.train_video --base models/demo --out models/demo-video [--steps-scale F]
 [--json]`` loads ``models/demo`` (LM, CLIP ViT, Flamingo checkpoint), adds learned frame
-embeddings (OpenFlamingo's ``perceiver.frame_embs``, ``VIDEO_FRAMES`` rows, zero at the start
-so the model begins exactly as the image model), freezes the LM (token embeddings included)
-and the vision tower, and trains the resampler with its frame embeddings and the gated
-cross-attention on clip episodes mixed with image episodes (so images keep working: an image is
-a one-frame clip). Seeded and deterministic like ``demo.train``. It writes only what is new:
-``checkpoint.safetensors`` (OpenFlamingo layout; the trained tensors stored as fp16, the
-unchanged embeddings as they are) and ``demo.json``; the LM and vision files stay those of
-``--base``. ``--eval-only --model DIR`` prints the accuracy table: held-out clips at 0/1/2/4
-shots with the frames in order, shuffled, and a single (middle) frame. Recipe and reasons:
-docs/demo.md ("The video model").
+embeddings (OpenFlamingo's ``perceiver.frame_embs``, ``VIDEO_FRAMES`` rows, drawn N(0, 1) from
+the seed as open_flamingo initialises them, trained 20x faster than the rest), freezes the LM
+(token embeddings included) and the vision tower, and trains the resampler with its frame
+embeddings and the gated cross-attention on clip episodes mixed with image episodes (so images
+keep working: an image is a one-frame clip). Seeded and deterministic like ``demo.train``. It
+writes only what is new: ``checkpoint.safetensors`` (OpenFlamingo layout; the trained tensors
+stored as fp16, the unchanged embeddings as they are) and ``demo.json``; the LM and vision files
+stay those of ``--base``. ``--eval-only --model DIR`` prints the accuracy table: held-out clips
+at 0/1/2/4 shots with the frames in order, shuffled, and a single (middle) frame. Recipe and
+reasons: docs/demo.md ("The video model").
 """
 
 from __future__ import annotations
@@ -97,9 +97,10 @@ class VideoConfig:
 
 
 def build_video_model(base: Path, cfg: VideoConfig) -> tuple[Flamingo, Any]:
-    """The shipped image model with `cfg.max_num_frames` frame embeddings (zeros: it starts as
-    the image model); LM, token embeddings and vision tower frozen; resampler (with the frame
-    embeddings) and gated cross-attention trainable."""
+    """The shipped image model with `cfg.max_num_frames` frame embeddings (N(0,
+    cfg.frame_init_std^2), seeded; every other tensor as shipped); LM, token embeddings and
+    vision tower frozen; resampler (with the frame embeddings) and gated cross-attention
+    trainable."""
     image_model, tok, _ = load_flamingo(*model_paths(base))
     config = FlamingoConfig.from_dict(image_model.cfg.to_dict())
     config.resampler.max_num_frames = cfg.max_num_frames
