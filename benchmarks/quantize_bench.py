@@ -7,7 +7,8 @@ Measurements the tests cannot make (or make only in part) on the tiny models:
   (W8A8, calibrated on the demo task's training split), int8 weight-only and int4 (block 128,
   and 32); every variant's parity against the PyTorch model on the held-out 4-shot episodes of
   the README's accuracy table: task accuracy, top-1, cosine, greedy match, size. The README's
-  demo parity table.
+  demo parity table. ``demo-video``: the same for the demo video model (models/demo-video) on
+  held-out 4-shot clip episodes (``--data demo-video-eval``; W8A8 calibrated on training clips).
 * ``speed``: the 144M model of benchmarks/runtime_bench.py exported fp32 and quantized; each
   variant benched (`flamingo-export bench`'s run_bench) with the fp32 export as baseline in the
   same run: decode ms/token, prefill, vision, end to end, and their ratios to fp32.
@@ -21,6 +22,7 @@ Measurements the tests cannot make (or make only in part) on the tiny models:
   each keep-list against that fp32 export.
 
     python benchmarks/quantize_bench.py demo [--episodes 200] [--json]
+    python benchmarks/quantize_bench.py demo-video [--episodes 200] [--json]
     python benchmarks/quantize_bench.py speed [--threads 1] [--json]
     python benchmarks/quantize_bench.py sizes [--hidden 512] [--json]
     python benchmarks/quantize_bench.py fp16-keep [--outlier 400] [--json]
@@ -33,6 +35,7 @@ import json
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +123,10 @@ DEMO_VARIANTS = {
 }
 
 
-def demo(episodes: int, shots: int, decode_steps: int) -> list[dict[str, Any]]:
-    """Parity of every precision of the demo model against its PyTorch model (task accuracy)."""
+def demo(episodes: int, shots: int, decode_steps: int, video: bool = False) -> list[dict[str, Any]]:
+    """Parity of every precision of the demo model against its PyTorch model (task accuracy);
+    `video`: the demo video model (models/demo-video's checkpoint on models/demo's LM and
+    vision) on held-out clip episodes, int8 W8A8 calibrated on training clips."""
     from tokenizers import Tokenizer
 
     from exporter.export import export_model
@@ -132,10 +137,11 @@ def demo(episodes: int, shots: int, decode_steps: int) -> list[dict[str, Any]]:
     model, tok, _ = load_flamingo(
         model_dir / "lm",
         model_dir / "open_clip_model.safetensors",
-        model_dir / "checkpoint.safetensors",
+        ROOT / "models" / ("demo-video" if video else "demo") / "checkpoint.safetensors",
     )
-    reference = TorchBackend(model, "pytorch:models/demo")
-    data = calibration_set("demo-eval", episodes=episodes, max_shots=shots, seed=1234).episodes
+    reference = TorchBackend(model, "pytorch:models/demo" + ("-video" if video else ""))
+    source = "demo-video-eval" if video else "demo-eval"
+    data = calibration_set(source, episodes=episodes, max_shots=shots, seed=1234).episodes
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32"
@@ -145,6 +151,8 @@ def demo(episodes: int, shots: int, decode_steps: int) -> list[dict[str, Any]]:
         variants: dict[str, Path] = {"fp32": fp32}
         for name, options in DEMO_VARIANTS.items():
             variants[name] = Path(tmp) / f"v{len(variants)}"
+            if video and options.calibration == "demo":
+                options = replace(options, calibration="demo-video")
             quantize_export(fp32, variants[name], options)
         for name, path in variants.items():
             print(f"[quantize_bench] demo parity: {name}", file=sys.stderr, flush=True)
@@ -274,7 +282,7 @@ def fp16_keep(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["demo", "speed", "sizes", "fp16-keep"])
+    parser.add_argument("what", choices=["demo", "demo-video", "speed", "sizes", "fp16-keep"])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--family", default="llama")
     parser.add_argument("--outlier", type=float, default=400.0)
@@ -292,8 +300,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="speed")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.what == "demo":
-        result: Any = demo(args.episodes or 200, args.shots, args.decode_steps)
+    if args.what in ("demo", "demo-video"):
+        video = args.what == "demo-video"
+        result: Any = demo(args.episodes or 200, args.shots, args.decode_steps, video)
     elif args.what == "speed":
         result = speed(args.threads, args.repeats, (0, 4))
     elif args.what == "sizes":
@@ -308,7 +317,7 @@ def main() -> None:
         )
     if args.json:
         print(json.dumps(result, indent=2))
-    elif args.what == "demo":
+    elif args.what in ("demo", "demo-video"):
         print(
             "| variant | task accuracy | vs PyTorch (points) | lost / gained | top-1 "
             "| decoder cosine | greedy exact | size / fp32 |"

@@ -548,25 +548,27 @@ def flamingo_loss(model: Flamingo, batch: FlamingoBatch) -> torch.Tensor:
 
 
 def flamingo_optimizer(
-    model: Flamingo, lr: float, gate_lr_scale: float = 1.0
+    model: Flamingo, lr: float, gate_lr_scale: float = 1.0, frame_lr_scale: float = 1.0
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable parts; the tanh gates (scalars starting at 0, which hold every
-    cross-attention output back until they open) may learn `gate_lr_scale` times faster."""
+    cross-attention output back until they open) may learn `gate_lr_scale` times faster, the
+    frame embeddings (`perceiver.frame_embs`, video models) `frame_lr_scale` times faster, both
+    without weight decay."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     gates = [p for n, p in named if n.endswith(("attn_gate", "ff_gate"))]
+    frames = [p for n, p in named if n == "perceiver.frame_embs"]
     embed = model.lang_model.embed_tokens.weight
-    decay = [p for n, p in named if p.ndim >= 2 and p is not embed]
+    decay = [p for n, p in named if p.ndim >= 2 and p is not embed and n != "perceiver.frame_embs"]
     rest = [p for n, p in named if p.ndim < 2 and not n.endswith(("attn_gate", "ff_gate"))]
     rest.append(embed)
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": 0.1},
-            {"params": rest, "weight_decay": 0.0},
-            {"params": gates, "weight_decay": 0.0, "lr_scale": gate_lr_scale},
-        ],
-        lr=lr,
-        betas=(0.9, 0.95),
-    )
+    groups = [
+        {"params": decay, "weight_decay": 0.1},
+        {"params": rest, "weight_decay": 0.0},
+        {"params": gates, "weight_decay": 0.0, "lr_scale": gate_lr_scale},
+    ]
+    if frames:
+        groups.append({"params": frames, "weight_decay": 0.0, "lr_scale": frame_lr_scale})
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
 def train_flamingo(

@@ -86,13 +86,20 @@ def video_model():
     return tv.build_video_model(MODELS / "demo", cfg)
 
 
-def test_video_model_starts_as_the_image_model(video_model) -> None:
-    """Zero frame embeddings: an image (F = 1) gives the shipped model's latents."""
+def test_video_model_is_the_image_model_plus_seeded_frame_embeddings(video_model) -> None:
+    """Every tensor of the shipped image model unchanged; the one new tensor, the frame
+    embeddings, drawn N(0, frame_init_std^2) from the seed (distinct frames from the start)."""
     model, _ = video_model
     image_model, _ = td.load_demo(MODELS / "demo")
-    pixels = torch.randn(2, 1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model.encode_media(pixels), image_model.encode_media(pixels))
+    state, image_state = model.state_dict(), image_model.state_dict()
+    assert set(state) - set(image_state) == {"perceiver.frame_embs"}
+    assert all(torch.equal(state[k], v) for k, v in image_state.items())
+    cfg = tv.VideoConfig()
+    frame_embs = model.perceiver.frame_embs.detach()
+    assert frame_embs.shape == (VIDEO_FRAMES, model.perceiver.dim)
+    assert 0.8 < frame_embs.std().item() / cfg.frame_init_std < 1.2
+    again, _ = tv.build_video_model(MODELS / "demo", cfg)
+    assert torch.equal(again.perceiver.frame_embs, model.perceiver.frame_embs)
 
 
 def test_video_steps_train_only_resampler_and_cross_attention(tmp_path: Path) -> None:
