@@ -32,7 +32,7 @@ from .cache import ImageKV, PixelMemo, PrefixCache, PrefixState, VisionCache, pi
 from .contracts import DecoderStepModel, Engine
 from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
 from .generation import GenerationConfig, GenerationResult, ShouldStop, generate
-from .idefics import IdeficsPromptFormat, idefics_text
+from .idefics import IdeficsPromptFormat, few_shot_end_of_chunk, idefics_text
 from .images import (
     ImageError,
     ImageInput,
@@ -42,7 +42,6 @@ from .images import (
     source_key,
 )
 from .prompts import (
-    EOC_TOKEN,
     Demonstration,
     Task,
     build_few_shot_prompt,
@@ -190,6 +189,8 @@ class FlamingoPipeline:
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         prompt = self.engine.manifest.prompt
         self.idefics_prompt = IdeficsPromptFormat.from_dict(prompt) if prompt else None
+        # what ends a few-shot demonstration (runtime.idefics for IDEFICS)
+        self.end_of_chunk = few_shot_end_of_chunk(prompt)
         self.max_seq_len, self._context = self._context_limit()
         self.max_images = self.engine.limits["max_images"]
         self.max_frames = self.engine.limits["max_frames"]
@@ -340,12 +341,23 @@ class FlamingoPipeline:
         seed: int | None = None,
     ) -> Generation:
         """OpenFlamingo few-shot query: demonstrations (cached after the first call) + query.
-        IDEFICS has no end-of-chunk token: its demonstrations end with the separator only, and
-        the prompt is then built as IdeficsProcessor builds it (runtime.idefics)."""
-        prompt, images = build_few_shot_prompt(demos, question, task, query_image=query_image)
-        if self.idefics_prompt is not None:  # demonstrations cannot contain the marker
-            prompt = prompt.replace(EOC_TOKEN, "")
+        IDEFICS: the demonstrations end with its own marker (`few_shot_prompt`), and the prompt
+        is then built as IdeficsProcessor builds it (runtime.idefics)."""
+        prompt, images = self.few_shot_prompt(demos, question, task, query_image)
         return self.generate(prompt, images, config, on_token, seed=seed)
+
+    def few_shot_prompt(
+        self,
+        demos: Sequence[Demonstration],
+        question: str | None = None,
+        task: Task = "caption",
+        query_image: MediaInput | None = None,
+    ) -> tuple[str, list[MediaInput]]:
+        """`runtime.prompts.build_few_shot_prompt` with this export's end of a demonstration
+        (`end_of_chunk`): what `run --demos`, `few_shot`, the server and `bench` send."""
+        return build_few_shot_prompt(
+            demos, question, task, query_image=query_image, end_of_chunk=self.end_of_chunk
+        )
 
     def clear_caches(self) -> None:
         """Drop cached prefixes, image K/V and preprocessed pixels (and reset their counters)."""
@@ -417,7 +429,7 @@ class FlamingoPipeline:
             raise ValueError(
                 f"{where}{len(images)} images exceed this export's limit of {self.max_images}"
             )
-        ids = self._token_ids(prompt)
+        ids = self.token_ids(prompt)
         total = len(ids) + config.max_new_tokens
         if total > self.max_seq_len:
             raise ValueError(
@@ -466,7 +478,7 @@ class FlamingoPipeline:
             hashes.append(known[1])
         return pixels, hashes
 
-    def _token_ids(self, prompt: str) -> np.ndarray:
+    def token_ids(self, prompt: str) -> np.ndarray:
         """OpenFlamingo: the prompt as the tokenizer reads it; IDEFICS: the text
         IdeficsProcessor builds from it, without added special tokens (runtime.idefics)."""
         if self.idefics_prompt is None:

@@ -194,3 +194,19 @@ def test_oracle_without_an_hf_vision_tower_fails_before_loading(
     with pytest.raises(BenchError, match="give --oracle-vision DIR"):
         run_bench(tiny_export("llama"), BenchOptions(), files, oracle=True, progress=said.append)
     assert said == []  # nothing loaded, nothing measured
+
+
+def test_bench_reference_on_an_idefics_export(idefics_export: Path) -> None:
+    """`bench --reference --model DIR`: the IDEFICS reference beside its export, on prompts in
+    the export's format (runtime.idefics), the same tokens; --oracle (open_flamingo) refused."""
+    folder = idefics_export.parent / "tiny"
+    args = ["bench", str(idefics_export), "--shots", "0,2", "--max-new-tokens", "3",
+            "--repeats", "1", "--warmup", "0", "--threads", "1", "--settle-ms", "0"]  # fmt: skip
+    result = CliRunner().invoke(main, [*args, "--reference", "--model", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    for row in out["results"]:
+        assert set(row["cases"]) == {"runtime_uncached", "runtime_cached", "reference"}
+        assert all(row["same_tokens_as_runtime_uncached"].values()), row
+    result = CliRunner().invoke(main, [*args, "--oracle", "--model", str(folder)])
+    assert result.exit_code == 2 and "--oracle runs the published open_flamingo" in result.output
