@@ -248,3 +248,57 @@ def test_run_demos_are_the_processors(exported, tmp_path, variant, task):
     got = json.loads(result.output)["token_ids"]
     eos = hf.generation_config.eos_token_id
     assert got == (want[: want.index(eos) + 1] if eos in want else want)
+
+
+def test_a_split_restarts_exactly_where_the_image_count_is_the_state(exported):
+    """count_is_media_state: a media counter restarted at p from the image count gives the
+    full run's indices wherever it says so, and where an EOS follows the last image before p
+    (IDEFICS' rule) a restart from the count alone would be wrong."""
+    from runtime.decoding import count_is_media_state
+
+    _, _, processor = exported["resampler-float-2-instruct"]
+    tok = processor.tokenizer
+    media, eos = tok.convert_tokens_to_ids("<image>"), tok.eos_token_id
+    ids = processor(text=[cases()[0][2]], return_tensors="pt")["input_ids"][0].numpy()
+    full = MediaCounter(media, [4], eos)(ids[None])[0]
+    resumable = count_is_media_state(ids, media, eos)
+    wrong = 0
+    for p in range(1, len(ids)):
+        restarted = MediaCounter(media, [4], eos)
+        restarted.count = np.array([int((ids[:p] == media).sum())])
+        same = np.array_equal(restarted(ids[None, p:])[0], full[p:])
+        assert same or not resumable[p], p
+        wrong += not same
+    assert wrong > 0 and not resumable.all()
+    assert count_is_media_state(ids, media, None).all()  # OpenFlamingo: always
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefix_reuse_gives_the_full_prefills_generations(exported, tmp_path, variant):
+    """Prefix reuse on IDEFICS few-shot prompts (a demonstration with an EOS after its image,
+    queries sharing demonstrations, a left-padded batch): the same tokens and log-probs
+    (1e-5) as the pipeline without the prefix cache, with prefix tokens reused."""
+    from runtime.prompts import load_demos_jsonl
+
+    export, _, _ = exported[variant]
+    file, _, query = write_demos(tmp_path, DEMOS)
+    demos = load_demos_jsonl(file)
+    a, b, _, d = pictures()
+    cached, plain = FlamingoPipeline(export), FlamingoPipeline(export, prefix_cache=False)
+    config = cached.default_config(max_new_tokens=5)
+    prompts = [
+        cached.few_shot_prompt(demos, None, "caption", str(query)),
+        cached.few_shot_prompt(demos, None, "caption", a),
+        cached.few_shot_prompt(demos[:2], None, "caption", b),
+        cached.few_shot_prompt(demos[:1], "What ?", "vqa", d),
+    ]
+    reused = 0
+    for batch in ([prompts[0]], [prompts[1]], prompts[1:], [prompts[2], prompts[0]]):
+        texts, media = [p for p, _ in batch], [m for _, m in batch]
+        got = cached.generate_batch(texts, media, config)
+        want = plain.generate_batch(texts, media, config)
+        for g, w in zip(got, want):
+            assert g.token_ids == w.token_ids
+            assert np.allclose(g.logprobs, w.logprobs, atol=1e-5, rtol=0)
+            reused += g.stats["cached_tokens"]
+    assert reused > 0 and cached.cache_stats()["prefix"]["hits"] > 0
