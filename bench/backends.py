@@ -85,7 +85,7 @@ class RuntimeBackend:
         self.media_token_id = self.pipe.engine.media_token_id
 
     def encode(self, prompt: str) -> list[int]:
-        return self.pipe.tokenizer.encode(prompt).ids
+        return self.pipe.token_ids(prompt).tolist()
 
     def run(self, prompt: str, images: Sequence[np.ndarray], cached: bool) -> Sample:
         self.pipe.use_prefix_cache = cached

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import FlamingoExportError
+from runtime.prompts import EOC_TOKEN
 
 from .backends import (
     OracleBackend,
@@ -109,14 +110,34 @@ class ModelFiles:
     one); default: `vision_path` if it is a directory, else `vision_hf/` beside the file.
     """
 
-    lm_dir: Path
-    vision_path: Path
-    checkpoint_path: Path
+    lm_dir: Path | None
+    vision_path: Path | None
+    checkpoint_path: Path | None
     cross_attn_every_n_layers: int | None = None
     oracle_vision_dir: Path | None = None
-    load_options: dict[str, Any] = field(default_factory=dict)  # more load_flamingo keywords
+    load_options: dict[str, Any] = field(default_factory=dict)  # more loader keywords
+    model_dir: Path | None = None  # an HF IDEFICS folder instead of the three files above
+
+    def load(self, load_flamingo: Callable[..., Any]) -> tuple[Any, Any, Any]:
+        """(model, tokenizer, report) of the reference: OpenFlamingo files, or IDEFICS."""
+        if self.model_dir is not None:
+            from flamingo.idefics import load_idefics
+
+            return load_idefics(self.model_dir, **self.load_options)
+        return load_flamingo(
+            self.lm_dir,
+            self.vision_path,
+            self.checkpoint_path,
+            cross_attn_every_n_layers=self.cross_attn_every_n_layers,
+            **self.load_options,
+        )
 
     def resolve_oracle_vision(self) -> Path:
+        if self.vision_path is None:
+            raise BenchError(
+                "the open_flamingo baseline runs OpenFlamingo files (--lm, --vision, "
+                "--checkpoint), not an IDEFICS folder"
+            )
         candidates = [self.oracle_vision_dir] if self.oracle_vision_dir else []
         vision = Path(self.vision_path)
         candidates += [vision] if vision.is_dir() else [vision.parent / "vision_hf"]
@@ -200,7 +221,7 @@ def check_fits(pipe: Any, options: BenchOptions) -> None:
             f"--shots {most}: a {most}-shot prompt has {most + 1} images, this export takes "
             f"at most {pipe.max_images}"
         )
-    tokens = len(pipe.tokenizer.encode(caption_prompt_of(most)).ids)
+    tokens = len(pipe.token_ids(caption_prompt_of(most, pipe.end_of_chunk)))
     if tokens + options.new_tokens > pipe.max_seq_len:
         raise BenchError(
             f"--shots {most} with --max-new-tokens {options.new_tokens}: {tokens} prompt "
@@ -209,12 +230,15 @@ def check_fits(pipe: Any, options: BenchOptions) -> None:
         )
 
 
-def caption_prompt_of(k: int) -> str:
-    """The bench's k-shot caption prompt (k demonstrations + the query), `<image>` markers in."""
+def caption_prompt_of(k: int, end_of_chunk: str = EOC_TOKEN) -> str:
+    """The bench's k-shot caption prompt (k demonstrations + the query), `<image>` markers in;
+    `end_of_chunk`: the export's end of a demonstration (`FlamingoPipeline.end_of_chunk`)."""
     from runtime.prompts import Demonstration, build_few_shot_prompt
 
     demos = [Demonstration(image=i, text=CAPTIONS[i % len(CAPTIONS)]) for i in range(k)]
-    prompt, _ = build_few_shot_prompt(demos, task="caption", query_image="query")
+    prompt, _ = build_few_shot_prompt(
+        demos, task="caption", query_image="query", end_of_chunk=end_of_chunk
+    )
     return prompt
 
 
@@ -284,15 +308,7 @@ def run_bench(
         torch.set_num_threads(threads)
         versions.update(torch=torch.__version__, transformers=_version("transformers"))
         say("loading the PyTorch reference")
-        (model, _, _), model_rss["reference"] = loaded(
-            lambda: load_flamingo(
-                files.lm_dir,
-                files.vision_path,
-                files.checkpoint_path,
-                cross_attn_every_n_layers=files.cross_attn_every_n_layers,
-                **files.load_options,
-            )
-        )
+        (model, _, _), model_rss["reference"] = loaded(lambda: files.load(load_flamingo))
         baselines["reference"] = ReferenceBackend(model, runtime, options.new_tokens)
         if oracle:
             from flamingo.oracle import load_open_flamingo
@@ -343,7 +359,7 @@ def run_bench(
     with quiet_frameworks(hf=bool(baselines)):
         for k in options.shots:
             demos = _images(rng, k, options.image_size)
-            prompt = caption_prompt_of(k)
+            prompt = caption_prompt_of(k, runtime.pipe.end_of_chunk)
             runtime.pipe.clear_caches()  # the cached case starts cold; its warm-up warms it
             for w in range(max(1, options.warmup)):  # the cached case is warmed even if 0
                 query = _images(rng, 1, options.image_size)

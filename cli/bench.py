@@ -105,22 +105,30 @@ def bench(
     files = None
     if model_named(model) or reference or oracle:
         if not model_named(model):
-            raise click.UsageError("--reference/--oracle need --lm, --vision and --checkpoint")
-        require_model_files(model)
-        if model.pop("model_dir") is not None:
             raise click.UsageError(
-                "bench's PyTorch reference takes OpenFlamingo files (--lm, --vision, "
-                "--checkpoint); check an IDEFICS export with `parity --model DIR`"
+                "--reference/--oracle need --lm, --vision and --checkpoint (or --model DIR, "
+                "IDEFICS)"
+            )
+        require_model_files(model)
+        model_dir = model.pop("model_dir")
+        if model_dir is not None and oracle:
+            raise click.UsageError(
+                "--oracle runs the published open_flamingo package: OpenFlamingo files "
+                "(--lm, --vision, --checkpoint), not --model (an IDEFICS folder)"
             )
         require_extra("export", "bench (with the PyTorch reference)")
-        files = ModelFiles(
-            model.pop("lm_dir"),
-            model.pop("vision_path"),
-            model.pop("checkpoint_path"),
-            model.pop("cross_attn_every_n_layers"),
-            oracle_vision,
-            load_options=model,
-        )
+        if model_dir is not None:
+            files = ModelFiles(None, None, None, model_dir=model_dir,
+                               load_options={"preset": model["preset"]})  # fmt: skip
+        else:
+            files = ModelFiles(
+                model.pop("lm_dir"),
+                model.pop("vision_path"),
+                model.pop("checkpoint_path"),
+                model.pop("cross_attn_every_n_layers"),
+                oracle_vision,
+                load_options=model,
+            )
     options = BenchOptions(
         shots=shots,
         new_tokens=max_new_tokens,

@@ -129,7 +129,7 @@ def run(
     import warnings
 
     from runtime.pipeline import TextStream
-    from runtime.prompts import build_few_shot_prompt, check_text, load_demos_jsonl
+    from runtime.prompts import check_text, load_demos_jsonl
     from runtime.video import Video
 
     for flag, text in (("--prompt", prompt), ("--question", question)):
@@ -179,9 +179,7 @@ def run(
             d.image = Video(d.image.source, num_frames)
         if not as_json and not quiet:  # what the answer is conditioned on (stdout = answer)
             _echo_few_shot(examples, media[0], question)
-        prompt, media = build_few_shot_prompt(
-            examples, question, task or "caption", query_image=media[0]
-        )
+        prompt, media = pipe.few_shot_prompt(examples, question, task or "caption", media[0])
     out = pipe.generate(prompt, media, config, on_token if stream else None)
     if streamer is not None:
         click.echo(streamer.flush(), err=as_json)

@@ -183,7 +183,7 @@ def serve(
         )
     from serving.app import AppSettings, check_api_key
     from serving.engine import EngineSettings
-    from serving.server import ServeError, model_id, serve_local
+    from serving.server import ServeError, end_of_chunk, model_id, serve_local
 
     if api_key is not None:
         try:
@@ -201,6 +201,7 @@ def serve(
         allowed_media_dir=allowed_media_dir.resolve() if allowed_media_dir else None,
         max_body_bytes=int(max_body_mb * (1 << 20)),
         max_request_pixels=max(1, int(max_request_megapixels * 1e6)),
+        end_of_chunk=end_of_chunk(export_dir),
     )
     factory = functools.partial(
         make_pipeline, str(export_dir.resolve()), engine, tuple(provider_names(providers)),

@@ -442,6 +442,27 @@ def precision_label(pipe: Any) -> str:
     return " / ".join(f"{name} {p}" for name, p in graphs.items())
 
 
+def refuse_other_prompt_format(export: Path) -> None:
+    """EvaluationError for an export whose manifest records its own prompt format (IDEFICS):
+    the protocol is open_flamingo's evaluate.py (its `<|endofchunk|>` templates, text-only
+    0-shot demonstrations, its reported scores), which IDEFICS was neither trained nor
+    evaluated with. A folder without manifest.json is left to the pipeline's own error."""
+    from runtime.schema import load_json
+
+    file = export / "manifest.json"
+    if not file.is_file():
+        return
+    manifest = load_json(file, EvaluationError)
+    prompt = manifest.get("prompt") if isinstance(manifest, dict) else None
+    if isinstance(prompt, dict) and prompt.get("format"):
+        raise EvaluationError(
+            f"{export}: an export with prompt format {prompt['format']!r} (manifest.json "
+            "'prompt'); eval runs open_flamingo 2.0.1's evaluation protocol, whose prompts and "
+            "scores are OpenFlamingo's: run this export with `run --demos` or `serve`, and "
+            "check it against its model with `parity --model DIR`"
+        )
+
+
 def evaluate(
     exports: Sequence[str | Path],
     task: str,
@@ -474,8 +495,10 @@ def evaluate(
     if spec.kind != "demo" and data_dir is None:
         files = ", ".join(spec.files.values())
         raise EvaluationError(f"task {task!r} needs --data DIR, a folder holding {files}")
-    data = load_task_data(spec, data_dir) if spec.kind != "demo" else None  # type: ignore[arg-type]
     exports = [Path(e) for e in exports]
+    for export in exports:
+        refuse_other_prompt_format(export)
+    data = load_task_data(spec, data_dir) if spec.kind != "demo" else None  # type: ignore[arg-type]
     pipes: dict[int, Any] = {0: open_pipeline(exports[0])}
     rices_source = None
     retriever = None

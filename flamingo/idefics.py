@@ -85,9 +85,22 @@ IDEFICS_CONFIG_SCHEMA = _obj(
 )  # fmt: skip
 
 
-# The released models' config.json (HuggingFaceM4/idefics-{9b,80b}[-instruct] on the Hub, the
-# keys the conversion reads; the -instruct models share their base's architecture). Used by
-# `plan` for the presets; a loaded folder's own config.json always wins.
+# The released models' config.json (the keys the conversion reads), checked against the Hub
+# files (the -instruct models share their base's architecture):
+# - huggingface.co/HuggingFaceM4/idefics-9b-instruct/blame/<commit>/config.json at commit
+#   ceb649f537b77209225fd89f3ef3e0d24a577752: vocab 32000 + 2, hidden 4096, intermediate
+#   11008, 32 layers, 32 heads, cross_layer_interval 4, alpha_type float, qk_layer_norms true,
+#   qk_layer_norms_perceiver true, resampler depth 6 / head dim 96 / 16 heads / 64 latents,
+#   rms_norm_eps 1e-6, vision embed_dim 1280, image 224, intermediate 5120, use_resampler
+#   true, untied head; the same values in fine-tunes' config.json whose "_name_or_path" is
+#   "HuggingFaceM4/idefics-9b" (e.g. huggingface.co/mrm8488/idefics-9b-ft-floco).
+# - huggingface.co/HuggingFaceM4/idefics-80b-instruct/blame/<commit>/config.json at commit
+#   0979cbfa9ef7beda8348ac9484a1ce66f08e6836: hidden 8192, intermediate 22016, 80 layers,
+#   64 heads, rms_norm_eps 1e-5, the rest as 9B (q/k norms on in both places).
+# Not in those excerpts: the vision tower's depth/heads/patch/act (32 layers, 16 heads, patch
+# 14, gelu: IdeficsVisionConfig's defaults, the OpenCLIP ViT-H/14 the paper names; the Hub's
+# "set the correct vision_config.hidden_act" commits of Aug 28, 2023 record it explicitly).
+# Used by `plan` for the presets; a loaded folder's own config.json always wins.
 _IDEFICS_9B = {
     "model_type": MODEL_TYPE,
     "vocab_size": 32000,
@@ -100,7 +113,7 @@ _IDEFICS_9B = {
     "rms_norm_eps": 1e-6,
     "alpha_type": "float",
     "cross_layer_interval": 4,
-    "qk_layer_norms": False,
+    "qk_layer_norms": True,
     "use_resampler": True,
     "tie_word_embeddings": False,
     "vision_config": {
@@ -117,7 +130,7 @@ _IDEFICS_9B = {
         "resampler_depth": 6,
         "resampler_n_heads": 16,
         "resampler_head_dim": 96,
-        "qk_layer_norms_perceiver": False,
+        "qk_layer_norms_perceiver": True,
     },
 }
 _IDEFICS_80B = {
@@ -126,7 +139,7 @@ _IDEFICS_80B = {
     "intermediate_size": 22016,
     "num_hidden_layers": 80,
     "num_attention_heads": 64,
-    "qk_layer_norms": True,
+    "rms_norm_eps": 1e-5,
 }
 IDEFICS_HUB_CONFIGS: dict[str, dict[str, Any]] = {
     "idefics-9b": _IDEFICS_9B,

@@ -87,6 +87,27 @@ class MediaCounter:
         self.last = self.last[index]
 
 
+def count_is_media_state(
+    ids: np.ndarray, media_token_id: int, reset_token_id: int | None = None
+) -> np.ndarray:
+    """(L + 1,) bool: whether MediaCounter's state after `ids[:p]` is its image count alone, so
+    that a counter restarted at p with `count` = images before p indexes `ids[p:]` exactly as
+    the full run does (a reused prefix then gives a full prefill's logits).
+
+    Always, under OpenFlamingo's rule. Under IDEFICS' (`reset_token_id`, its EOS) the state is
+    also "a reset since the last image": p qualifies unless an EOS follows the last `<image>`
+    before p (with no image before p the count, 0, says all). tests/runtime/test_idefics.py
+    checks both directions against the full run."""
+    safe = np.ones(len(ids) + 1, dtype=bool)
+    if reset_token_id is None or len(ids) == 0:
+        return safe
+    pos = np.arange(len(ids))
+    last_image = np.maximum.accumulate(np.where(ids == media_token_id, pos, -1))
+    last_reset = np.maximum.accumulate(np.where(ids == reset_token_id, pos, -1))
+    safe[1:] = ~((last_reset > last_image) & (last_image >= 0))
+    return safe
+
+
 def in_graph_media_index(
     input_ids: np.ndarray, past_length: int, images: int, media_token_id: int
 ) -> np.ndarray:

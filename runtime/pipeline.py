@@ -30,9 +30,10 @@ from tokenizers import Tokenizer
 
 from .cache import ImageKV, PixelMemo, PrefixCache, PrefixState, VisionCache, pixel_digest
 from .contracts import DecoderStepModel, Engine
+from .decoding import count_is_media_state, media_reset_token
 from .engine import DEFAULT_PROVIDERS, OnnxFlamingo
 from .generation import GenerationConfig, GenerationResult, ShouldStop, generate
-from .idefics import IdeficsPromptFormat, idefics_text
+from .idefics import IdeficsPromptFormat, few_shot_end_of_chunk, idefics_text
 from .images import (
     ImageError,
     ImageInput,
@@ -42,7 +43,6 @@ from .images import (
     source_key,
 )
 from .prompts import (
-    EOC_TOKEN,
     Demonstration,
     Task,
     build_few_shot_prompt,
@@ -105,6 +105,9 @@ class _Row:
     pixels: list[np.ndarray]  # per media item (F, 3, S, S); images F = 1
     hashes: list[str]
     boundaries: np.ndarray  # prefix lengths that end a demonstration (after <|endofchunk|>)
+    # (L + 1,) whether a split at p restarts exactly from the image count (runtime.decoding.
+    # count_is_media_state: all True but under IDEFICS' rule)
+    resumable: np.ndarray
     image_kv: list[ImageKV | None] = field(default_factory=list)
     state: PrefixState | None = None
     cached: int = 0  # leading tokens whose KV `state` holds (usable by the batch)
@@ -195,6 +198,14 @@ class FlamingoPipeline:
         self.preprocess_config = PreprocessConfig.from_dict(self.engine.manifest.preprocess)
         prompt = self.engine.manifest.prompt
         self.idefics_prompt = IdeficsPromptFormat.from_dict(prompt) if prompt else None
+        # what ends a few-shot demonstration (runtime.idefics for IDEFICS)
+        self.end_of_chunk = few_shot_end_of_chunk(prompt)
+        self._media_reset = media_reset_token(self.engine.manifest.model)
+        self._fake_image_id = (
+            self.tokenizer.token_to_id(self.idefics_prompt.fake_image_token)
+            if self.idefics_prompt is not None
+            else None
+        )
         self.max_seq_len, self._context = self._context_limit()
         self.max_images = self.engine.limits["max_images"]
         self.max_frames = self.engine.limits["max_frames"]
@@ -345,12 +356,23 @@ class FlamingoPipeline:
         seed: int | None = None,
     ) -> Generation:
         """OpenFlamingo few-shot query: demonstrations (cached after the first call) + query.
-        IDEFICS has no end-of-chunk token: its demonstrations end with the separator only, and
-        the prompt is then built as IdeficsProcessor builds it (runtime.idefics)."""
-        prompt, images = build_few_shot_prompt(demos, question, task, query_image=query_image)
-        if self.idefics_prompt is not None:  # demonstrations cannot contain the marker
-            prompt = prompt.replace(EOC_TOKEN, "")
+        IDEFICS: the demonstrations end with its own marker (`few_shot_prompt`), and the prompt
+        is then built as IdeficsProcessor builds it (runtime.idefics)."""
+        prompt, images = self.few_shot_prompt(demos, question, task, query_image)
         return self.generate(prompt, images, config, on_token, seed=seed)
+
+    def few_shot_prompt(
+        self,
+        demos: Sequence[Demonstration],
+        question: str | None = None,
+        task: Task = "caption",
+        query_image: MediaInput | None = None,
+    ) -> tuple[str, list[MediaInput]]:
+        """`runtime.prompts.build_few_shot_prompt` with this export's end of a demonstration
+        (`end_of_chunk`): what `run --demos`, `few_shot`, the server and `bench` send."""
+        return build_few_shot_prompt(
+            demos, question, task, query_image=query_image, end_of_chunk=self.end_of_chunk
+        )
 
     def clear_caches(self) -> None:
         """Drop cached prefixes, image K/V and preprocessed pixels (and reset their counters)."""
@@ -422,7 +444,7 @@ class FlamingoPipeline:
             raise ValueError(
                 f"{where}{len(images)} images exceed this export's limit of {self.max_images}"
             )
-        ids = self._token_ids(prompt)
+        ids = self.token_ids(prompt)
         total = len(ids) + config.max_new_tokens
         if total > self.max_seq_len:
             raise ValueError(
@@ -432,7 +454,8 @@ class FlamingoPipeline:
             )
         if len(ids) == 0:
             raise ValueError(f"{where}the prompt is empty (no tokens)")
-        media_positions = np.flatnonzero(ids == self.engine.media_token_id)
+        media = self.engine.media_token_id
+        media_positions = np.flatnonzero(ids == media)
         if len(media_positions) != len(images):  # markers the tokenizer did not keep whole
             raise ValueError(
                 f"{where}the tokenizer found {len(media_positions)} <image> tokens for "
@@ -442,12 +465,18 @@ class FlamingoPipeline:
             pixels, hashes = self._pixels(images)
         except ImageError as e:  # VideoError stays a VideoError
             raise type(e)(f"{where}{e}") from None
-        # a split needs a token after it: the first step must have something to run; IDEFICS'
-        # media state at a split is more than the image count: no prefix reuse (yet)
-        boundaries = np.flatnonzero(ids[:-1] == self.engine.eoc_token_id) + 1
-        if self.idefics_prompt is not None:
-            boundaries = boundaries[:0]
-        return _Row(ids, media_positions, pixels, hashes, boundaries, [None] * len(images))
+        # a split needs a token after it: the first step must have something to run
+        resumable = count_is_media_state(ids, self.engine.media_token_id, self._media_reset)
+        if self.idefics_prompt is None:
+            boundaries = np.flatnonzero(ids[:-1] == self.engine.eoc_token_id) + 1
+        else:
+            # IDEFICS: before each image group that starts a demonstration (or the query), where
+            # the image count alone is the media state (runtime.decoding.count_is_media_state)
+            starts = np.flatnonzero((ids[:-2] == self._fake_image_id) & (ids[1:-1] == media))
+            boundaries = starts[(starts > 0) & resumable[starts]]
+        return _Row(
+            ids, media_positions, pixels, hashes, boundaries, resumable, [None] * len(images)
+        )
 
     def _pixels(self, images: list[Any]) -> tuple[list[np.ndarray], list[str]]:
         """Each media item's preprocessed frames (F, 3, S, S) (an image: F = 1) and their
@@ -471,7 +500,7 @@ class FlamingoPipeline:
             hashes.append(known[1])
         return pixels, hashes
 
-    def _token_ids(self, prompt: str) -> np.ndarray:
+    def token_ids(self, prompt: str) -> np.ndarray:
         """OpenFlamingo: the prompt as the tokenizer reads it; IDEFICS: the text
         IdeficsProcessor builds from it, without added special tokens (runtime.idefics)."""
         if self.idefics_prompt is None:
@@ -554,6 +583,12 @@ class FlamingoPipeline:
         total = max(lengths)
         pads = [total - n for n in lengths]
         past_len = min(min(p + r.cached for p, r in zip(pads, rows)), total - 1)
+        # a shorter batch split must still restart every row exactly (IDEFICS: no EOS after
+        # its last image before the split); 0 always does
+        while past_len > 0 and not all(
+            r.resumable[max(0, past_len - p)] for p, r in zip(pads, rows)
+        ):
+            past_len -= 1
         ids = np.full((len(rows), total), self.engine.pad_token_id, dtype=np.int64)
         mask = np.zeros_like(ids)
         for b, (row, pad) in enumerate(zip(rows, pads)):

@@ -65,18 +65,18 @@ class Demonstration:
     answer: str | None = None
 
 
-def caption_prompt(caption: str | None = None) -> str:
+def caption_prompt(caption: str | None = None, end_of_chunk: str = EOC_TOKEN) -> str:
     """Caption template; with ``caption=None`` it is the open query the model completes."""
     if caption is None:
         return f"{MEDIA_TOKEN}Output:"
-    return f"{MEDIA_TOKEN}Output:{caption}{EOC_TOKEN}"
+    return f"{MEDIA_TOKEN}Output:{caption}{end_of_chunk}"
 
 
-def vqa_prompt(question: str, answer: str | None = None) -> str:
+def vqa_prompt(question: str, answer: str | None = None, end_of_chunk: str = EOC_TOKEN) -> str:
     """VQA template; with ``answer=None`` it is the open query the model completes."""
     if answer is None:
         return f"{MEDIA_TOKEN}Question:{question} Short answer:"
-    return f"{MEDIA_TOKEN}Question:{question} Short answer:{answer}{EOC_TOKEN}"
+    return f"{MEDIA_TOKEN}Question:{question} Short answer:{answer}{end_of_chunk}"
 
 
 def check_text(text: Any, what: str, *, markers: bool = True) -> str:
@@ -106,7 +106,7 @@ def check_text(text: Any, what: str, *, markers: bool = True) -> str:
     return text
 
 
-def _demo_text(demo: Demonstration, index: int, task: str) -> str:
+def _demo_text(demo: Demonstration, index: int, task: str, end_of_chunk: str) -> str:
     where = f"demonstration #{index}"
     if not isinstance(demo, Demonstration):
         raise ValueError(f"{where}: expected a Demonstration, got {type(demo).__name__}")
@@ -118,11 +118,11 @@ def _demo_text(demo: Demonstration, index: int, task: str) -> str:
     for name in fields:
         check_text(getattr(demo, name), f"{where}: {name}", markers=False)
     if task == "caption":
-        piece = caption_prompt(demo.text.strip())  # type: ignore[union-attr]
+        piece = caption_prompt(demo.text.strip(), end_of_chunk)  # type: ignore[union-attr]
     elif task == "vqa":
-        piece = vqa_prompt(demo.question, demo.answer)  # type: ignore[arg-type]
+        piece = vqa_prompt(demo.question, demo.answer, end_of_chunk)  # type: ignore[arg-type]
     else:  # raw
-        piece = f"{MEDIA_TOKEN}{demo.text}{EOC_TOKEN}"
+        piece = f"{MEDIA_TOKEN}{demo.text}{end_of_chunk}"
     if demo.image is None:
         piece = piece.replace(MEDIA_TOKEN, "")
     return piece
@@ -135,6 +135,7 @@ def build_few_shot_prompt(
     *,
     query_image: Any = None,
     demo_separator: str = "\n",
+    end_of_chunk: str = EOC_TOKEN,
 ) -> tuple[str, list[Any]]:
     """Build an OpenFlamingo few-shot prompt.
 
@@ -143,6 +144,8 @@ def build_few_shot_prompt(
     ``<image>`` marker, so without ``query_image`` the caller appends the query image itself
     (``count_media(prompt) == len(images) + 1``).  ``query_question`` is required for
     ``"vqa"``; for ``"raw"`` it is the text after the query's ``<image>`` marker.
+    ``end_of_chunk`` ends each demonstration: the export's marker (``FlamingoPipeline.
+    end_of_chunk``: ``<|endofchunk|>`` for OpenFlamingo, IDEFICS' own in ``runtime.idefics``).
     """
     if task not in _TASKS:
         raise ValueError(f"task must be one of {list(_TASKS)}, got {task!r}")
@@ -152,7 +155,7 @@ def build_few_shot_prompt(
             "(load_demos_jsonl reads a JSONL file; wrap a single demonstration in a list)"
         )
     demos = list(demos)
-    pieces = [_demo_text(d, i, task) + demo_separator for i, d in enumerate(demos)]
+    pieces = [_demo_text(d, i, task, end_of_chunk) + demo_separator for i, d in enumerate(demos)]
     images = [d.image for d in demos if d.image is not None]
     if task == "caption":
         if query_question is not None:

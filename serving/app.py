@@ -25,6 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from runtime.prompts import EOC_TOKEN
+
 from . import protocol
 from .chat import affinity_key, chat_to_prompt
 from .engine import Event, GenerateRequest, SamplingParams
@@ -56,6 +58,8 @@ class AppSettings:
     allowed_media_dir: Path | None = None
     max_body_bytes: int = 16 << 20  # also the largest file a file:// URL may name
     max_request_pixels: int = 64 << 20  # decoded pixels of one request's images
+    # what ends a chat demonstration: the export's (serving.server.end_of_chunk)
+    end_of_chunk: str = EOC_TOKEN
 
     def __post_init__(self) -> None:
         if self.api_key is not None:
@@ -168,8 +172,9 @@ def create_app(
     # The engine tokenizes on a worker thread too.
     def read_chat(body: bytes) -> tuple[Any, GenerateRequest]:
         req = protocol.parse_request(protocol.ChatCompletionRequest, protocol.parse_json(body))
-        prompt, images = chat_to_prompt(req.messages, MediaReader(media_limits).load)
-        return req, request_of(req, prompt, images)
+        reader = MediaReader(media_limits)
+        prompt, images = chat_to_prompt(req.messages, reader.load, settings.end_of_chunk)
+        return req, request_of(req, prompt, images, settings.end_of_chunk)
 
     def read_completion(body: bytes) -> tuple[Any, GenerateRequest]:
         req = protocol.parse_request(protocol.CompletionRequest, protocol.parse_json(body))
@@ -230,8 +235,11 @@ def create_app(
     return app
 
 
-def request_of(req: Any, prompt: str, images: list[MediaImage]) -> GenerateRequest:
-    """The engine's request of a parsed API request."""
+def request_of(
+    req: Any, prompt: str, images: list[MediaImage], end_of_chunk: str = EOC_TOKEN
+) -> GenerateRequest:
+    """The engine's request of a parsed API request (`end_of_chunk`: the export's end of a
+    demonstration, for the affinity key)."""
     params = SamplingParams(
         max_tokens=req.max_new_tokens(),
         temperature=req.temperature,
@@ -243,7 +251,7 @@ def request_of(req: Any, prompt: str, images: list[MediaImage]) -> GenerateReque
         stop=tuple(req.stops()),
         ignore_eos=req.ignore_eos,
     )
-    key = affinity_key(prompt, [m.data for m in images])
+    key = affinity_key(prompt, [m.data for m in images], end_of_chunk)
     return GenerateRequest(prompt, [m.image for m in images], params, key)
 
 

@@ -42,9 +42,12 @@ class _UserTurn:
     param: str  # messages[i].content
 
 
-def chat_to_prompt(messages: Sequence[Any], resolve: ResolveImage) -> tuple[str, list[Any]]:
+def chat_to_prompt(
+    messages: Sequence[Any], resolve: ResolveImage, end_of_chunk: str = EOC_TOKEN
+) -> tuple[str, list[Any]]:
     """`(prompt, images)` for a chat conversation (the images as `resolve` returns them, in
-    marker order); a 400 naming the message otherwise."""
+    marker order); a 400 naming the message otherwise. `end_of_chunk` ends each demonstration:
+    the export's (`runtime.idefics.few_shot_end_of_chunk`: IDEFICS has its own)."""
     users: list[_UserTurn] = []
     answers: list[str] = []
     for i, message in enumerate(messages):
@@ -77,7 +80,7 @@ def chat_to_prompt(messages: Sequence[Any], resolve: ResolveImage) -> tuple[str,
     if len(users) == len(answers):
         where = f"messages[{len(messages) - 1}]"
         raise APIError(400, "the last message must be the user's query", param=where)
-    return _build(users, answers)
+    return _build(users, answers, end_of_chunk)
 
 
 def _user_turn(content: Any, param: str, resolve: ResolveImage) -> _UserTurn:
@@ -127,7 +130,7 @@ def _assistant_text(content: Any, param: str) -> str:
     raise APIError(400, f"'{param}' must be a string or a list of text parts", param=param)
 
 
-def _build(users: list[_UserTurn], answers: list[str]) -> tuple[str, list[Any]]:
+def _build(users: list[_UserTurn], answers: list[str], end_of_chunk: str) -> tuple[str, list[Any]]:
     query = users[-1]
     if query.image is None:
         raise APIError(400, f"'{query.param}': the query needs an image", param=query.param)
@@ -150,19 +153,20 @@ def _build(users: list[_UserTurn], answers: list[str]) -> tuple[str, list[Any]]:
             query.text,
             task,
             query_image=query.image,  # type: ignore[arg-type]
+            end_of_chunk=end_of_chunk,
         )
     except ValueError as e:  # e.g. a text containing the <image> marker itself
         raise APIError(400, f"messages: {e}", param="messages") from None
     return prompt, images
 
 
-def affinity_key(prompt: str, images: Sequence[bytes]) -> str:
-    """sha256 of the demonstrations (prompt up to its last <|endofchunk|>, their images);
-    empty when the prompt has none."""
-    end = prompt.rfind(EOC_TOKEN)
+def affinity_key(prompt: str, images: Sequence[bytes], end_of_chunk: str = EOC_TOKEN) -> str:
+    """sha256 of the demonstrations (prompt up to its last `end_of_chunk`, their images);
+    empty when the prompt has none (or the export's demonstrations end with no marker)."""
+    end = prompt.rfind(end_of_chunk) if end_of_chunk else -1
     if end < 0:
         return ""
-    prefix = prompt[: end + len(EOC_TOKEN)]
+    prefix = prompt[: end + len(end_of_chunk)]
     digest = hashlib.sha256(prefix.encode())
     for image in images[: count_media(prefix)]:
         digest.update(hashlib.sha256(image).digest())

@@ -99,3 +99,17 @@ def http_url(host: str, port: int) -> str:
 def model_id(export_dir: str | Path) -> str:
     """The id /v1/models lists: the export folder's name."""
     return Path(export_dir).resolve().name
+
+
+def end_of_chunk(export_dir: str | Path) -> str:
+    """What ends a chat demonstration for this export (its manifest's prompt format:
+    runtime.idefics.few_shot_end_of_chunk). An export that does not load gets OpenFlamingo's
+    marker here: the engine's load reports why, and the server serves nothing."""
+    from runtime.errors import FlamingoExportError
+    from runtime.idefics import few_shot_end_of_chunk
+    from runtime.manifest import load_manifest
+
+    try:
+        return few_shot_end_of_chunk(load_manifest(export_dir).prompt)
+    except (FlamingoExportError, OSError, ValueError):
+        return few_shot_end_of_chunk(None)

@@ -82,6 +82,23 @@ def demo_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def idefics_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random IDEFICS -instruct folder (fixtures.idefics) exported fp32 through the CLI,
+    once per session: for the runtime's other users (serve, eval, bench)."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from fixtures.idefics import build_tiny_idefics
+
+    root = tmp_path_factory.mktemp("idefics")
+    folder = build_tiny_idefics(root / "tiny", instruct=True, cross_layer_interval=2)
+    out = root / "export"
+    result = CliRunner().invoke(main, ["export", "--model", str(folder), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_video(tiny_paths: Callable, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """(model, tokenizer, export folder) of the tiny LLaMA with frame embeddings for clips of
     up to 4 frames (`perceiver.frame_embs`), exported fp32 (max_frames 4)."""

@@ -229,3 +229,19 @@ def test_other_exports_against_pytorch_and_their_own_floor(
         assert row["floor_ms"] == pytest.approx(floor, rel=1e-3, abs=1e-3)
         assert math.isfinite(row["speedup_vs_reference_total_ms"])
     assert rows[1]["speedup_vs_reference_prefill_ms"] == pytest.approx(1 / ratio, rel=1e-2)
+
+
+def test_bench_reference_on_an_idefics_export(idefics_export: Path) -> None:
+    """`bench --reference --model DIR`: the IDEFICS reference beside its export, on prompts in
+    the export's format (runtime.idefics), the same tokens; --oracle (open_flamingo) refused."""
+    folder = idefics_export.parent / "tiny"
+    args = ["bench", str(idefics_export), "--shots", "0,2", "--max-new-tokens", "3",
+            "--repeats", "1", "--warmup", "0", "--threads", "1", "--settle-ms", "0"]  # fmt: skip
+    result = CliRunner().invoke(main, [*args, "--reference", "--model", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    for row in out["results"]:
+        assert set(row["cases"]) == {"runtime_uncached", "runtime_cached", "reference"}
+        assert all(row["same_tokens_as_runtime_uncached"].values()), row
+    result = CliRunner().invoke(main, [*args, "--oracle", "--model", str(folder)])
+    assert result.exit_code == 2 and "--oracle runs the published open_flamingo" in result.output

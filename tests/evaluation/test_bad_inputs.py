@@ -210,3 +210,13 @@ def test_rices_refuses_more_shots_than_train_records(tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match="5 demonstrations cannot be chosen by RICES from 4"):
         plan(records, EvalOptions(shots=(5,), rices=True), retriever)
     assert np.isfinite(retriever.train).all()
+
+
+def test_an_idefics_export_is_refused_before_it_is_opened(idefics_export: Path) -> None:
+    """open_flamingo's protocol (its templates, text-only 0-shot demonstrations) does not
+    apply to IDEFICS: the command says so instead of scoring prompts IDEFICS never saw."""
+    with pytest.raises(EvaluationError, match=r"prompt format 'idefics'.*open_flamingo 2\.0\.1"):
+        evaluate([idefics_export], "demo", None, EvalOptions(), _never_opened)
+    result = _eval_cli(str(idefics_export), "--task", "demo")
+    assert result.exit_code != 0
+    assert "prompt format 'idefics'" in result.output and "Traceback" not in result.output

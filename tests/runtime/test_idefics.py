@@ -135,7 +135,7 @@ def test_generations_match_transformers(exported, variant, beams):
     for (prompt, _, _), ids, mask in zip(
         rows, inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()
     ):
-        assert pipe._token_ids(prompt).tolist() == [t for t, m in zip(ids, mask) if m]
+        assert pipe.token_ids(prompt).tolist() == [t for t, m in zip(ids, mask) if m]
     config = pipe.default_config(max_new_tokens=new, num_beams=beams)
     generations = pipe.generate_batch([p for p, _, _ in rows], [i for _, i, _ in rows], config)
     pad = hf.generation_config.pad_token_id
@@ -177,3 +177,128 @@ def test_cli_inspect_export_run(tmp_path):
     args = ["run", str(out), "--prompt", "User:<image>Describe", "--image", str(image)]
     result = runner.invoke(main, [*args, "--max-new-tokens", "3", "--json"])
     assert result.exit_code == 0, result.output
+
+
+def write_demos(folder, records) -> tuple:
+    """`records` (dicts with 'caption' or 'question'/'answer') as a demos JSONL beside their
+    images; returns (file, the images in order, the query image's path)."""
+    import json
+
+    a, b, c, d = pictures()
+    images = [a, b, c][: len(records)]
+    lines = []
+    for i, (record, image) in enumerate(zip(records, images)):
+        image.save(folder / f"demo{i}.png")
+        lines.append(json.dumps({"image": f"demo{i}.png", **record}))
+    (folder / "demos.jsonl").write_text("\n".join(lines) + "\n")
+    d.save(folder / "query.png")
+    return folder / "demos.jsonl", images, folder / "query.png"
+
+
+DEMOS = [
+    {"caption": " A red circle ", "question": "What is it? ", "answer": "a circle"},
+    {"caption": "Two cats</s> on a mat", "question": " Which colour?", "answer": "blue"},
+    {"caption": "dog", "question": "How many?", "answer": "2 "},
+]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_run_demos_are_the_processors(exported, tmp_path, variant, task):
+    """`run --demos` on a JSONL of 3 shots: the token ids are IdeficsProcessor's for the same
+    demonstrations as its item list, base and -instruct (its <end_of_utterance> ends each
+    demonstration), and the greedy answer is IdeficsForVisionText2Text.generate's."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from runtime.prompts import load_demos_jsonl
+
+    export, hf, processor = exported[variant]
+    file, images, query = write_demos(tmp_path, DEMOS)
+    question = "What is shown ?" if task == "vqa" else None
+    pipe = FlamingoPipeline(export)
+    end = "<end_of_utterance>" if "instruct" in variant else ""
+    assert pipe.end_of_chunk == end
+    items: list = []
+    for record, image in zip(DEMOS, images):
+        if task == "caption":
+            text = f"Output:{record['caption'].strip()}{end}\n"
+        else:
+            text = f"Question:{record['question']} Short answer:{record['answer']}{end}\n"
+        items += [image, text]
+    query_image = Image.open(query)
+    items += [query_image, "Output:" if task == "caption" else f"Question:{question} Short answer:"]
+    inputs = processor(text=[items], return_tensors="pt")
+    prompt, _ = pipe.few_shot_prompt(load_demos_jsonl(file), question, task, str(query))
+    assert pipe.token_ids(prompt).tolist() == inputs["input_ids"][0].tolist()
+    if end:
+        assert inputs["input_ids"][0].tolist().count(pipe.tokenizer.token_to_id(end)) == 3
+
+    new = 6
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=new, do_sample=False)
+    want = out[0, inputs["input_ids"].shape[1] :].tolist()
+    args = ["run", str(export), "--demos", str(file), "--image", str(query), "--json"]
+    args += ["--max-new-tokens", str(new)]
+    args += ["--task", "vqa", "--question", question] if task == "vqa" else []
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)["token_ids"]
+    eos = hf.generation_config.eos_token_id
+    assert got == (want[: want.index(eos) + 1] if eos in want else want)
+
+
+def test_a_split_restarts_exactly_where_the_image_count_is_the_state(exported):
+    """count_is_media_state: a media counter restarted at p from the image count gives the
+    full run's indices wherever it says so, and where an EOS follows the last image before p
+    (IDEFICS' rule) a restart from the count alone would be wrong."""
+    from runtime.decoding import count_is_media_state
+
+    _, _, processor = exported["resampler-float-2-instruct"]
+    tok = processor.tokenizer
+    media, eos = tok.convert_tokens_to_ids("<image>"), tok.eos_token_id
+    ids = processor(text=[cases()[0][2]], return_tensors="pt")["input_ids"][0].numpy()
+    full = MediaCounter(media, [4], eos)(ids[None])[0]
+    resumable = count_is_media_state(ids, media, eos)
+    wrong = 0
+    for p in range(1, len(ids)):
+        restarted = MediaCounter(media, [4], eos)
+        restarted.count = np.array([int((ids[:p] == media).sum())])
+        same = np.array_equal(restarted(ids[None, p:])[0], full[p:])
+        assert same or not resumable[p], p
+        wrong += not same
+    assert wrong > 0 and not resumable.all()
+    assert count_is_media_state(ids, media, None).all()  # OpenFlamingo: always
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefix_reuse_gives_the_full_prefills_generations(exported, tmp_path, variant):
+    """Prefix reuse on IDEFICS few-shot prompts (a demonstration with an EOS after its image,
+    queries sharing demonstrations, a left-padded batch): the same tokens and log-probs
+    (1e-5) as the pipeline without the prefix cache, with prefix tokens reused."""
+    from runtime.prompts import load_demos_jsonl
+
+    export, _, _ = exported[variant]
+    file, _, query = write_demos(tmp_path, DEMOS)
+    demos = load_demos_jsonl(file)
+    a, b, _, d = pictures()
+    cached, plain = FlamingoPipeline(export), FlamingoPipeline(export, prefix_cache=False)
+    config = cached.default_config(max_new_tokens=5)
+    prompts = [
+        cached.few_shot_prompt(demos, None, "caption", str(query)),
+        cached.few_shot_prompt(demos, None, "caption", a),
+        cached.few_shot_prompt(demos[:2], None, "caption", b),
+        cached.few_shot_prompt(demos[:1], "What ?", "vqa", d),
+    ]
+    reused = 0
+    for batch in ([prompts[0]], [prompts[1]], prompts[1:], [prompts[2], prompts[0]]):
+        texts, media = [p for p, _ in batch], [m for _, m in batch]
+        got = cached.generate_batch(texts, media, config)
+        want = plain.generate_batch(texts, media, config)
+        for g, w in zip(got, want):
+            assert g.token_ids == w.token_ids
+            assert np.allclose(g.logprobs, w.logprobs, atol=1e-5, rtol=0)
+            reused += g.stats["cached_tokens"]
+    assert reused > 0 and cached.cache_stats()["prefix"]["hits"] > 0
