@@ -22,7 +22,6 @@ and keeps that route. Written atomically (`exporter.export.write_atomically`).
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from exporter.decoder_forms import apply_form
 from exporter.export import (
     ExportOptions,
     check_free_space,
@@ -46,6 +46,7 @@ from exporter.export import (
     write_manifest,
 )
 from exporter.skeleton import (
+    LAYER_GROUP,
     PLACEHOLDER_LOCATION,
     SMALL_PARAM_BYTES,
     Skeleton,
@@ -58,7 +59,7 @@ from exporter.skeleton import (
 from flamingo.lazy import SourceFiles, read_lazy_state_dict
 from flamingo.loaders import ResolvedFlamingo, resolve_flamingo
 from runtime.manifest import GraphEntry, Manifest
-from runtime.spec import ModelDims, decoder_spec, vision_spec
+from runtime.spec import PORTABLE, ModelDims, decoder_spec, vision_spec
 
 from .graph import WeightStore, exceeds_proto_limit
 from .options import QuantizeError, QuantizeOptions
@@ -66,10 +67,10 @@ from .quantize import rewrite_graph, written_graph
 
 Progress = Any  # Callable[[str], None]
 
+_FILE_KEYS = ("lm_dir", "vision_path", "checkpoint_path")  # an OpenFlamingo model's files
 EVICT_BYTES = 1 << 20  # new initializers at least this large go to the spool file at once
 _CHUNK_ELEMENTS = 1 << 22  # elements converted (fp16) or copied per step when writing
 _BYTES_PER_ELEMENT = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2}
-_GROUP = re.compile(r"^(.*?\.(?:layers|resblocks|blocks|cross_attn_layers)\.\d+)\.")
 
 
 def streams(options: QuantizeOptions) -> bool:
@@ -94,7 +95,7 @@ def output_size(resolved: ResolvedFlamingo, options: QuantizeOptions) -> int:
 
 def tensor_group(param: str) -> str:
     """The progress unit of a parameter: its layer (`lang_model.layers.12`) or its module."""
-    m = _GROUP.match(param)
+    m = LAYER_GROUP.match(param)
     return m[1] if m else param.rsplit(".", 1)[0]
 
 
@@ -340,8 +341,9 @@ def export_streaming(
     """`export --precision P` from the model files without loading the model (see module doc).
 
     `model_files`: `flamingo.loaders.resolve_flamingo`'s arguments (lm_dir, vision_path,
-    checkpoint_path and its keywords). Raises ExportError (QuantizeError) before any work when
-    the options or OUT cannot be used, LoadError when the files do not fit.
+    checkpoint_path and its keywords), or `model_dir` (an HF IDEFICS folder, and optionally
+    `preset`: `flamingo.idefics.resolve_idefics`'s). Raises ExportError (QuantizeError) before
+    any work when the options or OUT cannot be used, LoadError when the files do not fit.
     """
     say = progress or (lambda _message: None)
     export_options.validate()
@@ -353,22 +355,24 @@ def export_streaming(
             "int8 go through the fp32 export (flamingo-export export without --precision, then "
             "quantize)"
         )
-    if not export_options.decoder_form.portable:
-        raise QuantizeError(
-            "the streaming export writes the portable decoder form; derive other forms from "
-            "its output (exporter.decoder_forms.derive_export) or export fp32 with the form, "
-            "then quantize"
-        )
     out = Path(out)
-    inputs = [model_files[k] for k in ("lm_dir", "vision_path", "checkpoint_path")]
-    check_output(out, options.force, inputs=inputs)
+    model_files = {k: v for k, v in model_files.items() if v is not None}
+    keys = ("model_dir",) if "model_dir" in model_files else _FILE_KEYS
+    check_output(out, options.force, inputs=[model_files[k] for k in keys])
     say("reading the shapes of the model files' tensors (no weights)...")
-    resolved = resolve_flamingo(**model_files, reader=read_lazy_state_dict)
+    if "model_dir" in model_files:
+        from flamingo.idefics import resolve_idefics
+
+        resolved = resolve_idefics(
+            model_files["model_dir"], preset=model_files.get("preset"), reader=read_lazy_state_dict
+        )
+    else:
+        resolved = resolve_flamingo(**model_files, reader=read_lazy_state_dict)
     for assumption in resolved.report.assumptions:
         say(f"assumed: {assumption}")
     export_options = export_options.with_model(resolved.config.to_dict(), say)
     check_free_space(out, output_size(resolved, options))
-    source = {k: str(model_files[k]) for k in ("lm_dir", "vision_path", "checkpoint_path")}
+    source = {k: str(model_files[k]) for k in keys}
     return write_atomically(
         out,
         options.force,
@@ -388,7 +392,11 @@ def _stream_into(
 ) -> Manifest:
     cfg = resolved.config
     dims = ModelDims.from_config(cfg.to_dict())
-    specs = {"vision": vision_spec(dims, "float32"), "decoder": decoder_spec(dims, "float32")}
+    forms = {"vision": PORTABLE, "decoder": export_options.decoder_form}
+    specs = {
+        "vision": vision_spec(dims, "float32"),
+        "decoder": decoder_spec(dims, "float32", forms["decoder"]),
+    }
     files = SourceFiles()
     work = Path(tempfile.mkdtemp(prefix=".stream-work-", dir=tmp))
     graphs: dict[str, GraphEntry] = {}
@@ -403,13 +411,18 @@ def _stream_into(
                 say(f"{name} graph: tracing its structure without weights (opset "
                     f"{export_options.opset})...")  # fmt: skip
                 skeleton = trace_skeletons(model, export_options.opset, small_bytes, real,
-                                           only=(name,))[0]  # fmt: skip
+                                           only=(name,), progress=say)[0]  # fmt: skip
+                if not forms[name].portable:  # as export does to the file it traced
+                    apply_form(skeleton.model, forms[name], cfg.to_dict(),
+                               {"media_token_id": cfg.media_token_id})  # fmt: skip
                 say(f"{name} graph: fp32 -> {precision}, weights streamed from the checkpoint...")
                 weights = StreamedWeights(
                     skeleton, resolved.tensors, files, work / f"{name}.spool", say
                 )
                 try:
-                    graph, info = rewrite_graph(skeleton.model, name, options, None, work, weights)
+                    graph, info = rewrite_graph(
+                        skeleton.model, name, options, None, work, weights, form=forms[name]
+                    )
                     path = tmp / f"{name}.onnx"
                     external = write_graph(graph, path, weights)
                     duplicates = _duplicates(skeleton, weights)
@@ -423,7 +436,9 @@ def _stream_into(
                     stale.unlink(missing_ok=True)
                 real |= duplicates
                 model = build_model(cfg, resolved.tensors, files.materialize, small_bytes, real)
-            graphs[name] = written_graph(path, graph, specs[name], precision, external, start, say)
+            graphs[name] = written_graph(
+                path, graph, specs[name], precision, external, start, say, form=forms[name]
+            )
             record[name] = info
         del model
     finally:
@@ -431,4 +446,7 @@ def _stream_into(
         shutil.rmtree(work, ignore_errors=True)
     record["source"] = {"model_files": source, "route": "streamed"}
     say("saving tokenizer...")
-    return write_manifest(tmp, cfg, resolved.tokenizer, graphs, export_options, record)
+    return write_manifest(
+        tmp, cfg, resolved.tokenizer, graphs, export_options, record,
+        preprocess=resolved.preprocess, prompt=resolved.prompt_format,
+    )  # fmt: skip
