@@ -43,6 +43,12 @@ from .export import ExportError, example_inputs, graph_modules, torch_onnx_expor
 
 # a numbered block of a module list (`lang_model.layers.12`): the unit of progress
 LAYER_GROUP = re.compile(r"^(.*?\.(?:layers|resblocks|blocks|cross_attn_layers)\.\d+)(?:\.|$)")
+# whose blocks each graph runs as modules (the vision graph uses only the cross-attention
+# layers' K/V projections, not their forward)
+_TRACED_BLOCKS: dict[str, Callable[[Flamingo], nn.Module]] = {
+    "vision": lambda model: model.vision_encoder,
+    "decoder": lambda model: model.lang_model,
+}
 SMALL_PARAM_BYTES = 1 << 20  # parameters up to this size are traced with their values
 PLACEHOLDER_LOCATION = "<streamed>"  # external-data location of an initializer without data
 # A folded weight that is no view of a placeholder is read from the trace as is: fine for
@@ -176,9 +182,11 @@ def _shape_inference_without(placeholders: set[int], say: Callable[[str], None])
     an input of that one-node model with the same dtype and shape, which is all shape inference
     reads of a weight (the skeleton test compares the graphs with the fp32 export's)."""
     original = torch._C._jit_pass_onnx_graph_shape_type_inference
+    passes = [0]
 
     def infer(graph: torch._C.Graph, params: dict[str, torch.Tensor], opset: int) -> None:
-        say("ONNX shape inference...")
+        passes[0] += 1
+        say(f"ONNX shape inference, pass {passes[0]} (before and after constant folding)...")
         kept = {
             name: tensor
             for name, tensor in params.items()
@@ -197,15 +205,15 @@ def _shape_inference_without(placeholders: set[int], say: Callable[[str], None])
 def _block_progress(
     model: nn.Module, module: nn.Module, say: Callable[[str], None]
 ) -> Iterator[None]:
-    """One message per numbered block (`LAYER_GROUP`) of `module` as the trace runs it."""
+    """One message per numbered block (`LAYER_GROUP`) of `module` (the vision encoder's or the
+    LM's) as the trace runs it."""
     names = {id(m): n for n, m in model.named_modules()}
 
     def is_block(name: str, block: nn.Module) -> bool:
         group = LAYER_GROUP.match(name)
         return group is not None and group[1] == name and not isinstance(block, nn.ModuleList)
 
-    blocks = [m for n, m in module.named_modules() if is_block(n, m)]
-    blocks = [m for m in blocks if is_block(names.get(id(m), ""), m)]
+    blocks = [m for m in module.modules() if is_block(names.get(id(m), ""), m)]
     seen: set[int] = set()
     start = time.perf_counter()
 
@@ -275,7 +283,7 @@ def trace_skeletons(model: Flamingo, opset: int, small_bytes: int = SMALL_PARAM_
 
             with (
                 torch.no_grad(),
-                _block_progress(model, module, say),
+                _block_progress(model, _TRACED_BLOCKS[name](model), say),
                 _shape_inference_without(set(placeholders), say),
                 _folded_weights(set(placeholders)) as box,
             ):

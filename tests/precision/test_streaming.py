@@ -263,6 +263,29 @@ def test_one_parameter_at_a_time_with_progress_per_tensor_group(
     for layer in range(model.cfg.lm.num_layers):
         assert sum(f": lang_model.layers.{layer} (" in m for m in groups) == 1
     assert any(": vision_encoder.transformer.resblocks.0 (" in m for m in groups)
+    # the trace of the structure: a line per block as torch runs it, then per stage
+    blocks = {"decoder": model.cfg.lm.num_layers + len(model.lang_model.cross_attn_layer_indices),
+              "vision": model.cfg.vision.layers}  # fmt: skip
+    for graph, count in blocks.items():
+        traced = [m for m in said if m.startswith(f"{graph} graph: traced ")]
+        assert len(traced) == count
+        assert f"({count}/{count} blocks, " in traced[-1]
+    assert sum(m.startswith("decoder graph: ONNX shape inference, pass ") for m in said) >= 1
+    assert sum(m.startswith("decoder graph: structure traced in ") for m in said) == 1
+
+
+def test_export_json_keeps_stdout_one_object(tiny_paths: Callable, tmp_path: Path) -> None:
+    """`export --json` on the streamed route: progress on stderr, one JSON object on stdout."""
+    paths = tiny_paths("mpt")
+    result = CliRunner().invoke(main, [
+        "export", "--lm", str(paths.lm_dir), "--vision", str(paths.vision_path),
+        "--checkpoint", str(paths.checkpoint_path), "--precision", "int4", "--json",
+        "-o", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["graphs"]["decoder"]["precision"] == "int4"
+    assert "decoder graph: traced lang_model.layers.0 (" in result.stderr
 
 
 def test_an_interrupted_streaming_export_leaves_nothing(
