@@ -22,6 +22,7 @@ and keeps that route. Written atomically (`exporter.export.write_atomically`).
 
 from __future__ import annotations
 
+import io
 import shutil
 import sys
 import tempfile
@@ -260,6 +261,71 @@ def _fill(tensor: TensorProto, data: bytes) -> None:
     tensor.raw_data = data
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_GRAPH_TAG, _INITIALIZER_TAG, _RAW_DATA_TAG = b"\x3a", b"\x2a", b"\x4a"  # fields 7, 5, 9
+
+
+def _save_inline(model: onnx.ModelProto, path: Path, weights: StreamedWeights) -> None:
+    """The bytes `onnx.save` writes for `model` with every placeholder's data inline, without
+    holding them: the model is serialized with each placeholder's raw_data empty (its last
+    field: dims, data_type, name, raw_data), then written with each empty raw_data replaced by
+    the data streamed from `weights` and the enclosing lengths (initializer, graph) grown to
+    match. Protobuf writes known fields in field-number order, so the result is the file
+    `onnx.save` writes (the equality tests compare the two routes' files)."""
+    deferred = [t for t in model.graph.initializer if weights.deferred(t)]
+    sizes = [weights.nbytes(t) for t in deferred]
+    for tensor in deferred:
+        _fill(tensor, b"")
+    buffer = io.BytesIO()
+    onnx.save(model, buffer)
+    empty_model = buffer.getvalue()
+    graph = model.graph.SerializeToString()
+    start = empty_model.find(graph)
+    head = _GRAPH_TAG + _varint(len(graph))
+    if start < 0 or empty_model[start - len(head) : start] != head:
+        raise QuantizeError(f"{path.name}: cannot lay out the graph for streaming (protobuf)")
+    pieces: list[tuple[int, int, bytes]] = []  # (offset in graph, length replaced, new header)
+    pos = 0
+    for tensor, size in zip(deferred, sizes):
+        body = tensor.SerializeToString()  # ..., name, raw_data (tag 9, length 0)
+        if not body.endswith(_RAW_DATA_TAG + b"\x00"):
+            raise QuantizeError(f"{tensor.name}: raw_data is not the last field written")
+        entry = _INITIALIZER_TAG + _varint(len(body)) + body
+        at = graph.find(entry, pos)
+        if at < 0:
+            raise QuantizeError(f"{tensor.name}: initializer not found in the serialized graph")
+        data_head = _RAW_DATA_TAG + _varint(size)
+        grown = len(body) - 2 + len(data_head) + size
+        pieces.append((at, len(entry), _INITIALIZER_TAG + _varint(grown) + body[:-2] + data_head))
+        pos = at + len(entry)
+    graph_size = len(graph) + sum(len(h) + n - length for (_, length, h), n in zip(pieces, sizes))
+    with open(path, "wb") as f:
+        f.write(empty_model[: start - len(head)])
+        f.write(_GRAPH_TAG + _varint(graph_size))
+        pos = 0
+        for (at, length, header), tensor in zip(pieces, deferred):
+            f.write(graph[pos:at])
+            f.write(header)
+            for chunk in weights.chunks(tensor):
+                f.write(chunk)
+            pos = at + length
+        f.write(graph[pos:])
+        f.write(empty_model[start + len(graph) :])
+    for tensor in deferred:  # placeholders again: the data is in the file, not in memory
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", PLACEHOLDER_LOCATION
+
+
 def write_graph(model: onnx.ModelProto, path: Path, weights: StreamedWeights) -> list[str]:
     """Write a streamed graph as `precision.quantize.save_graph` writes a graph in memory:
     inline below the protobuf limit, else every initializer of at least 1 KiB (onnx.save's
@@ -268,10 +334,7 @@ def write_graph(model: onnx.ModelProto, path: Path, weights: StreamedWeights) ->
     inits = model.graph.initializer
     sizes = [weights.nbytes(t) if weights.deferred(t) else len(t.raw_data) for t in inits]
     if not exceeds_proto_limit(sum(sizes)):
-        for tensor in inits:
-            if weights.deferred(tensor):
-                _fill(tensor, b"".join(weights.chunks(tensor)))
-        onnx.save(model, str(path))
+        _save_inline(model, path, weights)
         return []
     data_name = path.name + ".data"
     offset = 0
