@@ -423,6 +423,7 @@ IDEFICS_VARIANTS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(IDEFICS_VARIANTS))
 def test_idefics_folders_stream_to_the_same_graphs(tmp_path: Path, variant: str) -> None:
     """An IDEFICS folder streams: a graph tensor built from several source tensors (the
@@ -448,6 +449,7 @@ def test_idefics_folders_stream_to_the_same_graphs(tmp_path: Path, variant: str)
         assert_same_outputs(ref, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["in-graph", "inplace", "in-graph,inplace"])
 def test_decoder_forms_stream_to_the_same_graphs(
     tiny_model: Callable, tiny_paths: Callable, tmp_path: Path, form: str
