@@ -180,7 +180,8 @@ def _shape_inference_without(placeholders: set[int], say: Callable[[str], None])
     weight is serialized once per use, twice per export (before and after constant folding),
     and that was most of the decoder trace's time. Left out of the dict it gets, a weight is
     an input of that one-node model with the same dtype and shape, which is all shape inference
-    reads of a weight (the skeleton test compares the graphs with the fp32 export's)."""
+    reads of a weight (tests/precision/test_streaming.py compares the graphs with the fp32
+    export's, byte for byte)."""
     original = torch._C._jit_pass_onnx_graph_shape_type_inference
     passes = [0]
 
