@@ -21,6 +21,7 @@ from .options import (
     precision_options,
     progress_printer,
     quantize_options,
+    require_model_files,
     user_errors,
 )
 
@@ -148,15 +149,13 @@ def export(
     # everything that can be refused is refused before the (slow) model load
     options.validate()
     model_args = pop_model_args(kw)
+    require_model_files(model_args)
     sources = [model_args[k] for k in MODEL_FILE_KEYS if model_args[k] is not None]
     check_output(output, force, inputs=sources)
     quantize = make_quantize_options(kw, force)
     say = progress_printer(quiet)
-    # the streamed route writes OpenFlamingo files' portable graphs; other forms and IDEFICS
-    # folders take export + quantize (docs/quantization.md)
-    if streams(quantize) and options.decoder_form.portable and model_args.get("model_dir") is None:
-        files = {k: v for k, v in model_args.items() if k != "model_dir"}
-        manifest = export_streaming(files, output, options, quantize, progress=say)
+    if streams(quantize):
+        manifest = export_streaming(model_args, output, options, quantize, progress=say)
     else:
         model, tok, _ = load_model(model_args, say)
         manifest = export_at_precision(model, tok, output, options, quantize, progress=say)

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,14 @@ from runtime.spec import ModelDims
 
 from .export import ExportError, example_inputs, graph_modules, torch_onnx_export, trace_sizes
 
+# a numbered block of a module list (`lang_model.layers.12`): the unit of progress
+LAYER_GROUP = re.compile(r"^(.*?\.(?:layers|resblocks|blocks|cross_attn_layers)\.\d+)(?:\.|$)")
+# whose blocks each graph runs as modules (the vision graph uses only the cross-attention
+# layers' K/V projections, not their forward)
+_TRACED_BLOCKS: dict[str, Callable[[Flamingo], nn.Module]] = {
+    "vision": lambda model: model.vision_encoder,
+    "decoder": lambda model: model.lang_model,
+}
 SMALL_PARAM_BYTES = 1 << 20  # parameters up to this size are traced with their values
 PLACEHOLDER_LOCATION = "<streamed>"  # external-data location of an initializer without data
 # A folded weight that is no view of a placeholder is read from the trace as is: fine for
@@ -162,6 +172,68 @@ def build_model(
 
 
 @contextlib.contextmanager
+def _shape_inference_without(placeholders: set[int], say: Callable[[str], None]) -> Iterator[None]:
+    """torch's graph-level ONNX shape inference without the placeholders' values.
+
+    For every node, `_jit_pass_onnx_graph_shape_type_inference` copies each parameter input
+    into a one-node ONNX model as a Constant and runs onnx's shape inference on it: every
+    weight is serialized once per use, twice per export (before and after constant folding),
+    and that was most of the decoder trace's time. Left out of the dict it gets, a weight is
+    an input of that one-node model with the same dtype and shape, which is all shape inference
+    reads of a weight (tests/precision/test_streaming.py compares the graphs with the fp32
+    export's, byte for byte)."""
+    original = torch._C._jit_pass_onnx_graph_shape_type_inference
+    passes = [0]
+
+    def infer(graph: torch._C.Graph, params: dict[str, torch.Tensor], opset: int) -> None:
+        passes[0] += 1
+        say(f"ONNX shape inference, pass {passes[0]} (before and after constant folding)...")
+        kept = {
+            name: tensor
+            for name, tensor in params.items()
+            if not (tensor.numel() and tensor.untyped_storage().data_ptr() in placeholders)
+        }
+        return original(graph, kept, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = infer
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = original
+
+
+@contextlib.contextmanager
+def _block_progress(
+    model: nn.Module, module: nn.Module, say: Callable[[str], None]
+) -> Iterator[None]:
+    """One message per numbered block (`LAYER_GROUP`) of `module` (the vision encoder's or the
+    LM's) as the trace runs it."""
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def is_block(name: str, block: nn.Module) -> bool:
+        group = LAYER_GROUP.match(name)
+        return group is not None and group[1] == name and not isinstance(block, nn.ModuleList)
+
+    blocks = [m for m in module.modules() if is_block(names.get(id(m), ""), m)]
+    seen: set[int] = set()
+    start = time.perf_counter()
+
+    def hook(block: nn.Module, *_: object) -> None:
+        if id(block) in seen:
+            return
+        seen.add(id(block))
+        say(f"traced {names[id(block)]} ({len(seen)}/{len(blocks)} blocks, "
+            f"{time.perf_counter() - start:.0f} s)")  # fmt: skip
+
+    handles = [b.register_forward_hook(hook) for b in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def _folded_weights(placeholders: set[int]) -> Iterator[list[dict[str, torch.Tensor]]]:
     """The named weights torch.onnx exports (after constant folding), captured at the last pass
     of `_model_to_graph`; views of placeholder storages get distinct first elements there."""
@@ -186,9 +258,11 @@ def _folded_weights(placeholders: set[int]) -> Iterator[list[dict[str, torch.Ten
 
 def trace_skeletons(model: Flamingo, opset: int, small_bytes: int = SMALL_PARAM_BYTES,
                     real: frozenset[str] = frozenset(),
-                    only: tuple[str, ...] = ("vision", "decoder")) -> list[Skeleton]:  # fmt: skip
+                    only: tuple[str, ...] = ("vision", "decoder"),
+                    progress: Callable[[str], None] | None = None) -> list[Skeleton]:  # fmt: skip
     """The vision and decoder graphs of `export` (same torch.onnx call, same tracing inputs)
-    with large initializers as placeholders."""
+    with large initializers as placeholders. `progress` gets a line per traced block (layer)
+    and per torch.onnx stage."""
     placeholders = {
         p.untyped_storage().data_ptr(): name
         for name, p in model.named_parameters()
@@ -202,11 +276,23 @@ def trace_skeletons(model: Flamingo, opset: int, small_bytes: int = SMALL_PARAM_
             if name not in only:
                 continue
             path = Path(work) / f"{name}.onnx"
-            with torch.no_grad(), _folded_weights(set(placeholders)) as box:
+            start = time.perf_counter()
+
+            def say(message: str, name: str = name) -> None:
+                if progress is not None:
+                    progress(f"{name} graph: {message}")
+
+            with (
+                torch.no_grad(),
+                _block_progress(model, _TRACED_BLOCKS[name](model), say),
+                _shape_inference_without(set(placeholders), say),
+                _folded_weights(set(placeholders)) as box,
+            ):
                 torch_onnx_export(
                     module, example_inputs(spec, sizes, torch.float32), spec, path, opset,
                     export_params=False,
                 )  # fmt: skip
+            say(f"structure traced in {time.perf_counter() - start:.0f} s")
             if len(box) != 1:
                 raise ExportError(
                     f"cannot trace the {name} graph without its weights with torch "

@@ -34,12 +34,15 @@ from .config import CrossAttentionConfig, FlamingoConfig, LMConfig, ResamplerCon
 from .loaders import (
     LoadError,
     LoadReport,
+    Reader,
+    ResolvedFlamingo,
     _obj,
     check_head_dim,
     check_weight,
     clip_hf_to_open_clip,
     read_hf_weights,
     read_json_object,
+    read_state_dict,
 )
 from .model import Flamingo
 
@@ -403,6 +406,29 @@ def load_idefics(
     Errors (LoadError): no config.json, another model type, a config transformers could not
     run, a missing shard, a shard index naming a file outside the folder, a tensor missing or
     of the wrong shape, a tokenizer without `<image>` or with ids beyond the vocabulary."""
+    resolved = resolve_idefics(folder, preset=preset)
+    cfg = resolved.config
+    with torch.device("meta"):
+        model = Flamingo(cfg)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: v.to(dtype) for k, v in resolved.tensors.items()}, strict=False)
+    if cfg.lm.tie_word_embeddings:
+        model.lang_model.lm_head.weight = model.lang_model.embed_tokens.weight
+    model.lang_model._init_buffers()
+    model.to(dtype).eval()
+    model.preprocess = resolved.preprocess
+    model.prompt_format = resolved.prompt_format
+    return model, resolved.tokenizer, resolved.report
+
+
+def resolve_idefics(
+    folder: str | Path, *, preset: str | None = None, reader: Reader = read_state_dict
+) -> ResolvedFlamingo:
+    """Config, tokenizer, report, preprocessing, prompt format and every weight under our
+    parameter name, before any model is built (load_idefics' checks; the errors of
+    load_idefics). `reader` reads one weight file (flamingo.lazy's reads shapes only: the
+    streaming export; the decoupled embedding and head, and the q/k/v and k/v projections, are
+    then concatenations recorded lazily and read from their parts when written)."""
     folder = Path(folder)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
@@ -438,7 +464,7 @@ def load_idefics(
     expected = model.state_dict()
 
     files: dict[str, Path] = {}
-    sd = read_hf_weights(folder, files)
+    sd = read_hf_weights(folder, files, reader)
     interval = cfg.cross_attn.every_n_layers
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in sd.items():
@@ -499,15 +525,8 @@ def load_idefics(
                 f"{tuple(want.shape)} from {cfg_file}"
             )
 
-    model = model.to_empty(device="cpu")
-    model.load_state_dict({k: v.to(dtype) for k, v in loaded.items()}, strict=False)
-    if cfg.lm.tie_word_embeddings:
-        model.lang_model.lm_head.weight = model.lang_model.embed_tokens.weight
-    model.lang_model._init_buffers()
-    model.to(dtype).eval()
     additional = tok.special_tokens_map.get("additional_special_tokens", [])
-    model.preprocess = preprocess.to_dict()
-    model.prompt_format = IdeficsPromptFormat(
+    prompt_format = IdeficsPromptFormat(
         bos_token=tok.bos_token,
         image_token=IMAGE_TOKEN,
         fake_image_token=FAKE_IMAGE_TOKEN,
@@ -522,4 +541,4 @@ def load_idefics(
         f"{cfg.image_tokens} keys per image, cross-attention before layers {blocks}, "
         f"vocabulary {hf['vocab_size']} + {hf.get('additional_vocab_size', 0)}"
     )
-    return model, tok, report
+    return ResolvedFlamingo(cfg, tok, report, loaded, preprocess.to_dict(), prompt_format)

@@ -809,6 +809,9 @@ class ResolvedFlamingo:
     tokenizer: Any
     report: LoadReport
     tensors: dict[str, torch.Tensor]
+    # what a loader that knows better (IDEFICS) sets for the manifest, else None
+    preprocess: dict[str, Any] | None = None
+    prompt_format: dict[str, Any] | None = None
 
 
 def resolve_flamingo(

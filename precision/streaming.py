@@ -22,7 +22,7 @@ and keeps that route. Written atomically (`exporter.export.write_atomically`).
 
 from __future__ import annotations
 
-import re
+import io
 import shutil
 import sys
 import tempfile
@@ -38,6 +38,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from exporter.decoder_forms import apply_form
 from exporter.export import (
     ExportOptions,
     check_free_space,
@@ -46,6 +47,7 @@ from exporter.export import (
     write_manifest,
 )
 from exporter.skeleton import (
+    LAYER_GROUP,
     PLACEHOLDER_LOCATION,
     SMALL_PARAM_BYTES,
     Skeleton,
@@ -58,7 +60,7 @@ from exporter.skeleton import (
 from flamingo.lazy import SourceFiles, read_lazy_state_dict
 from flamingo.loaders import ResolvedFlamingo, resolve_flamingo
 from runtime.manifest import GraphEntry, Manifest
-from runtime.spec import ModelDims, decoder_spec, vision_spec
+from runtime.spec import PORTABLE, ModelDims, decoder_spec, vision_spec
 
 from .graph import WeightStore, exceeds_proto_limit
 from .options import QuantizeError, QuantizeOptions
@@ -66,10 +68,10 @@ from .quantize import rewrite_graph, written_graph
 
 Progress = Any  # Callable[[str], None]
 
+_FILE_KEYS = ("lm_dir", "vision_path", "checkpoint_path")  # an OpenFlamingo model's files
 EVICT_BYTES = 1 << 20  # new initializers at least this large go to the spool file at once
 _CHUNK_ELEMENTS = 1 << 22  # elements converted (fp16) or copied per step when writing
 _BYTES_PER_ELEMENT = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2}
-_GROUP = re.compile(r"^(.*?\.(?:layers|resblocks|blocks|cross_attn_layers)\.\d+)\.")
 
 
 def streams(options: QuantizeOptions) -> bool:
@@ -95,7 +97,7 @@ def output_size(resolved: ResolvedFlamingo, options: QuantizeOptions) -> int:
 
 def tensor_group(param: str) -> str:
     """The progress unit of a parameter: its layer (`lang_model.layers.12`) or its module."""
-    m = _GROUP.match(param)
+    m = LAYER_GROUP.match(param)
     return m[1] if m else param.rsplit(".", 1)[0]
 
 
@@ -260,6 +262,71 @@ def _fill(tensor: TensorProto, data: bytes) -> None:
     tensor.raw_data = data
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_GRAPH_TAG, _INITIALIZER_TAG, _RAW_DATA_TAG = b"\x3a", b"\x2a", b"\x4a"  # fields 7, 5, 9
+
+
+def _save_inline(model: onnx.ModelProto, path: Path, weights: StreamedWeights) -> None:
+    """The bytes `onnx.save` writes for `model` with every placeholder's data inline, without
+    holding them: the model is serialized with each placeholder's raw_data empty (its last
+    field: dims, data_type, name, raw_data), then written with each empty raw_data replaced by
+    the data streamed from `weights` and the enclosing lengths (initializer, graph) grown to
+    match. Protobuf writes known fields in field-number order, so the result is the file
+    `onnx.save` writes (the equality tests compare the two routes' files)."""
+    deferred = [t for t in model.graph.initializer if weights.deferred(t)]
+    sizes = [weights.nbytes(t) for t in deferred]
+    for tensor in deferred:
+        _fill(tensor, b"")
+    buffer = io.BytesIO()
+    onnx.save(model, buffer)
+    empty_model = buffer.getvalue()
+    graph = model.graph.SerializeToString()
+    start = empty_model.find(graph)
+    head = _GRAPH_TAG + _varint(len(graph))
+    if start < 0 or empty_model[start - len(head) : start] != head:
+        raise QuantizeError(f"{path.name}: cannot lay out the graph for streaming (protobuf)")
+    pieces: list[tuple[int, int, bytes]] = []  # (offset in graph, length replaced, new header)
+    pos = 0
+    for tensor, size in zip(deferred, sizes):
+        body = tensor.SerializeToString()  # ..., name, raw_data (tag 9, length 0)
+        if not body.endswith(_RAW_DATA_TAG + b"\x00"):
+            raise QuantizeError(f"{tensor.name}: raw_data is not the last field written")
+        entry = _INITIALIZER_TAG + _varint(len(body)) + body
+        at = graph.find(entry, pos)
+        if at < 0:
+            raise QuantizeError(f"{tensor.name}: initializer not found in the serialized graph")
+        data_head = _RAW_DATA_TAG + _varint(size)
+        grown = len(body) - 2 + len(data_head) + size
+        pieces.append((at, len(entry), _INITIALIZER_TAG + _varint(grown) + body[:-2] + data_head))
+        pos = at + len(entry)
+    graph_size = len(graph) + sum(len(h) + n - length for (_, length, h), n in zip(pieces, sizes))
+    with open(path, "wb") as f:
+        f.write(empty_model[: start - len(head)])
+        f.write(_GRAPH_TAG + _varint(graph_size))
+        pos = 0
+        for (at, length, header), tensor in zip(pieces, deferred):
+            f.write(graph[pos:at])
+            f.write(header)
+            for chunk in weights.chunks(tensor):
+                f.write(chunk)
+            pos = at + length
+        f.write(graph[pos:])
+        f.write(empty_model[start + len(graph) :])
+    for tensor in deferred:  # placeholders again: the data is in the file, not in memory
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        entry = tensor.external_data.add()
+        entry.key, entry.value = "location", PLACEHOLDER_LOCATION
+
+
 def write_graph(model: onnx.ModelProto, path: Path, weights: StreamedWeights) -> list[str]:
     """Write a streamed graph as `precision.quantize.save_graph` writes a graph in memory:
     inline below the protobuf limit, else every initializer of at least 1 KiB (onnx.save's
@@ -268,10 +335,7 @@ def write_graph(model: onnx.ModelProto, path: Path, weights: StreamedWeights) ->
     inits = model.graph.initializer
     sizes = [weights.nbytes(t) if weights.deferred(t) else len(t.raw_data) for t in inits]
     if not exceeds_proto_limit(sum(sizes)):
-        for tensor in inits:
-            if weights.deferred(tensor):
-                _fill(tensor, b"".join(weights.chunks(tensor)))
-        onnx.save(model, str(path))
+        _save_inline(model, path, weights)
         return []
     data_name = path.name + ".data"
     offset = 0
@@ -341,8 +405,9 @@ def export_streaming(
     """`export --precision P` from the model files without loading the model (see module doc).
 
     `model_files`: `flamingo.loaders.resolve_flamingo`'s arguments (lm_dir, vision_path,
-    checkpoint_path and its keywords). Raises ExportError (QuantizeError) before any work when
-    the options or OUT cannot be used, LoadError when the files do not fit.
+    checkpoint_path and its keywords), or `model_dir` (an HF IDEFICS folder, and optionally
+    `preset`: `flamingo.idefics.resolve_idefics`'s). Raises ExportError (QuantizeError) before
+    any work when the options or OUT cannot be used, LoadError when the files do not fit.
     """
     say = progress or (lambda _message: None)
     export_options.validate()
@@ -354,22 +419,24 @@ def export_streaming(
             "and dynamic int8 go through the fp32 export (flamingo-export export without "
             "--precision, then quantize)"
         )
-    if not export_options.decoder_form.portable:
-        raise QuantizeError(
-            "the streaming export writes the portable decoder form; derive other forms from "
-            "its output (exporter.decoder_forms.derive_export) or export fp32 with the form, "
-            "then quantize"
-        )
     out = Path(out)
-    inputs = [model_files[k] for k in ("lm_dir", "vision_path", "checkpoint_path")]
-    check_output(out, options.force, inputs=inputs)
+    model_files = {k: v for k, v in model_files.items() if v is not None}
+    keys = ("model_dir",) if "model_dir" in model_files else _FILE_KEYS
+    check_output(out, options.force, inputs=[model_files[k] for k in keys])
     say("reading the shapes of the model files' tensors (no weights)...")
-    resolved = resolve_flamingo(**model_files, reader=read_lazy_state_dict)
+    if "model_dir" in model_files:
+        from flamingo.idefics import resolve_idefics
+
+        resolved = resolve_idefics(
+            model_files["model_dir"], preset=model_files.get("preset"), reader=read_lazy_state_dict
+        )
+    else:
+        resolved = resolve_flamingo(**model_files, reader=read_lazy_state_dict)
     for line in resolved.report.lines():
         say(line)
     export_options = export_options.with_model(resolved.config.to_dict(), say)
     check_free_space(out, output_size(resolved, options))
-    source = {k: str(model_files[k]) for k in ("lm_dir", "vision_path", "checkpoint_path")}
+    source = {k: str(model_files[k]) for k in keys}
     return write_atomically(
         out,
         options.force,
@@ -389,7 +456,11 @@ def _stream_into(
 ) -> Manifest:
     cfg = resolved.config
     dims = ModelDims.from_config(cfg.to_dict())
-    specs = {"vision": vision_spec(dims, "float32"), "decoder": decoder_spec(dims, "float32")}
+    forms = {"vision": PORTABLE, "decoder": export_options.decoder_form}
+    specs = {
+        "vision": vision_spec(dims, "float32"),
+        "decoder": decoder_spec(dims, "float32", forms["decoder"]),
+    }
     files = SourceFiles()
     work = Path(tempfile.mkdtemp(prefix=".stream-work-", dir=tmp))
     graphs: dict[str, GraphEntry] = {}
@@ -404,13 +475,18 @@ def _stream_into(
                 say(f"{name} graph: tracing its structure without weights (opset "
                     f"{export_options.opset})...")  # fmt: skip
                 skeleton = trace_skeletons(model, export_options.opset, small_bytes, real,
-                                           only=(name,))[0]  # fmt: skip
+                                           only=(name,), progress=say)[0]  # fmt: skip
+                if not forms[name].portable:  # as export does to the file it traced
+                    apply_form(skeleton.model, forms[name], cfg.to_dict(),
+                               {"media_token_id": cfg.media_token_id})  # fmt: skip
                 say(f"{name} graph: fp32 -> {precision}, weights streamed from the checkpoint...")
                 weights = StreamedWeights(
                     skeleton, resolved.tensors, files, work / f"{name}.spool", say
                 )
                 try:
-                    graph, info = rewrite_graph(skeleton.model, name, options, None, work, weights)
+                    graph, info = rewrite_graph(
+                        skeleton.model, name, options, None, work, weights, form=forms[name]
+                    )
                     path = tmp / f"{name}.onnx"
                     external = write_graph(graph, path, weights)
                     duplicates = _duplicates(skeleton, weights)
@@ -424,7 +500,9 @@ def _stream_into(
                     stale.unlink(missing_ok=True)
                 real |= duplicates
                 model = build_model(cfg, resolved.tensors, files.materialize, small_bytes, real)
-            graphs[name] = written_graph(path, graph, specs[name], precision, external, start, say)
+            graphs[name] = written_graph(
+                path, graph, specs[name], precision, external, start, say, form=forms[name]
+            )
             record[name] = info
         del model
     finally:
@@ -432,4 +510,7 @@ def _stream_into(
         shutil.rmtree(work, ignore_errors=True)
     record["source"] = {"model_files": source, "route": "streamed"}
     say("saving tokenizer...")
-    return write_manifest(tmp, cfg, resolved.tokenizer, graphs, export_options, record)
+    return write_manifest(
+        tmp, cfg, resolved.tokenizer, graphs, export_options, record,
+        preprocess=resolved.preprocess, prompt=resolved.prompt_format,
+    )  # fmt: skip

@@ -263,6 +263,29 @@ def test_one_parameter_at_a_time_with_progress_per_tensor_group(
     for layer in range(model.cfg.lm.num_layers):
         assert sum(f": lang_model.layers.{layer} (" in m for m in groups) == 1
     assert any(": vision_encoder.transformer.resblocks.0 (" in m for m in groups)
+    # the trace of the structure: a line per block as torch runs it, then per stage
+    blocks = {"decoder": model.cfg.lm.num_layers + len(model.lang_model.cross_attn_layer_indices),
+              "vision": model.cfg.vision.layers}  # fmt: skip
+    for graph, count in blocks.items():
+        traced = [m for m in said if m.startswith(f"{graph} graph: traced ")]
+        assert len(traced) == count
+        assert f"({count}/{count} blocks, " in traced[-1]
+    assert sum(m.startswith("decoder graph: ONNX shape inference, pass ") for m in said) >= 1
+    assert sum(m.startswith("decoder graph: structure traced in ") for m in said) == 1
+
+
+def test_export_json_keeps_stdout_one_object(tiny_paths: Callable, tmp_path: Path) -> None:
+    """`export --json` on the streamed route: progress on stderr, one JSON object on stdout."""
+    paths = tiny_paths("mpt")
+    result = CliRunner().invoke(main, [
+        "export", "--lm", str(paths.lm_dir), "--vision", str(paths.vision_path),
+        "--checkpoint", str(paths.checkpoint_path), "--precision", "int4", "--json",
+        "-o", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["graphs"]["decoder"]["precision"] == "int4"
+    assert "decoder graph: traced lang_model.layers.0 (" in result.stderr
 
 
 def test_an_interrupted_streaming_export_leaves_nothing(
@@ -391,9 +414,70 @@ def test_export_command_streams_reduced_precisions(tiny_paths: Callable, tmp_pat
         assert load_manifest(out).quantization["source"].get("route") == route
 
 
-def test_export_at_precision_outside_the_streamed_route(tiny_paths, tmp_path) -> None:
-    """What the streamed route does not write (a non-portable decoder form, an IDEFICS folder)
-    still exports at the precision asked, through export + quantize, keeping the form."""
+IDEFICS_VARIANTS = {
+    # decoupled embedding and head (each the concatenation of two source tensors), vector
+    # gates, no resampler, sharded .bin
+    "decoupled-bin": dict(use_resampler=False, alpha_type="vector", cross_layer_interval=2,
+                          decoupled=True, shards=True, safetensors=False),
+    # resampler (k/v projections concatenated into to_kv) with q/k norms, safetensors shards
+    "resampler-safetensors": dict(qk_layer_norms=True, qk_layer_norms_perceiver=True,
+                                  shards=True),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(IDEFICS_VARIANTS))
+def test_idefics_folders_stream_to_the_same_graphs(tmp_path: Path, variant: str) -> None:
+    """An IDEFICS folder streams: a graph tensor built from several source tensors (the
+    decoupled embedding and head, HF CLIP's q/k/v, the resampler's k/v) is read from its parts
+    when written; same files and outputs as export + quantize, manifest's IDEFICS prompt and
+    preprocessing included."""
+    from exporter.export import export_model
+    from fixtures.idefics import build_tiny_idefics
+    from flamingo.idefics import load_idefics
+
+    folder = build_tiny_idefics(tmp_path / "idefics", **IDEFICS_VARIANTS[variant])
+    model, tok, _ = load_idefics(folder)
+    export_model(model, tok, tmp_path / "fp32", progress=None)
+    del model
+    for precision in PRECISIONS:
+        options = QuantizeOptions(vision=precision, decoder=precision, **QUICK)
+        ref = tmp_path / f"ref-{precision}"
+        quantize_export(tmp_path / "fp32", ref, options)
+        out = _stream({"model_dir": folder}, tmp_path / precision, options)
+        assert_same_export(ref, out)
+        assert load_manifest(out).prompt == load_manifest(ref).prompt
+        assert load_manifest(out).prompt["format"] == "idefics"
+        assert_same_outputs(ref, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["in-graph", "inplace", "in-graph,inplace"])
+def test_decoder_forms_stream_to_the_same_graphs(
+    tiny_model: Callable, tiny_paths: Callable, tmp_path: Path, form: str
+) -> None:
+    """A non-portable decoder form is the same rewrite of the traced structure as export
+    applies to its file: same files and outputs as export with the form + quantize."""
+    from exporter.export import export_model
+    from runtime.spec import DecoderForm
+
+    parsed = DecoderForm.parse(form)
+    model, tok, _, paths = tiny_model("llama")
+    export_model(model, tok, tmp_path / "fp32", ExportOptions(decoder_form=parsed), progress=None)
+    for precision in ("fp16", "int4"):
+        options = QuantizeOptions(vision=precision, decoder=precision, **QUICK)
+        ref = tmp_path / f"ref-{precision}"
+        quantize_export(tmp_path / "fp32", ref, options)
+        out = tmp_path / precision
+        export_streaming(_files(paths), out, ExportOptions(decoder_form=parsed), options,
+                         small_bytes=SMALL)  # fmt: skip
+        assert load_manifest(out).graphs["decoder"].form == parsed
+        assert_same_export(ref, out)
+
+
+def test_export_command_streams_forms_and_idefics(tiny_paths, tmp_path) -> None:
+    """`export --precision` streams a non-portable decoder form (keeping the form) and an
+    IDEFICS folder (keeping its prompt format)."""
     from click.testing import CliRunner
 
     from cli.main import main
@@ -412,9 +496,11 @@ def test_export_at_precision_outside_the_streamed_route(tiny_paths, tmp_path) ->
     manifest = load_manifest(out)
     assert manifest.graphs["decoder"].precision == "fp16"
     assert not manifest.graphs["decoder"].form.portable
+    assert manifest.quantization["source"]["route"] == "streamed"
     folder = build_tiny_idefics(tmp_path / "idefics", use_resampler=False)
     result = runner.invoke(
         main, ["export", "--model", str(folder), "--precision", "fp16", "-o", str(tmp_path / "i")]
     )
     assert result.exit_code == 0, result.output
     assert load_manifest(tmp_path / "i").prompt["format"] == "idefics"
+    assert load_manifest(tmp_path / "i").quantization["source"]["route"] == "streamed"
