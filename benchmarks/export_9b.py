@@ -19,7 +19,7 @@ the gated cross-attention layers and the resized input embeddings, fp32):
 
     python benchmarks/export_9b.py --shape 9b --precision int4 --json
     python benchmarks/export_9b.py --shape 3b --precision fp16 --json
-    python benchmarks/export_9b.py --shape 0.6b --precision int4 --layers 2   # quick trial
+    python benchmarks/export_9b.py --shape 0.6b --precision int4 --layers 4   # quick trial
 
 The written model is kept in --workdir (reused by later runs of the same shape); the export is
 removed unless --keep.
@@ -330,16 +330,47 @@ def fp32_weight_bytes(shape: str, layers: int | None) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=["9b", "3b", "0.6b"], default="9b")
-    parser.add_argument("--precision", choices=["fp16", "int8", "int4"], default="int4")
-    parser.add_argument("--layers", type=int, help="fewer LM layers, for a quick trial")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/flamingo-export-bench"))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="\n".join(line.strip() for line in __doc__.splitlines() if "python " in line),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--shape",
+        choices=["9b", "3b", "0.6b"],
+        default="9b",
+        help="model shape (default 9b: ~20 GB of model files and about an hour)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp16", "int8", "int4"],
+        default="int4",
+        help="default int4; int8 is int8 weight-only (the streamed int8 mode)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        help="fewer LM layers, for a quick trial: at least the shape's cross-attention "
+        "interval (4 for 9b and 0.6b, 1 for 3b), so that the model has a cross-attention layer",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/tmp/flamingo-export-bench"),
+        help="where the model files are written and kept (default /tmp/flamingo-export-bench)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the export")
     parser.add_argument("--no-smoke", action="store_true", help="skip the onnxruntime check")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--smoke-only", type=Path, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
+    if args.layers is not None:
+        interval = shape_config(args.shape, None)[0].cross_attn.every_n_layers
+        if args.layers < interval:
+            parser.error(
+                f"--layers {args.layers}: the {args.shape} shape has cross-attention every "
+                f"{interval} layers, so it needs --layers >= {interval}"
+            )
     if args.smoke_only:
         print(json.dumps(_smoke_here(str(args.smoke_only))))
         return 0

@@ -257,7 +257,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export_dir", nargs="?", type=Path, help="default: the demo model")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    parser.add_argument("--form", default="in-graph", help="decoder form (must be in-graph)")
+    parser.add_argument(
+        "--form",
+        default="in-graph",
+        help="decoder form: a comma list that includes in-graph (default; e.g. inplace,in-graph)",
+    )
     parser.add_argument("--shots", type=int, default=4, help="demonstrations (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
     parser.add_argument("--repeats", type=int, default=5, help="default 5")
