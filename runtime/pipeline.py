@@ -206,6 +206,12 @@ class FlamingoPipeline:
             if self.idefics_prompt is not None
             else None
         )
+        # where generation stops by default: <|endofchunk|> (OpenFlamingo), </s> (IDEFICS) and
+        # -instruct's <end_of_utterance> (the exit condition of its model card's generate call)
+        end_of_utterance = self.idefics_prompt and self.idefics_prompt.end_of_utterance_token
+        self.stop_token_ids: tuple[int, ...] = (self.engine.eoc_token_id,) + (
+            (int(self.tokenizer.token_to_id(end_of_utterance)),) if end_of_utterance else ()
+        )
         self.max_seq_len, self._context = self._context_limit()
         self.max_images = self.engine.limits["max_images"]
         self.max_frames = self.engine.limits["max_frames"]
@@ -221,8 +227,9 @@ class FlamingoPipeline:
     # ------------------------------------------------------------------ public API
 
     def default_config(self, **kw: Any) -> GenerationConfig:
-        """GenerationConfig stopping at `<|endofchunk|>` and padding with the export's pad id."""
-        kw.setdefault("eos_token_ids", (self.engine.eoc_token_id,))
+        """GenerationConfig stopping at `stop_token_ids` (`<|endofchunk|>`; IDEFICS: `</s>`,
+        and -instruct's `<end_of_utterance>`), padding with the export's pad id."""
+        kw.setdefault("eos_token_ids", self.stop_token_ids)
         kw.setdefault("pad_token_id", self.engine.pad_token_id)
         return GenerationConfig(**kw)
 
@@ -410,7 +417,7 @@ class FlamingoPipeline:
             raise ValueError(
                 f"config must be a runtime.generation.GenerationConfig, got {type(config).__name__}"
             )
-        config = config.with_model_defaults((self.engine.eoc_token_id,), self.engine.pad_token_id)
+        config = config.with_model_defaults(self.stop_token_ids, self.engine.pad_token_id)
         vocab = self.engine.dims.vocab_size
         for name, ids in (
             ("eos_token_ids", config.eos_token_ids),

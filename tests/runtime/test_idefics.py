@@ -128,10 +128,17 @@ def test_generations_match_transformers(exported, variant, beams):
     inputs = processor(text=[items for _, _, items in rows], return_tensors="pt")
     assert (inputs["attention_mask"] == 0).any()  # a left-padded batch
     new = 10
-    with torch.no_grad():
-        out = hf.generate(**inputs, max_new_tokens=new, do_sample=False, num_beams=beams)
-    expected = out[:, inputs["input_ids"].shape[1] :].tolist()
     pipe = FlamingoPipeline(export)
+    # -instruct stops at </s> or <end_of_utterance>, as the model card's generate call does
+    stops = [hf.generation_config.eos_token_id]
+    if "instruct" in variant:
+        stops.append(processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>"))
+    assert list(pipe.stop_token_ids) == stops
+    with torch.no_grad():
+        out = hf.generate(
+            **inputs, max_new_tokens=new, do_sample=False, num_beams=beams, eos_token_id=stops
+        )
+    expected = out[:, inputs["input_ids"].shape[1] :].tolist()
     for (prompt, _, _), ids, mask in zip(
         rows, inputs["input_ids"].tolist(), inputs["attention_mask"].tolist()
     ):
@@ -140,9 +147,9 @@ def test_generations_match_transformers(exported, variant, beams):
     generations = pipe.generate_batch([p for p, _, _ in rows], [i for _, i, _ in rows], config)
     pad = hf.generation_config.pad_token_id
     for want, got in zip(expected, generations):
-        eos = hf.generation_config.eos_token_id
-        if eos in want:  # HF pads a finished row after its EOS
-            want = want[: want.index(eos) + 1]
+        ends = [i for i, t in enumerate(want) if t in stops]
+        if ends:  # HF pads a finished row after its stop token
+            want = want[: ends[0] + 1]
         assert got.token_ids == want, (want, got.token_ids, pad)
     assert any(len(set(g.token_ids)) > 1 for g in generations)
 
