@@ -382,7 +382,8 @@ def run_bench(
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()},
             "threads": threads,
             "search": "greedy, stop token disabled",
-            "template": "caption: <image>Output:{caption}<|endofchunk|> ... <image>Output:",
+            "template": "caption: <image>Output:{caption}"
+            f"{runtime.pipe.end_of_chunk} ... <image>Output:",
             "backends": list(cases),
         },
         "machine": {

@@ -132,8 +132,9 @@ def export(
     """Write OUTPUT/vision.onnx, OUTPUT/decoder.onnx, the tokenizer and manifest.json.
 
     At --precision fp16, int4 or int8 --int8-mode weight-only the weights are converted from
-    the model files one tensor at a time (the whole model is never in memory); W8A8 int8 is
-    exported fp32, then quantized (its calibration runs the fp32 graphs)."""
+    the model files (OpenFlamingo's or an IDEFICS --model folder) one tensor at a time (the
+    whole model is never in memory); W8A8 and dynamic int8 are exported fp32, then quantized
+    (W8A8's calibration runs the fp32 graphs)."""
     from exporter.export import ExportOptions, check_output
     from precision.quantize import export_at_precision
     from precision.streaming import export_streaming, streams

@@ -75,6 +75,12 @@ class FiniteFloatRange(click.FloatRange):
     """click.FloatRange that also refuses nan and inf (NaN passes every range comparison):
     the type of every float option."""
 
+    def _describe_range(self) -> str:
+        """What --help shows in brackets: the bounds, or "finite" when there are none."""
+        if self.min is None and self.max is None:
+            return "finite"
+        return super()._describe_range()
+
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
         rv = super().convert(value, param, ctx)
         if not math.isfinite(rv):
@@ -506,8 +512,10 @@ def generation_options(f: Any) -> Any:
     return compose(
         click.option("--max-new-tokens", type=int, default=20, show_default=True,
                      help="Most tokens generated per answer."),
-        click.option("--num-beams", type=int, default=1, show_default=True),
-        click.option("--length-penalty", type=FiniteFloatRange(), default=1.0, show_default=True),
+        click.option("--num-beams", type=int, default=1, show_default=True,
+                     help="Beam search width (HF's num_beams); 1 = greedy or sampling."),
+        click.option("--length-penalty", type=FiniteFloatRange(), default=1.0, show_default=True,
+                     help="Beam scores divided by length ** this (HF's length_penalty)."),
         click.option("--do-sample", is_flag=True, help="Sample instead of greedy/beam argmax."),
         click.option("--temperature", type=FiniteFloatRange(0), default=1.0,
                      show_default=True),

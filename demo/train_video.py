@@ -222,7 +222,8 @@ def format_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = ["frames    shots  " + "  ".join(f"{c:>8}" for c in columns)]
     for condition, rows in table.items():
         for shots, row in rows.items():
-            cells = "  ".join(f"{row.get(c, 0.0):8.1%}" for c in columns)
+            # an attribute with no query in the sample has no accuracy (not 0%)
+            cells = "  ".join(f"{row[c]:8.1%}" if c in row else f"{'-':>8}" for c in columns)
             lines.append(f"{condition:<8}  {shots:>5}  {cells}")
     return "\n".join(lines)
 
@@ -311,11 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, default=Path("models/demo"), help="the image model")
     parser.add_argument("--out", type=Path, help="folder to write the video checkpoint to")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="0.01: CI smoke run")
-    parser.add_argument("--eval-only", action="store_true")
-    parser.add_argument("--model", type=Path, default=Path("models/demo-video"))
+    parser.add_argument(
+        "--eval-only", action="store_true", help="only evaluate --model (no training)"
+    )
+    parser.add_argument(
+        "--model", type=Path, default=Path("models/demo-video"), help="video checkpoint to evaluate"
+    )
     parser.add_argument("--n", type=int, default=None, help="evaluation episodes per row")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -47,3 +47,10 @@ def test_idefics_inspect_output_is_the_readmes(tmp_path) -> None:
     result = CliRunner().invoke(main, [*args[:-1], str(folder)])
     assert result.exit_code == 0, result.output
     assert result.output.rstrip("\n") == shown
+
+
+def test_help_shows_no_missing_bounds() -> None:
+    """An unbounded finite float option says "finite", not "x<=None" (newcomer pass)."""
+    result = CliRunner().invoke(main, ["run", "--help"])
+    assert result.exit_code == 0 and "None" not in result.output
+    assert "--length-penalty" in result.output and "finite]" in result.output

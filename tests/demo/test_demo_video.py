@@ -131,3 +131,11 @@ def test_shipped_video_checkpoint_is_only_what_is_new_and_models_stay_small() ->
     assert sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file()) <= 25 * 2**20
     model, _ = tv.load_video_model(MODELS / "demo", VIDEO_DIR)
     assert model.cfg.resampler.max_num_frames == VIDEO_FRAMES
+
+
+def test_table_shows_no_accuracy_for_an_attribute_without_queries() -> None:
+    """A small sample may hold no motion query: '-', not 0.0% (newcomer pass)."""
+    from demo.train_video import format_table
+
+    line = format_table({"ordered": {"1": {"all": 1.0, "colour": 1.0}}}).splitlines()[1]
+    assert line.split()[2:] == ["100.0%", "100.0%", "-", "-", "-"]
