@@ -354,16 +354,30 @@ def check_output(out: Path, force: bool, inputs: Sequence[str | Path] = ()) -> N
             "write the export to a folder of its own"
         )
     for source in inputs:
-        path = Path(source).absolute().resolve()
-        if path == real or real in path.parents:
-            raise ExportError(
-                f"{out} holds the input {source}: write the export to a folder of its own"
-            )
+        for path in _read_targets(Path(source)):
+            if path == real or real in path.parents:
+                raise ExportError(
+                    f"{out} holds the input {source}"
+                    + (f" (its file {path})" if path != Path(source).absolute().resolve() else "")
+                    + ": write the export to a folder of its own"
+                )
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
     _probe_lock(out)
+
+
+def _read_targets(source: Path) -> list[Path]:
+    """Where the files an input names really are: the input itself and, for a folder, every
+    entry in it (and in its subfolders) with symbolic links followed: a Hugging Face cache
+    snapshot's files are links into its blobs/ folder, which an OUT must not replace."""
+    top = source.absolute().resolve()
+    found = [top]
+    if source.is_dir():
+        for root, dirs, files in os.walk(source, followlinks=False):
+            found += [(Path(root) / n).resolve() for n in (*dirs, *files)]
+    return found
 
 
 def writable_parent(out: Path) -> Path:

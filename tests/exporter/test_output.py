@@ -23,6 +23,7 @@ from exporter.output import (
     OWNER_FILE,
     ExportError,
     check_free_space,
+    check_output,
     output_lock,
     reclaim_stale,
     write_atomically,
@@ -290,3 +291,22 @@ def test_quantize_refuses_an_out_holding_its_source(tiny_export, tmp_path) -> No
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"holds the input {src}" in result.stderr
     assert src.exists()
+
+
+def test_an_output_holding_where_an_inputs_links_point_is_refused(tmp_path) -> None:
+    """A Hugging Face cache snapshot's files are links into blobs/: `-o hf/blobs --force`
+    would delete the model being read (breaker pass); the link targets count as inputs."""
+    blobs = tmp_path / "hf" / "blobs"
+    snapshot = tmp_path / "hf" / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (blobs / "1234").write_text("{}")
+    (snapshot / "config.json").symlink_to("../../blobs/1234")
+    for out, words in (
+        (blobs, r"holds the input .*abc \(its file .*blobs/1234\)"),
+        (tmp_path / "hf", r"holds the input .*snapshots/abc: write"),
+    ):
+        with pytest.raises(ExportError, match=words):
+            check_output(out, True, inputs=[snapshot])
+    check_output(tmp_path / "elsewhere", True, inputs=[snapshot])  # an unrelated OUT is fine
+    assert (blobs / "1234").read_text() == "{}"
