@@ -186,7 +186,20 @@ class FlamingoPipeline:
         `engine` replaces the onnxruntime engine (e.g. trt.engine.TrtFlamingo): any
         runtime.contracts.Engine; its `limits` bound the prompts (the export's or lower).
         `pixel_memo_bytes` bounds the preprocessed pixels kept per image file or bytes
-        (runtime.cache.PixelMemo; 0 turns it off)."""
+        (runtime.cache.PixelMemo; 0 turns it off). A setting of the wrong type is a
+        ValueError naming it (a string such as 'false' would otherwise read as true)."""
+        switches = {"prefix_cache": prefix_cache, "vision_cache": vision_cache,
+                    "io_binding": io_binding, "allow_spinning": allow_spinning}  # fmt: skip
+        for name, value in switches.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        sizes = {"prefix_cache_entries": prefix_cache_entries,
+                 "prefix_cache_bytes": prefix_cache_bytes,
+                 "vision_cache_bytes": vision_cache_bytes,
+                 "pixel_memo_bytes": pixel_memo_bytes}  # fmt: skip
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         self.engine: Engine = (
             engine
             if engine is not None

@@ -250,6 +250,15 @@ def test_pipeline_settings_of_the_wrong_kind_are_named(tiny_export) -> None:
     for threads in (-1, MAX_THREADS + 1, 2.0, True):
         with pytest.raises(SessionOptionsError, match=r"threads must be an int in \[0, 256\]"):
             FlamingoPipeline(export, threads=threads)  # type: ignore[arg-type]
+    for setting, value, words in (
+        ("allow_spinning", "false", "allow_spinning must be True or False, got 'false'"),
+        ("prefix_cache", "no", "prefix_cache must be True or False"),
+        ("io_binding", None, "io_binding must be True or False"),
+        ("prefix_cache_entries", "3", r"prefix_cache_entries must be an int >= 0, got '3'"),
+        ("vision_cache_bytes", -1, "vision_cache_bytes must be an int >= 0"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            FlamingoPipeline(export, **{setting: value})
     pipe = FlamingoPipeline(export, threads=0)
     for demos in ("demos.jsonl", Demonstration("a.png", "red")):
         with pytest.raises(ValueError, match="demos must be a list of Demonstration"):
