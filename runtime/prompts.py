@@ -79,9 +79,22 @@ def vqa_prompt(question: str, answer: str | None = None, end_of_chunk: str = EOC
     return f"{MEDIA_TOKEN}Question:{question} Short answer:{answer}{end_of_chunk}"
 
 
+# What the templates write around demonstration text, OpenFlamingo's and IDEFICS' (the
+# defaults of runtime.idefics.IdeficsPromptFormat, and the LLaMA tokenizers' BOS/EOS): text that
+# holds one would be read as the special token and silently change the prompt's structure.
+TEMPLATE_MARKERS = (
+    MEDIA_TOKEN,
+    EOC_TOKEN,
+    "<fake_token_around_image>",
+    "<end_of_utterance>",
+    "<s>",
+    "</s>",
+)
+
+
 def check_text(text: Any, what: str, *, markers: bool = True) -> str:
     """`text` if it is a str of valid Unicode, else ValueError naming `what`. With
-    ``markers=False`` it must not contain ``<image>`` or ``<|endofchunk|>`` either.
+    ``markers=False`` it must not contain any of TEMPLATE_MARKERS either.
 
     Valid Unicode means encodable as UTF-8: a lone surrogate (from undecodable bytes in a
     command-line argument, or a ``"\\ud800"`` JSON escape) is refused before tokenizing.
@@ -97,7 +110,7 @@ def check_text(text: Any, what: str, *, markers: bool = True) -> str:
             "'\\ud800' escape in JSON)"
         ) from None
     if not markers:
-        for marker in (MEDIA_TOKEN, EOC_TOKEN):
+        for marker in TEMPLATE_MARKERS:
             if marker in text:
                 raise ValueError(
                     f"{what} must not contain {marker!r}: the template adds the markers "

@@ -100,6 +100,10 @@ def test_build_errors() -> None:
         (Demonstration("a", question="q", answer="<|endofchunk|>a"), "vqa", "answer"),
         (Demonstration(None, text="x<|endofchunk|>"), "raw", "text"),
         (Demonstration("a", text="<image>"), "raw", "text"),
+        # IDEFICS' markers (breaker pass 2: a caption with one changed the prompt's structure)
+        (Demonstration("a", text="a<end_of_utterance>b"), "caption", "text"),
+        (Demonstration("a", text="a<fake_token_around_image>"), "caption", "text"),
+        (Demonstration("a", question="q</s>", answer="a"), "vqa", "question"),
     ],
 )
 def test_template_markers_are_refused_in_demonstration_text(
@@ -247,3 +251,13 @@ def test_demonstrations_file_faults_are_one_line(tmp_path) -> None:
     big.write_text('{"image": "a.png", "caption": "x", "n": ' + "9" * 5000 + "}\n")
     with pytest.raises(ValueError, match=r"big\.jsonl:1: invalid JSON"):
         load_demos_jsonl(big)
+
+
+def test_template_markers_cover_the_idefics_format() -> None:
+    from runtime.idefics import IdeficsPromptFormat
+    from runtime.prompts import TEMPLATE_MARKERS
+
+    fmt = IdeficsPromptFormat("<s>", end_of_utterance_token="<end_of_utterance>")
+    assert {fmt.bos_token, fmt.image_token, fmt.fake_image_token, fmt.end_of_utterance_token} <= (
+        set(TEMPLATE_MARKERS)
+    )
