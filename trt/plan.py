@@ -554,6 +554,16 @@ def plan_export(manifest: Any, source: str, target: Target, inputs: PlanInputs) 
             "the decoder appends to its KV cache in place (GroupQueryAttention, onnxruntime "
             "only): the cache is counted once; TensorRT builds the portable form"
         )
+    from runtime.manifest import graph_backends
+
+    ort_only = [n for n in manifest.graphs if "tensorrt" not in graph_backends(manifest, n)]
+    if ort_only:
+        notes.append(
+            f"the {' and '.join(ort_only)} graph(s) run on onnxruntime only (decoder form or "
+            "precision: manifest backends); TensorRT cannot build this export as it is: plan "
+            "and build a portable export (quantize --precision fp16 | int8 W8A8 | int4 for "
+            "TensorRT)"
+        )
     precisions = {g.precision for g in manifest.graphs.values()}
     if precisions != {inputs.precision}:
         notes.append(

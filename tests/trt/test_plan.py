@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -262,3 +263,21 @@ def test_inplace_form_counts_the_kv_cache_once(tiny_export, tmp_path) -> None:
     assert any("in place" in n for n in one.notes) and "x1 buffer)" in one.format()
     with pytest.raises(BuildError, match="portable"):
         make_build_plan(out)
+
+
+def test_plan_says_when_tensorrt_cannot_build_the_export(tiny_export, tmp_path) -> None:
+    """An export whose graphs run on onnxruntime only (dynamic int8 here) gets a note on a
+    TensorRT target instead of a bare verdict (breaker pass 2); a portable fp32 one none."""
+    from precision.quantize import QuantizeOptions, quantize_export
+    from runtime.manifest import load_manifest
+    from trt.plan import plan_export
+
+    src = tiny_export("llama")
+    out = tmp_path / "dynamic"
+    quantize_export(src, out, QuantizeOptions(decoder="int8", vision="int8", int8_mode="dynamic"))
+    target = get_target("orin-nano-8gb")
+    inputs = PlanInputs(1, 4, 512, "int8")
+    notes = plan_export(load_manifest(out), "dynamic", target, inputs).notes
+    assert any("vision and decoder graph(s) run on onnxruntime only" in n for n in notes), notes
+    fp32 = plan_export(load_manifest(src), "fp32", target, replace(inputs, precision="fp32"))
+    assert not any("onnxruntime only" in n for n in fp32.notes)
