@@ -13,6 +13,7 @@ means: docs/bench.md.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import statistics
@@ -230,6 +231,27 @@ def check_fits(pipe: Any, options: BenchOptions) -> None:
         )
 
 
+def check_same_model(reference: dict[str, Any], exported: dict[str, Any], export_dir: Path) -> None:
+    """BenchError naming the first setting where the reference model's config (the files given
+    with --reference) differs from the one the export's manifest records: timing another
+    model's reference says nothing."""
+
+    def first_difference(a: Any, b: Any, where: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                found = first_difference(a.get(key), b.get(key), f"{where}.{key}".lstrip("."))
+                if found:
+                    return found
+            return None
+        return None if a == b else f"{where}: {str(a)[:60]} in the files, {str(b)[:60]} exported"
+
+    found = first_difference(json.loads(json.dumps(reference)), exported, "")
+    if found:
+        raise BenchError(
+            f"the --reference model is not the one {export_dir} was exported from ({found})"
+        )
+
+
 def caption_prompt_of(k: int, end_of_chunk: str = EOC_TOKEN) -> str:
     """The bench's k-shot caption prompt (k demonstrations + the query), `<image>` markers in;
     `end_of_chunk`: the export's end of a demonstration (`FlamingoPipeline.end_of_chunk`)."""
@@ -309,6 +331,7 @@ def run_bench(
         versions.update(torch=torch.__version__, transformers=_version("transformers"))
         say("loading the PyTorch reference")
         (model, _, _), model_rss["reference"] = loaded(lambda: files.load(load_flamingo))
+        check_same_model(model.cfg.to_dict(), runtime.pipe.engine.manifest.model, export_dir)
         baselines["reference"] = ReferenceBackend(model, runtime, options.new_tokens)
         if oracle:
             from flamingo.oracle import load_open_flamingo

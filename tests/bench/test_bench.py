@@ -245,3 +245,10 @@ def test_bench_reference_on_an_idefics_export(idefics_export: Path) -> None:
         assert all(row["same_tokens_as_runtime_uncached"].values()), row
     result = CliRunner().invoke(main, [*args, "--oracle", "--model", str(folder)])
     assert result.exit_code == 2 and "--oracle runs the published open_flamingo" in result.output
+    # another model's folder is refused, not timed (breaker pass 2)
+    from fixtures.idefics import build_tiny_idefics
+
+    other = build_tiny_idefics(idefics_export.parent / "other", use_resampler=False)
+    result = CliRunner().invoke(main, [*args, "--reference", "--model", str(other)])
+    assert result.exit_code == 1, result.output
+    assert "is not the one" in result.output and "Traceback" not in result.output
