@@ -188,8 +188,11 @@ def quantize_export(
     out: str | Path,
     options: QuantizeOptions,
     progress: Progress | None = None,
+    source_record: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Write OUT: the export at SRC with each graph at its requested precision."""
+    """Write OUT: the export at SRC with each graph at its requested precision.
+    `source_record` replaces the manifest's `quantization.source` (default: SRC and its file
+    hashes), e.g. when SRC is a scratch folder that will not outlive the call."""
     say = progress or (lambda _m: None)
     options.validate()
     src, out = Path(src), Path(out)
@@ -200,7 +203,10 @@ def quantize_export(
     # graph in the temporary folder: refuse a disk that cannot take that before the slow part
     check_free_space(out, sum(safe_join(src, f).stat().st_size for f in source.files))
     return write_atomically(
-        out, options.force, lambda tmp: _quantize_into(src, source, tmp, options, say), say
+        out,
+        options.force,
+        lambda tmp: _quantize_into(src, source, tmp, options, say, source_record),
+        say,
     )
 
 
@@ -248,7 +254,12 @@ def written_graph(
 
 
 def _quantize_into(
-    src: Path, source: Manifest, tmp: Path, options: QuantizeOptions, say: Progress
+    src: Path,
+    source: Manifest,
+    tmp: Path,
+    options: QuantizeOptions,
+    say: Progress,
+    source_record: dict[str, Any] | None = None,
 ) -> Manifest:
     readers: dict[str, Any] = {}
     calibration: dict[str, Any] | None = None
@@ -282,7 +293,10 @@ def _quantize_into(
         record["calibration"] = calibration
     if options.calibration_cache and "int8" in (options.vision, options.decoder):
         record["calibration_cache"] = str(options.calibration_cache)
-    record["source"] = {"export": str(src.absolute()), "files": dict(source.files)}
+    record["source"] = source_record or {
+        "export": str(src.absolute()),
+        "files": dict(source.files),
+    }
     manifest = Manifest(
         model=source.model,
         special_tokens=source.special_tokens,
@@ -297,6 +311,11 @@ def _quantize_into(
     manifest.record_files(tmp)
     manifest.write(tmp)
     return manifest
+
+
+# quantization.source of `export --precision P` when it exports fp32 first (W8A8, dynamic int8,
+# forms not streamed): the scratch folder's path would name a folder that no longer exists
+SCRATCH_ROUTE = "fp32 export in a scratch folder (deleted), then quantize"
 
 
 def export_at_precision(
@@ -332,6 +351,10 @@ def export_at_precision(
         scratch = make_work_folder(out, "fp32")
         try:
             export_model(model, tokenizer, scratch / "fp32", export_options, progress=progress)
-            return quantize_export(scratch / "fp32", out, options, progress=progress)
+            # the scratch folder is deleted below: record the route, not its path
+            route = {"route": SCRATCH_ROUTE}
+            return quantize_export(
+                scratch / "fp32", out, options, progress=progress, source_record=route
+            )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

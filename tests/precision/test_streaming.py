@@ -28,7 +28,7 @@ from cli.main import main
 from exporter.export import ExportError, ExportOptions
 from flamingo.lazy import LazyValueError, SourceFiles, read_lazy_state_dict
 from flamingo.loaders import LoadError, load_flamingo, resolve_flamingo
-from precision.quantize import QuantizeError, QuantizeOptions, quantize_export
+from precision.quantize import SCRATCH_ROUTE, QuantizeError, QuantizeOptions, quantize_export
 from precision.streaming import StreamedWeights, export_streaming, streams
 from runtime.engine import make_session
 from runtime.manifest import load_manifest
@@ -406,12 +406,14 @@ def test_export_command_streams_reduced_precisions(tiny_paths: Callable, tmp_pat
     for flags, route in (
         (["--precision", "int4"], "streamed"),
         (["--precision", "int8", "--int8-mode", "weight-only"], "streamed"),
-        (["--precision", "int8", "--calibration-episodes", "1"], None),  # W8A8: fp32 first
+        # W8A8: fp32 first, in a scratch folder whose path is not recorded (it is deleted)
+        (["--precision", "int8", "--calibration-episodes", "1"], SCRATCH_ROUTE),
     ):
         out = tmp_path / "-".join(flags[1:3])
         result = CliRunner().invoke(main, ["export", *model, *flags, "-o", str(out), "-q"])
         assert result.exit_code == 0, result.output
         assert load_manifest(out).quantization["source"].get("route") == route
+        assert "export" not in load_manifest(out).quantization["source"]
 
 
 IDEFICS_VARIANTS = {
