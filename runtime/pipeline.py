@@ -222,7 +222,7 @@ class FlamingoPipeline:
         # where generation stops by default: <|endofchunk|> (OpenFlamingo), </s> (IDEFICS) and
         # -instruct's <end_of_utterance> (the exit condition of its model card's generate call)
         end_of_utterance = self.idefics_prompt and self.idefics_prompt.end_of_utterance_token
-        self.stop_token_ids: tuple[int, ...] = (self.engine.eoc_token_id,) + (
+        self._extra_stops: tuple[int, ...] = (
             (int(self.tokenizer.token_to_id(end_of_utterance)),) if end_of_utterance else ()
         )
         self.max_seq_len, self._context = self._context_limit()
@@ -238,6 +238,12 @@ class FlamingoPipeline:
         self._xattn_names = [n for j in dims.xattn_layers for n in cross_attn_names(j)]
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Where generation stops by default: the engine's end of chunk (`<|endofchunk|>`;
+        IDEFICS: `</s>`), and -instruct's `<end_of_utterance>`."""
+        return (self.engine.eoc_token_id, *self._extra_stops)
 
     def default_config(self, **kw: Any) -> GenerationConfig:
         """GenerationConfig stopping at `stop_token_ids` (`<|endofchunk|>`; IDEFICS: `</s>`,

@@ -80,16 +80,11 @@ def vqa_prompt(question: str, answer: str | None = None, end_of_chunk: str = EOC
 
 
 # What the templates write around demonstration text, OpenFlamingo's and IDEFICS' (the
-# defaults of runtime.idefics.IdeficsPromptFormat, and the LLaMA tokenizers' BOS/EOS): text that
-# holds one would be read as the special token and silently change the prompt's structure.
-TEMPLATE_MARKERS = (
-    MEDIA_TOKEN,
-    EOC_TOKEN,
-    "<fake_token_around_image>",
-    "<end_of_utterance>",
-    "<s>",
-    "</s>",
-)
+# defaults of runtime.idefics.IdeficsPromptFormat): text that holds one would be read as the
+# special token and silently change the prompt's structure. BOS/EOS are not among them: an
+# EOS inside a demonstration is meaningful (IDEFICS: no image attention until the next image)
+# and tokenized as IdeficsProcessor does (tests/runtime/test_idefics.py).
+TEMPLATE_MARKERS = (MEDIA_TOKEN, EOC_TOKEN, "<fake_token_around_image>", "<end_of_utterance>")
 
 
 def check_text(text: Any, what: str, *, markers: bool = True) -> str:

@@ -103,7 +103,7 @@ def test_build_errors() -> None:
         # IDEFICS' markers (breaker pass 2: a caption with one changed the prompt's structure)
         (Demonstration("a", text="a<end_of_utterance>b"), "caption", "text"),
         (Demonstration("a", text="a<fake_token_around_image>"), "caption", "text"),
-        (Demonstration("a", question="q</s>", answer="a"), "vqa", "question"),
+        (Demonstration("a", question="q<end_of_utterance>", answer="a"), "vqa", "question"),
     ],
 )
 def test_template_markers_are_refused_in_demonstration_text(
@@ -258,6 +258,6 @@ def test_template_markers_cover_the_idefics_format() -> None:
     from runtime.prompts import TEMPLATE_MARKERS
 
     fmt = IdeficsPromptFormat("<s>", end_of_utterance_token="<end_of_utterance>")
-    assert {fmt.bos_token, fmt.image_token, fmt.fake_image_token, fmt.end_of_utterance_token} <= (
-        set(TEMPLATE_MARKERS)
+    assert {fmt.image_token, fmt.fake_image_token, fmt.end_of_utterance_token} <= set(
+        TEMPLATE_MARKERS
     )
