@@ -57,6 +57,11 @@ class MediaCounter:
     def __call__(self, input_ids: np.ndarray) -> np.ndarray:
         if self.frozen:
             return np.repeat(self.last[:, None], input_ids.shape[1], axis=1)
+        if input_ids.shape[1] == 1 and self.reset_token_id is None:  # a decode step
+            is_image = input_ids[:, 0] == self.media_token_id
+            index = np.minimum(self.count + is_image, self.num_images)
+            self.count = self.last = index
+            return index[:, None]
         is_image = input_ids == self.media_token_id
         step = np.cumsum(is_image, axis=-1, dtype=np.int64)
         index = np.minimum(self.count[:, None] + step, self.num_images[:, None])
@@ -128,6 +133,9 @@ def in_graph_media_index(
 
 def position_ids(attention_mask: np.ndarray, num_new: int) -> np.ndarray:
     """HF's rule under left padding: cumsum(mask) - 1 with pads at 1; the last num_new columns."""
+    if num_new == 1:  # a decode step: the last column alone, sum(mask) - 1 (one reduction)
+        last = attention_mask[:, -1:]
+        return np.where(last != 0, attention_mask.sum(axis=-1, keepdims=True) - 1, 1)
     pos = np.cumsum(attention_mask, axis=-1, dtype=np.int64) - 1
     pos[attention_mask == 0] = 1
     return pos[:, -num_new:]

@@ -368,6 +368,9 @@ def generate(
         ) from e
 
 
+_COLUMNS = 256  # generated columns the greedy/sampling buffers start with (then doubled)
+
+
 def _row_rngs(
     config: GenerationConfig, n_rows: int, seeds: Sequence[int | None] | None
 ) -> list[np.random.Generator] | None:
@@ -393,20 +396,43 @@ def _gumbel(rngs: list[np.random.Generator], shape: tuple[int, int]) -> np.ndarr
 
 
 def _step(model: StepModel, ids: np.ndarray, mask: np.ndarray, step: int) -> np.ndarray:
+    return _step_max(model, ids, mask, step)[0]
+
+
+def _step_max(
+    model: StepModel, ids: np.ndarray, mask: np.ndarray, step: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`model.step`'s (N, V) float32 logits, checked finite, and their row maxima (N,)."""
     logits = np.asarray(model.step(ids, mask), dtype=np.float32)
     if logits.ndim != 2 or logits.shape[0] != ids.shape[0]:
         raise ValueError(f"StepModel.step must return (N, V) logits, got {logits.shape}")
-    # -inf alone is a token the model rules out; NaN, +inf or a row without any finite logit
-    # are a broken model (or export), never an answer
+    row_max = logits.max(axis=1)
+    _check_finite(logits, row_max, step)
+    return logits, row_max
+
+
+def _check_finite(logits: np.ndarray, row_max: np.ndarray, step: int) -> None:
+    """Raise for a row with NaN or +inf, or without any finite logit; -inf alone is a token
+    the model rules out. `row_max` = logits.max(axis=1): NaN anywhere, +inf anywhere and
+    "every logit -inf" all make it non-finite, so one test of it covers the three."""
+    if np.isfinite(row_max).all():
+        return
     bad = np.isnan(logits).any(axis=1) | np.isposinf(logits).any(axis=1)
     bad |= ~np.isfinite(logits).any(axis=1)
-    if bad.any():
-        raise GenerationError(
-            f"the model produced non-finite logits (NaN or inf) for row(s) "
-            f"{np.flatnonzero(bad).tolist()[:8]} at generated token {step}: its weights or "
-            "inputs are broken (check the export with `flamingo-export parity`)"
-        )
-    return logits
+    raise GenerationError(
+        f"the model produced non-finite logits (NaN or inf) for row(s) "
+        f"{np.flatnonzero(bad).tolist()[:8]} at generated token {step}: its weights or "
+        "inputs are broken (check the export with `flamingo-export parity`)"
+    )
+
+
+def _chosen_logprobs(logits: np.ndarray, tokens: np.ndarray, row_max: np.ndarray) -> np.ndarray:
+    """(N,) float32 log_softmax(logits)[row, tokens[row]]: `log_softmax`'s arithmetic (float64)
+    for the chosen tokens alone; `row_max` = logits.max(axis=1), finite (`_check_finite`)."""
+    x = logits.astype(np.float64)
+    m = row_max.astype(np.float64)
+    lse = np.log(np.exp(x - m[:, None]).sum(axis=-1)) + m
+    return (x[np.arange(len(tokens)), tokens] - lse).astype(np.float32)
 
 
 def _all_filtered(rows: np.ndarray, step: int, config: GenerationConfig) -> GenerationError:
@@ -427,22 +453,30 @@ def _greedy_or_sample(
     should_stop: ShouldStop | None = None,
 ) -> GenerationResult:
     """HF ``_sample``: processors on raw logits, argmax or categorical draw, pad finished rows."""
-    n_rows = input_ids.shape[0]
+    n_rows, prompt_len = input_ids.shape
     eos = np.asarray(config.eos_token_ids, dtype=np.int64)
     pad = config.pad_token_id
-    history = input_ids
-    mask = attention_mask
+    # history (prompt + generated) and mask live in buffers that each step writes one column
+    # of and passes views of, instead of concatenating O(T) arrays per token; they grow by
+    # doubling, so memory follows the tokens actually generated, not max_new_tokens
+    width = prompt_len + min(config.max_new_tokens, _COLUMNS)
+    history = np.empty((n_rows, width), dtype=np.int64)
+    history[:, :prompt_len] = input_ids
+    mask = np.ones((n_rows, width), dtype=np.int64)
+    mask[:, :prompt_len] = attention_mask
     unfinished = np.ones(n_rows, dtype=bool)
     sequences: list[list[int]] = [[] for _ in range(n_rows)]
     logprobs: list[list[float]] = [[] for _ in range(n_rows)]
+    plain = not config.do_sample and config.no_repeat_ngram_size == 0  # argmax of raw logits
 
-    logits = _step(model, input_ids, mask, 0)
+    logits, row_max = _step_max(model, input_ids, attention_mask, 0)
     for step in range(config.max_new_tokens):
-        raw_lp = log_softmax(logits)
-        scores = process_scores(history, logits, config)
-        stuck = unfinished & ~np.isfinite(scores).any(axis=1)
-        if stuck.any():
-            raise _all_filtered(np.flatnonzero(stuck), step, config)
+        length = prompt_len + step
+        scores = logits if plain else process_scores(history[:, :length], logits, config)
+        if not plain:
+            stuck = unfinished & ~np.isfinite(scores).any(axis=1)
+            if stuck.any():
+                raise _all_filtered(np.flatnonzero(stuck), step, config)
         if rngs is not None:
             keys = scores.astype(np.float64) + _gumbel(rngs, scores.shape)
             tokens = np.argmax(keys, axis=-1)
@@ -450,24 +484,35 @@ def _greedy_or_sample(
             tokens = np.argmax(scores, axis=-1)
         if eos.size or should_stop is not None:
             tokens = np.where(unfinished, tokens, pad)
-        for r in np.flatnonzero(unfinished):
+        token_lp = _chosen_logprobs(logits, tokens, row_max)
+        for r in np.flatnonzero(unfinished).tolist():
             tok = int(tokens[r])
             sequences[r].append(tok)
-            logprobs[r].append(float(raw_lp[r, tok]))
+            logprobs[r].append(float(token_lp[r]))
             if on_token is not None:
-                on_token(int(r), tok)
-        history = np.concatenate([history, tokens[:, None].astype(np.int64)], axis=1)
+                on_token(r, tok)
+        if length == history.shape[1]:
+            history, mask = _widen(history, 1), _widen(mask, 1)
+        history[:, length] = tokens
         if eos.size:
-            unfinished &= ~np.isin(tokens, eos)
+            unfinished &= ~(tokens[:, None] == eos).any(axis=1)
         if should_stop is not None:
             for r in np.flatnonzero(unfinished):
                 if should_stop(int(r)):
                     unfinished[r] = False
         if step + 1 == config.max_new_tokens or not unfinished.any():
             break
-        mask = np.concatenate([mask, np.ones((n_rows, 1), dtype=mask.dtype)], axis=1)
-        logits = _step(model, tokens[:, None].astype(np.int64), mask, step + 1)
+        logits, row_max = _step_max(
+            model, history[:, length : length + 1], mask[:, : length + 1], step + 1
+        )
     return GenerationResult(sequences, logprobs, None)
+
+
+def _widen(buffer: np.ndarray, fill: int) -> np.ndarray:
+    """`buffer` (N, W) copied into one of twice the width, the new columns `fill`."""
+    wider = np.full((buffer.shape[0], 2 * buffer.shape[1]), fill, dtype=buffer.dtype)
+    wider[:, : buffer.shape[1]] = buffer
+    return wider
 
 
 def _length_norm(scores: np.ndarray, length: int, length_penalty: float) -> np.ndarray:
