@@ -5,11 +5,13 @@ every step, and its IOBinding rebinds every present; the in-place form (runtime.
 kv_cache="inplace") appends into one preallocated buffer bound once. This script derives the
 forms from one portable export, prefills the same few-shot prompt (k shots: k image-text chunks
 and the query's image), decodes greedily, and records every decode step's time (the step
-model's call: graph run, binding, feeds). Forms alternate within each repeat so they share the
-machine's load; reported: the median step over all repeats (robust to a shared machine's
-stalls), its ratio to the 0-shot step and to the weight-bandwidth floor (decoder weight bytes
-read per step / measured read bandwidth, benchmarks/runtime_bench.py's), and where the time of
-a median step goes (onnxruntime's run vs the rest).
+model's call: graph run, binding, feeds). Each repeat first measures the read bandwidth
+(benchmarks/bandwidth.py, a 1 GiB probe) and then runs every shot count x form, so the forms and
+shot counts share the machine's load and each repeat has its own floor (decoder weight bytes
+read per step / that repeat's bandwidth: a VM's bandwidth moves by 2x within minutes). Reported:
+the median step over all repeats, where a median step goes (onnxruntime's run vs the rest), and
+as medians of per-repeat ratios (with their range): step / floor and step / the first shot
+count's step.
 
     python benchmarks/decode_forms_bench.py EXPORT_DIR --threads 2 --shots 0,4,16,32 --json
 
@@ -39,12 +41,9 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:  # run as a plain script from anywhere
         sys.path.insert(0, str(path))
 
+from bandwidth import ReadProbe  # noqa: E402
 from genai_peer import cpu_name, export_demo, prompt_ids  # noqa: E402
-from runtime_bench import (  # noqa: E402
-    decode_weight_bytes,
-    memory_bandwidth,
-    precision_export,
-)
+from runtime_bench import decode_weight_bytes, precision_export  # noqa: E402
 
 from runtime.spec import DecoderForm  # noqa: E402
 
@@ -107,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         "--no-allow-spinning", action="store_true", help="onnxruntime's workers do not spin"
     )
     parser.add_argument("--workdir", type=Path, default=None, help="keep derived exports here")
+    parser.add_argument(
+        "--probe-mb", type=int, default=1024, help="bandwidth probe array (default 1024: > L3)"
+    )
     args = parser.parse_args(argv)
 
     from exporter.decoder_forms import derive_export
@@ -138,56 +140,82 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if not weights_of:  # no portable form asked: the first form's weights
             weights_of = {p: decode_weight_bytes(precision_export(folder, p)) for p in precisions}
-        say("memory bandwidth")
-        bandwidth = memory_bandwidth(threads)[f"{threads}_threads"]
+        say(f"read bandwidth probe ({args.probe_mb} MB)")
+        probe = ReadProbe(threads, args.probe_mb << 20)
         weights = weights_of[precisions[0]]
         first = next(iter(engines.values()))[1]
         manifest, dims = first.manifest, first.dims
-        rows = []
+        prompts = {}
         for k in shots:
             n_images = k + 1
             rng = np.random.default_rng(args.seed)
             size = dims.image_size
             pixels = rng.standard_normal((n_images, 3, size, size)).astype(np.float32)
             cross = first.rows_cross_kv(first.encode_images(pixels), [list(range(n_images))])
-            ids = prompt_ids(manifest, k, args.seed)
-            say(f"{k} shots: {ids.shape[1]} prompt tokens")
-            samples: dict[str, list[dict]] = {t: [] for t in engines}
+            prompts[k] = (n_images, cross, prompt_ids(manifest, k, args.seed))
+            say(f"{k} shots: {prompts[k][2].shape[1]} prompt tokens")
             for _, engine in engines.values():  # warm-up
-                timed_generate(engine, cross, n_images, ids, 4)
-            for _ in range(args.repeats):
+                timed_generate(engine, cross, n_images, prompts[k][2], 4)
+        # every repeat: the bandwidth probe, then every shot count x engine, so each repeat's
+        # steps are set against the bandwidth of that minute (a VM's moves by 2x in minutes)
+        samples: dict[int, dict[str, list[dict]]] = {k: {t: [] for t in engines} for k in shots}
+        probes = []
+        for rep in range(args.repeats):
+            probes.append(probe.measure(repeats=2))
+            say(f"repeat {rep + 1}/{args.repeats}: read bandwidth {probes[-1]['gbs']} GB/s")
+            for k, (n_images, cross, ids) in prompts.items():
                 for t, (_, engine) in engines.items():
-                    samples[t].append(
+                    samples[k][t].append(
                         timed_generate(engine, cross, n_images, ids, args.max_new_tokens)
                     )
-            row: dict[str, Any] = {"shots": k, "prompt_tokens": int(ids.shape[1])}
+        probe.close()
+        rows = []
+        for k in shots:
+            row: dict[str, Any] = {"shots": k, "prompt_tokens": int(prompts[k][2].shape[1])}
             # the forms of one precision give its tokens exactly; precisions differ
             first_of: dict[str, list[int]] = {}
-            for t, runs in samples.items():
+            for t, runs in samples[k].items():
                 first_of.setdefault(engines[t][0], runs[0]["tokens"])
             row["tokens_identical"] = all(
-                s["tokens"] == first_of[engines[t][0]] for t, runs in samples.items() for s in runs
+                s["tokens"] == first_of[engines[t][0]]
+                for t, runs in samples[k].items()
+                for s in runs
             )
-            for t, runs in samples.items():
+            for t, runs in samples[k].items():
                 steps = [x for s in runs for x in s["steps_ms"]]
                 ort = [x for s in runs for x in s["runs_ms"]]
+                bytes_ = weights_of[engines[t][0]]["per_step_bytes"]
+                # per repeat: its median step over its own minute's floor
+                per_rep = [
+                    statistics.median(s["steps_ms"]) / (bytes_ / (b["gbs"] * 1e9) * 1e3)
+                    for s, b in zip(runs, probes)
+                ]
                 row[t] = {
                     "decode_ms_per_token": round(statistics.median(steps), 3),
                     "onnxruntime_run_ms": round(statistics.median(ort), 3),
                     "mean_ms_per_token": round(statistics.fmean(steps), 3),
                     "prefill_ms": round(statistics.median(s["prefill_ms"] for s in runs), 2),
+                    "repeat_ms_per_token": [
+                        round(statistics.median(s["steps_ms"]), 3) for s in runs
+                    ],
+                    "vs_weights_floor": round(statistics.median(per_rep), 3),
+                    "vs_weights_floor_range": [round(min(per_rep), 3), round(max(per_rep), 3)],
                 }
             rows.append(row)
-    gbs = max(bandwidth["best_gbs"], bandwidth["read_best_gbs"])
+    bandwidths = [b["gbs"] for b in probes]
+    gbs = statistics.median(bandwidths)
     floor_ms = weights["per_step_bytes"] / (gbs * 1e9) * 1e3
-    floors = {p: w["per_step_bytes"] / (gbs * 1e9) * 1e3 for p, w in weights_of.items()}
     for row in rows:
         for t in engines:
             r = row[t]
-            r["floor_ms"] = round(floors[engines[t][0]], 3)
-            r["vs_weights_floor"] = round(r["decode_ms_per_token"] / floors[engines[t][0]], 3)
-            zero = next(x for x in rows if x["shots"] == rows[0]["shots"])[t]
-            r["vs_first_shots"] = round(r["decode_ms_per_token"] / zero["decode_ms_per_token"], 3)
+            r["floor_ms"] = round(
+                weights_of[engines[t][0]]["per_step_bytes"] / (gbs * 1e9) * 1e3, 3
+            )
+            zero = rows[0][t]
+            # per repeat too: the two shot counts ran minutes apart at most, in the same repeat
+            per_rep = [a / b for a, b in zip(r["repeat_ms_per_token"], zero["repeat_ms_per_token"])]
+            r["vs_first_shots"] = round(statistics.median(per_rep), 3)
+            r["vs_first_shots_range"] = [round(min(per_rep), 3), round(max(per_rep), 3)]
     report = {
         "rows": rows,
         "forms": {t: f.to_dict() for t, f in forms.items()},
@@ -197,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "allow_spinning": not args.no_allow_spinning,
         "bandwidth_gbs": gbs,
+        "bandwidth_probes": probes,
+        "bandwidth_range_gbs": [min(bandwidths), max(bandwidths)],
         "floor_ms": round(floor_ms, 3),
         "threads": threads,
         "cpu": cpu_name(),
@@ -210,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=1))
         return 0
     print(
-        f"{report['cpu']}, {threads} threads, read bandwidth {gbs:.1f} GB/s, weight floor "
-        f"{floor_ms:.2f} ms/token; medians of every decode step over {args.repeats} repeats"
+        f"{report['cpu']}, {threads} threads, read bandwidth {gbs:.1f} GB/s (median of "
+        f"{args.repeats} probes, {min(bandwidths)}-{max(bandwidths)}), weight floor "
+        f"{floor_ms:.2f} ms/token; medians of every decode step over {args.repeats} repeats; "
+        "vs floor: median over repeats of each repeat's step / its own probe's floor"
     )
     names = list(engines)
     print(f"{'shots':>5} {'prompt':>6} " + " ".join(f"{n + ' ms/tok':>22}" for n in names)

@@ -32,6 +32,8 @@ def test_genai_decodes_our_tokens(tiny_export: Callable, family: str, form: str,
     assert len(report["ours"]["tokens"]) == 12
     assert report["ours"]["tokens"] == report["genai"]["tokens"]
     assert math.isfinite(report["speed_ratio"]) and report["speed_ratio"] > 0
+    paired = report["speed_ratio_paired"]
+    assert 0 < paired["min"] <= paired["median"] <= paired["max"]
 
 
 @pytest.mark.slow
@@ -56,14 +58,21 @@ def test_decode_forms_bench_reports_each_form(tiny_export: Callable, capsys) -> 
     every figure is there and finite (timings never asserted)."""
     import decode_forms_bench
 
-    args = [str(tiny_export("mpt")), "--shots", "0,2", "--repeats", "1", "--json"]
-    assert decode_forms_bench.main([*args, "--max-new-tokens", "4", "--threads", "1"]) == 0
+    args = [str(tiny_export("mpt")), "--shots", "0,2", "--repeats", "2", "--json"]
+    more = ["--max-new-tokens", "4", "--threads", "1", "--probe-mb", "64"]
+    assert decode_forms_bench.main([*args, *more]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [r["shots"] for r in report["rows"]] == [0, 2]
     for row in report["rows"]:
         assert row["tokens_identical"] is True
         for form in ("portable", "inplace"):
-            assert all(math.isfinite(v) and v > 0 for v in row[form].values())
+            figures = row[form]
+            for v in figures.values():
+                assert all(math.isfinite(x) and x > 0 for x in (v if isinstance(v, list) else [v]))
+            assert len(figures["repeat_ms_per_token"]) == 2  # one per repeat
+            low, high = figures["vs_weights_floor_range"]
+            assert low <= figures["vs_weights_floor"] <= high
+    assert len(report["bandwidth_probes"]) == 2  # each repeat measured its own bandwidth
     assert report["floor_ms"] > 0 and report["cpu"]
 
 
@@ -75,7 +84,7 @@ def test_decode_forms_bench_times_each_precision_and_form(
     import decode_forms_bench
 
     args = [str(tiny_export("llama")), "--shots", "1", "--repeats", "1", "--json"]
-    more = ["--precision", "fp32,int8-weight-only", "--workdir", str(tmp_path)]
+    more = ["--precision", "fp32,int8-weight-only", "--workdir", str(tmp_path), "--probe-mb", "64"]
     assert decode_forms_bench.main([*args, *more, "--max-new-tokens", "4", "--threads", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
     (row,) = report["rows"]
@@ -88,3 +97,17 @@ def test_decode_forms_bench_times_each_precision_and_form(
         precision = n.split()[0]
         floor = weights[precision] / (report["bandwidth_gbs"] * 1e9) * 1e3
         assert row[n]["floor_ms"] == pytest.approx(floor, rel=1e-2, abs=1e-3)
+
+
+def test_bandwidth_probe_reads_at_a_finite_rate() -> None:
+    """benchmarks/bandwidth.py: both readers report a positive rate, `gbs` the higher."""
+    from bandwidth import ReadProbe
+
+    probe = ReadProbe(threads=2, size_bytes=32 << 20)
+    try:
+        out = probe.measure(repeats=1)
+    finally:
+        probe.close()
+    rates = (out["numpy_max_gbs"], out["onnxruntime_gemv_gbs"])
+    assert all(math.isfinite(r) and r > 0 for r in rates)
+    assert out["gbs"] == max(rates)
