@@ -336,7 +336,7 @@ class OrtStepModel(BaseStepModel):
             except Exception:  # an onnxruntime build without IOBinding: plain session.run
                 self._binding = None
         self._bound_cross: dict[str, np.ndarray] | None = None
-        self._feed_buffers: dict[str, tuple[np.ndarray, Any]] = {}  # name -> (array, OrtValue)
+        self._feed_buffers: dict[str, tuple[np.ndarray, Any]] = {}  # name -> (bound array, _)
         self._checked: tuple | None = None  # the last decode step's in-graph check (its key)
         self._cross_memo: tuple | None = None  # the last _cross_for answer (its key)
         # decode steps attend to each row's current image only (runtime.decoding)
@@ -395,9 +395,8 @@ class OrtStepModel(BaseStepModel):
                 np.copyto(held[0], value)
                 continue
             array = np.array(value, order="C")  # a copy: the caller may reuse its array
-            ortvalue = ort.OrtValue.ortvalue_from_numpy(array)  # over `array`, no copy
-            binding.bind_ortvalue_input(name, ortvalue)
-            buffers[name] = (array, ortvalue)
+            binding.bind_cpu_input(name, array)  # bound over `array` (kept alive here)
+            buffers[name] = (array, None)
         if self._bound_cross is not cross:
             for name, value in cross.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
