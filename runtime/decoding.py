@@ -81,6 +81,13 @@ class MediaCounter:
         self.last = index[:, -1].copy()
         return index
 
+    @property
+    def steady(self) -> bool:
+        """Whether a token that is not an `<image>` leaves this state (and its index) as it
+        is: always under OpenFlamingo's rule (the count only moves at an `<image>`; `last` is
+        the count), under IDEFICS' once the prompt has run (`frozen`)."""
+        return self.reset_token_id is None or self.frozen
+
     def end_prompt(self) -> None:
         """The prompt has run: under IDEFICS' rule, generated tokens keep its last index."""
         self.frozen = self.reset_token_id is not None

@@ -339,6 +339,7 @@ class OrtStepModel(BaseStepModel):
         self._feed_buffers: dict[str, tuple[np.ndarray, Any]] = {}  # name -> (bound array, _)
         self._checked: tuple | None = None  # the last decode step's in-graph check (its key)
         self._cross_memo: tuple | None = None  # the last _cross_for answer (its key)
+        self._steady: tuple | None = None  # a decode step's media state, while it holds
         # decode steps attend to each row's current image only (runtime.decoding)
         self.current_image_only = True
         self._local: tuple[dict, tuple, dict[str, np.ndarray]] | None = None  # current image's
@@ -373,10 +374,26 @@ class OrtStepModel(BaseStepModel):
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.uses_position_ids:
             feed["position_ids"] = position_ids(attention_mask, t)
-        media, cross = self._cross_for(self.media(input_ids))
-        if self.in_graph_indices:
-            cross = self._check_in_graph(input_ids, attention_mask, media, cross)
+        held = self._steady
+        if (
+            held is not None
+            and t == 1
+            and held[0] is self.cross_kv
+            and held[1] is self._cross_rows
+            and held[2] == self.current_image_only
+            and not (input_ids == self.engine.media_token_id).any()
+        ):
+            media, cross = held[3], held[4]  # the media state the last step left, unchanged
         else:
+            media, cross = self._cross_for(self.media(input_ids))
+            if self.in_graph_indices:
+                cross = self._check_in_graph(input_ids, attention_mask, media, cross)
+            # after a one-token step past a prefill, a next token that is not an <image> leaves
+            # the media state as it is (OpenFlamingo's count; IDEFICS' frozen index)
+            steady = t == 1 and attention_mask.shape[1] > 1 and self.media.steady
+            state = (self.cross_kv, self._cross_rows, self.current_image_only, media, cross)
+            self._steady = state if steady else None
+        if not self.in_graph_indices:
             feed["media_index"] = media
             feed["logits_index"] = logits_index(t, all_positions)
         return self._run(feed, cross)

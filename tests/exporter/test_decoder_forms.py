@@ -342,3 +342,32 @@ def test_w8a8_note_of_a_form_does_not_promise_tensorrt(form_export, tmp_path) ->
     (note,) = slow_on_cpu(load_manifest(out))
     assert "TensorRT does not run" in note and "made for TensorRT" not in note
     assert note != W8A8_ON_CPU
+
+
+@pytest.mark.parametrize("form", [PORTABLE, IN_GRAPH, INPLACE, BOTH], ids=str)
+def test_one_token_steps_equal_one_prefill(tiny_model, form_export, form) -> None:
+    """Tokens fed one step at a time after a prefill (the decode path: media state held between
+    steps, feeds kept bound) give the logits of one prefill over the whole sequence: the rest
+    of the prompt with its second `<image>` (host indices only: the in-graph rule indexes the
+    last image from the first decode step on), then generated tokens with `<image>`s past the
+    image count among them (they attend to the last image)."""
+    _, tok, _, _ = tiny_model("llama")
+    engine = OnnxFlamingo(form_export("llama", form))
+    ids, mask, cross, n = _row_inputs(engine, tok, PROMPTS[0])  # 2 images
+    media = engine.media_token_id
+    rng = np.random.default_rng(0)
+    forced = rng.integers(5, engine.dims.vocab_size - 5, 20)
+    forced[[3, 4, 11]] = media
+    full_ids = np.concatenate([ids, forced[None]], axis=1)
+    full_mask = np.ones_like(full_ids)
+    full_mask[:, : mask.shape[1]] = mask
+    whole = engine.step_model(cross, n).run(full_ids, full_mask)  # (1, T, V)
+    images = np.flatnonzero(ids[0] == media)
+    # host indices: 3 one-token steps before image 2 (it changes a state held between steps)
+    split = ids.shape[1] if form.indices == "in-graph" else int(images[1]) - 3
+    model = engine.step_model(cross, n)
+    stepped = [model.run(full_ids[:, :split], full_mask[:, :split])[:, -1]]
+    for width in range(split + 1, full_ids.shape[1]):
+        stepped.append(model.run(full_ids[:, width - 1 : width], full_mask[:, :width])[:, -1])
+    positions = np.arange(split - 1, full_ids.shape[1] - 1)
+    np.testing.assert_allclose(np.stack(stepped, 1), whole[:, positions], atol=1e-4, rtol=0)
