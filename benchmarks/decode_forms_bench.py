@@ -9,9 +9,10 @@ model's call: graph run, binding, feeds). Each repeat first measures the read ba
 (benchmarks/bandwidth.py, a 1 GiB probe) and then runs every shot count x form, so the forms and
 shot counts share the machine's load and each repeat has its own floor (decoder weight bytes
 read per step / that repeat's bandwidth: a VM's bandwidth moves by 2x within minutes). Reported:
-the median step over all repeats, where a median step goes (onnxruntime's run vs the rest), and
-as medians of per-repeat ratios (with their range): step / floor and step / the first shot
-count's step.
+the median step over all repeats, where a median step goes (onnxruntime's run vs the rest), the
+decode loop's wall time per token and its part outside the graph runs (search, step model,
+binding: what the runtime adds per token), and as medians of per-repeat ratios (with their
+range): step / floor and step / the first shot count's step.
 
     python benchmarks/decode_forms_bench.py EXPORT_DIR --threads 2 --shots 0,4,16,32 --json
 
@@ -79,10 +80,13 @@ def timed_generate(engine: Any, cross: dict, n_images: int, ids: np.ndarray, new
     session.run_with_iobinding = timed_run
     try:
         out = generate(model, ids, np.ones_like(ids), GenerationConfig(new, eos_token_ids=()))
+        end = time.perf_counter()
     finally:
         del session.run_with_iobinding
+    decode_s = end - model.prefill_end  # every decode step with the search around it
     return {
         "tokens": out.sequences[0],
+        "wall_ms_per_token": 1e3 * decode_s / max(1, len(step_times) - 1),
         "prefill_ms": 1e3 * step_times[0],
         "steps_ms": [1e3 * t for t in step_times[1:]],
         "runs_ms": [1e3 * t for t in run_times[1:]],
@@ -190,9 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                     statistics.median(s["steps_ms"]) / (bytes_ / (b["gbs"] * 1e9) * 1e3)
                     for s, b in zip(runs, probes)
                 ]
+                wall = statistics.median(s["wall_ms_per_token"] for s in runs)
                 row[t] = {
                     "decode_ms_per_token": round(statistics.median(steps), 3),
                     "onnxruntime_run_ms": round(statistics.median(ort), 3),
+                    # the whole decode loop per token (search, step model, binding) minus the
+                    # graph run: what our runtime adds per token
+                    "wall_ms_per_token": round(wall, 3),
+                    "outside_run_ms": round(wall - statistics.fmean(ort), 3),
                     "mean_ms_per_token": round(statistics.fmean(steps), 3),
                     "prefill_ms": round(statistics.median(s["prefill_ms"] for s in runs), 2),
                     "repeat_ms_per_token": [
