@@ -486,18 +486,18 @@ class OrtStepModel(BaseStepModel):
         new token of a row attends to it (`current_image_offsets`), stacked once per image
         change; all images' keys otherwise."""
         # decode steps repeat one media index: the answer holds while media, rows and K/V do
-        memo_key = (
-            self.current_image_only,
-            media.shape,
-            media.tobytes(),
-            self._cross_rows.tobytes(),
-        )
         memo = self._cross_memo
-        if memo is not None and memo[0] is self.cross_kv and memo[1] == memo_key:
+        if memo is not None and memo[0] is self.cross_kv and memo[1] == self._memo_key(media):
             return memo[2]
         found = self._cross_for_uncached(media)
-        self._cross_memo = (self.cross_kv, memo_key, found)
+        # keyed by the state after the call: it may have gathered the K/V rows and reset the
+        # row map, and a later reorder must not meet the pre-gather key
+        self._cross_memo = (self.cross_kv, self._memo_key(media), found)
         return found
+
+    def _memo_key(self, media: np.ndarray) -> tuple:
+        rows = self._cross_rows
+        return (self.current_image_only, media.shape, media.tobytes(), rows.tobytes())
 
     def _cross_for_uncached(self, media: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         keys = next(iter(self.cross_kv.values())).shape[2] if self.cross_kv else 0

@@ -482,9 +482,9 @@ def _greedy_or_sample(
             tokens = np.argmax(keys, axis=-1)
         else:
             tokens = np.argmax(scores, axis=-1)
+        token_lp = _chosen_logprobs(logits, tokens, row_max)  # before finished rows get pad
         if eos.size or should_stop is not None:
             tokens = np.where(unfinished, tokens, pad)
-        token_lp = _chosen_logprobs(logits, tokens, row_max)
         for r in np.flatnonzero(unfinished).tolist():
             tok = int(tokens[r])
             sequences[r].append(tok)

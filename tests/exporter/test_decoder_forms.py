@@ -371,3 +371,34 @@ def test_one_token_steps_equal_one_prefill(tiny_model, form_export, form) -> Non
         stepped.append(model.run(full_ids[:, width - 1 : width], full_mask[:, :width])[:, -1])
     positions = np.arange(split - 1, full_ids.shape[1] - 1)
     np.testing.assert_allclose(np.stack(stepped, 1), whole[:, positions], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("form", [PORTABLE, IN_GRAPH, INPLACE], ids=str)
+@pytest.mark.parametrize("current_only", [True, False])
+def test_reorders_between_steps_move_the_cross_attention_rows(
+    tiny_model, form_export, form, current_only
+) -> None:
+    """StepModel used directly: rows swapped by reorder_cache between one-token steps attend
+    to their own images at every step (a memo of the current-image K/V once answered for the
+    rows' order before a gather: breaker pass, 2026-11-30), as a fresh model fed the rows in
+    that order over the whole sequence does."""
+    _, tok, _, _ = tiny_model("llama")
+    engine = OnnxFlamingo(form_export("llama", form))
+    prompts = ("<image>A red circle", "<image>A blue square")
+    vision_x, ids, mask, counts = batch(tok, engine.dims.image_size, prompts)
+    features = engine.encode_images(vision_x[:, 0, 0].numpy())
+    cross = engine.rows_cross_kv(features, [[0], [1]])
+    ids, mask, n = ids.numpy(), mask.numpy(), np.array(counts)
+    model = engine.step_model(cross, n)
+    model.current_image_only = current_only
+    model.step(ids, mask)
+    order, token = np.array([0, 1]), np.array([[5], [5]])
+    for k in range(1, 5):
+        model.reorder_cache(np.array([1, 0]))
+        order = order[[1, 0]]
+        ones = np.ones((2, k), dtype=np.int64)
+        got = model.step(token, np.concatenate([mask, ones], 1))
+        fresh = engine.step_model({name: v[order] for name, v in cross.items()}, n[order])
+        history = np.concatenate([ids[order], np.repeat(token, k, axis=1)], 1)
+        want = fresh.step(history, np.concatenate([mask[order], ones], 1))
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"step {k}")

@@ -332,3 +332,20 @@ def test_more_eos_ids_than_the_vocabulary_holds() -> None:
     )
     res = generate(TableModel(), ids, mask, config)
     assert len(res.sequences) == 6 and all(1 <= len(s) <= 3 for s in res.sequences)
+
+
+def test_a_pad_id_outside_the_vocabulary_pads_finished_rows() -> None:
+    """A pad id the logits have no column for (e.g. a tokenizer's extra pad token) only fills
+    finished rows; log-probs are the chosen tokens' (breaker pass, 2026-11-30: an IndexError)."""
+    logits = np.full((2, VOCAB), -5.0, dtype=np.float32)
+    logits[0, EOS] = 5.0  # row 0 ends at once
+    logits[1, 4] = 5.0
+    config = GenerationConfig(max_new_tokens=3, eos_token_ids=(EOS,), pad_token_id=VOCAB + 5)
+
+    class PerRow(Fixed):
+        def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+            return self.logits.copy()
+
+    out = generate(PerRow(logits), np.zeros((2, 2), np.int64), np.ones((2, 2), np.int64), config)
+    assert out.sequences == [[EOS], [4, 4, 4]]
+    assert all(np.isfinite(lp) for row in out.logprobs for lp in row)
