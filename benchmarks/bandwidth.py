@@ -13,14 +13,18 @@ core). Two readers, each splitting the array over `threads`:
 
 The higher of the two is the bandwidth (the lower, stricter floor).
 
-    python benchmarks/bandwidth.py --threads 2 --rounds 5 --json
+    python benchmarks/bandwidth.py --threads 2 --rounds 5 --json   # default threads: all CPUs
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +34,62 @@ import numpy as np
 
 DEFAULT_BYTES = 1 << 30  # 1 GiB: several times any last-level cache we have met
 GEMV_K = 4096
+
+
+def cpu_name() -> str:
+    """lscpu's model name (or platform's processor string)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def last_level_cache_bytes() -> int | None:
+    """lscpu's largest cache level (e.g. "L3 cache: 260 MiB (1 instance)"), or None."""
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "K": 1 << 10, "M": 1 << 20}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return None
+    sizes = []
+    for line in out.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("L2 cache", "L3 cache") and value.split():
+            number, *unit = value.split()
+            try:
+                sizes.append(int(float(number) * units.get(unit[0] if unit else "K", 1)))
+            except ValueError:
+                continue
+    return max(sizes) if sizes else None
+
+
+def machine(threads: int) -> dict[str, Any]:
+    """What a benchmark figure must name: CPU, threads, CPUs, load average, UTC date."""
+    return {
+        "cpu": cpu_name(),
+        "threads": threads,
+        "cpus": os.cpu_count(),
+        "loadavg": [round(v, 2) for v in os.getloadavg()],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def busy_warning() -> str | None:
+    """A warning when other processes already keep the CPUs busy (1-minute load average >=
+    CPU count): then every figure, the bandwidth probe's included, measures a share of
+    contended cores, and ratios to the floor look better than the machine is."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load < cpus:
+        return None
+    return (
+        f"load average {load:.1f} on {cpus} CPUs before this run: other processes share the "
+        "cores, so these figures (the bandwidth probe's too) measure contention, not the "
+        "machine; rerun on a quiet machine"
+    )
 
 
 class ReadProbe:
@@ -87,33 +147,43 @@ class ReadProbe:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="default: all CPUs")
     parser.add_argument("--rounds", type=int, default=5, help="measurements, spread reported")
     parser.add_argument("--size-mb", type=int, default=DEFAULT_BYTES >> 20)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
-    if args.threads < 1 or args.rounds < 1 or args.size_mb < 1:
+    threads = args.threads or os.cpu_count() or 1
+    if threads < 1 or args.rounds < 1 or args.size_mb < 1:
         parser.error("--threads, --rounds and --size-mb must be >= 1")
-    probe = ReadProbe(args.threads, args.size_mb << 20)
+    warning = busy_warning()
+    if warning:
+        print(f"[bandwidth] warning: {warning}", file=sys.stderr)
+    probe = ReadProbe(threads, args.size_mb << 20)
     rounds = [probe.measure() for _ in range(args.rounds)]
     probe.close()
     gbs = [r["gbs"] for r in rounds]
     report = {
-        "threads": args.threads,
+        **machine(threads),
         "array_bytes": args.size_mb << 20,
+        "passes_per_round": 3,
         "rounds": rounds,
-        "median_gbs": statistics.median(gbs),
+        "median_gbs": round(statistics.median(gbs), 2),
         "min_gbs": min(gbs),
         "max_gbs": max(gbs),
+        "busy_warning": warning,
     }
     if args.json:
         print(json.dumps(report))
     else:
-        for r in rounds:
-            print(r)
+        for i, r in enumerate(rounds, 1):
+            print(
+                f"round {i}: numpy max {r['numpy_max_gbs']} GB/s, onnxruntime GEMV "
+                f"{r['onnxruntime_gemv_gbs']} GB/s (best of 3 passes each)"
+            )
         print(
-            f"read bandwidth at {args.threads} thread(s): median {report['median_gbs']} GB/s "
-            f"(min {report['min_gbs']}, max {report['max_gbs']})"
+            f"read bandwidth at {threads} thread(s): median {report['median_gbs']} GB/s "
+            f"(min {report['min_gbs']}, max {report['max_gbs']}); {report['cpu']}, load "
+            f"average {report['loadavg'][0]}"
         )
     return 0
 

@@ -26,8 +26,9 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from bandwidth import cpu_name  # noqa: E402
 from decode_forms_bench import timed_generate  # noqa: E402
-from genai_peer import cpu_name, export_demo, prompt_ids  # noqa: E402
+from genai_peer import export_demo, prompt_ids  # noqa: E402
 
 from runtime.spec import DecoderForm  # noqa: E402
 

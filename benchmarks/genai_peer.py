@@ -27,10 +27,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,9 +38,13 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a plain script from anywhere
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:  # run as a plain script from anywhere
+        sys.path.insert(0, str(path))
 
+from bandwidth import busy_warning, cpu_name  # noqa: E402
+
+from runtime.errors import FlamingoExportError  # noqa: E402
 from runtime.manifest import Manifest, load_manifest  # noqa: E402
 from runtime.spec import DecoderForm, ModelDims  # noqa: E402
 
@@ -142,17 +144,6 @@ def prompt_ids(manifest: Manifest, shots: int, seed: int) -> np.ndarray:
     return np.array([ids], dtype=np.int64)
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import onnxruntime_genai as og
 
@@ -160,6 +151,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from runtime.engine import OnnxFlamingo
     from runtime.generation import GenerationConfig, generate
 
+    warning = busy_warning()  # before any work of ours adds to the load
+    if warning:
+        say(f"warning: {warning}")
     src = args.export_dir or export_demo(work / "portable")
     form = DecoderForm.parse(args.form)
     if form.indices != "in-graph":
@@ -261,6 +255,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "our_decoder_spins": not args.no_allow_spinning,
         "cpu": cpu_name(),
         "loadavg": os.getloadavg(),
+        "busy_warning": warning,
         "onnxruntime_genai": og.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -277,7 +272,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--shots", type=int, default=4, help="demonstrations (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
-    parser.add_argument("--repeats", type=int, default=5, help="default 5")
+    parser.add_argument(
+        "--repeats", type=int, default=6, help="default 6 (even: ABBA gives each side first)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="default: all CPUs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -288,13 +285,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 2 or args.repeats < 1 or args.shots < 0:
         parser.error("--max-new-tokens >= 2, --repeats >= 1, --shots >= 0")
+    if args.threads is not None and args.threads < 0:
+        parser.error("--threads >= 0 (0: all CPUs)")
+    if args.export_dir is not None and not (args.export_dir / "manifest.json").is_file():
+        parser.error(f"{args.export_dir}: not an export folder (no manifest.json)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="genai_peer_") as tmp:
-        report = run(args, Path(tmp))
+    try:
+        with tempfile.TemporaryDirectory(prefix="genai_peer_") as tmp:
+            report = run(args, Path(tmp))
+    except FlamingoExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(report))
     else:

@@ -20,6 +20,7 @@ Targets (reported, never asserted):
 
     python benchmarks/runtime_bench.py --threads 1 --json > bench.json   # full (minutes)
     python benchmarks/runtime_bench.py --quick                           # smoke run (small)
+    python benchmarks/runtime_bench.py --workdir W --export-only         # W/export, no bench
 
 Reduced precisions (issue 18 (d), (e)): `--precision fp32,int8-dynamic,int8-weight-only,int4`
 quantizes the fp32 export into each (PRECISION_VARIANTS) and benches them in the same run (the
@@ -92,16 +93,29 @@ TARGETS = {
 
 def memory_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) -> dict:
     """Memory bandwidth in GB/s at 1 and `threads` threads: numpy's copy (read + written bytes,
-    STREAM's convention; best and median over repeats) and the read rate of
-    benchmarks/bandwidth.py's probe (float32 max and onnxruntime's GEMV over 1 GiB, the best of
-    `repeats`), which is what the decode step's floor uses (the higher: the stricter floor)."""
+    STREAM's convention; best and median over repeats; reported only) and the read rate of
+    benchmarks/bandwidth.py's probe (float32 max and onnxruntime's GEMV, the best of
+    `repeats`), the decode step's floor divisor here as in decode_forms_bench."""
     from bandwidth import ReadProbe
 
+    out: dict[str, Any] = {"array_bytes": size_bytes, "repeats": repeats}
+    out |= _copy_rates(sorted({1, threads}), size_bytes, repeats)  # its arrays freed here
+    for n in sorted({1, threads}):
+        row = out[f"{n}_threads"]
+        probe = ReadProbe(n, size_bytes)
+        read = probe.measure(repeats)
+        probe.close()
+        row |= {"read_best_gbs": read["gbs"], **{k: v for k, v in read.items() if k != "gbs"}}
+    return out
+
+
+def _copy_rates(counts: list[int], size_bytes: int, repeats: int) -> dict[str, Any]:
+    """numpy copy GB/s (read + written bytes) per thread count: best and median of repeats."""
     src = np.ones(size_bytes // 8, dtype=np.float64)
     dst = np.empty_like(src)
     np.copyto(dst, src)  # fault the pages in
-    out: dict[str, Any] = {"array_bytes": src.nbytes, "repeats": repeats}
-    for n in sorted({1, threads}):
+    out: dict[str, Any] = {}
+    for n in counts:
         slices = np.array_split(np.arange(len(src)), n)
         bounds = [(int(s[0]), int(s[-1]) + 1) for s in slices]
         with ThreadPoolExecutor(n) as pool:
@@ -111,15 +125,10 @@ def memory_bandwidth(threads: int, size_bytes: int = 1 << 30, repeats: int = 5) 
                 list(pool.map(lambda lo, hi: np.copyto(dst[lo:hi], src[lo:hi]), *zip(*bounds)))
                 times.append(time.perf_counter() - start)
         gbs = [2 * src.nbytes / t / 1e9 for t in times]
-        row: dict[str, Any] = {
+        out[f"{n}_threads"] = {
             "best_gbs": round(max(gbs), 2),
             "median_gbs": round(statistics.median(gbs), 2),
         }
-        probe = ReadProbe(n, size_bytes)
-        read = probe.measure(repeats)
-        probe.close()
-        row |= {"read_best_gbs": read["gbs"], **{k: v for k, v in read.items() if k != "gbs"}}
-        out[f"{n}_threads"] = row
     return out
 
 
@@ -314,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="keep model + export here")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="build the model and its exports into --workdir, print their folders, bench nothing",
+    )
+    parser.add_argument(
         "--precision",
         default="fp32",
         help=f"comma list of {list(PRECISION_VARIANTS)}: the first is the runtime, the rest "
@@ -328,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the runtime's onnxruntime workers do not spin (a shared or loaded machine)",
     )
     args = parser.parse_args(argv)
+    if args.export_only and args.workdir is None:
+        parser.error("--export-only needs --workdir (where the exports stay)")
     variants = [v.strip() for v in args.precision.split(",") if v.strip()]
     bad = [v for v in variants if v not in PRECISION_VARIANTS]
     if bad or not variants:
@@ -391,9 +407,14 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{variant} export ({args.decoder_form} decoder form)")
             exports[variant] = precision_export(base, variant)
         quantize_s = time.perf_counter() - start
+        if args.export_only:
+            for variant, path in exports.items():
+                print(f"{variant}\t{path}")
+            return 0
 
         say("memory bandwidth")
-        bandwidth = memory_bandwidth(options.resolved_threads())
+        size = (256 << 20) if args.quick else (1 << 30)  # --quick: a smoke run, not a floor
+        bandwidth = memory_bandwidth(options.resolved_threads(), size_bytes=size)
         weights_of = {v: decode_weight_bytes(path) for v, path in exports.items()}
         weights = weights_of[variants[0]]
         report = bench_subprocess(
@@ -411,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     measured = bandwidth[f"{options.resolved_threads()}_threads"]
-    gbs = max(measured["best_gbs"], measured["read_best_gbs"])
+    gbs = measured["read_best_gbs"]  # the read probe: the one floor of every benchmark
     floor = {
         "per_step_bytes": weights["per_step_bytes"],
         "bandwidth_gbs": gbs,

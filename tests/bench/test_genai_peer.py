@@ -67,8 +67,11 @@ def test_decode_forms_bench_reports_each_form(tiny_export: Callable, capsys) -> 
         assert row["tokens_identical"] is True
         for form in ("portable", "inplace"):
             figures = row[form]
-            for v in figures.values():
-                assert all(math.isfinite(x) and x > 0 for x in (v if isinstance(v, list) else [v]))
+            for key, v in figures.items():
+                values = v if isinstance(v, list) else [v]
+                assert all(math.isfinite(x) for x in values), key
+                if key != "outside_run_ms":  # a difference of two timings: may be <= 0
+                    assert all(x > 0 for x in values), key
             assert len(figures["repeat_ms_per_token"]) == 2  # one per repeat
             low, high = figures["vs_weights_floor_range"]
             assert low <= figures["vs_weights_floor"] <= high
@@ -111,3 +114,30 @@ def test_bandwidth_probe_reads_at_a_finite_rate() -> None:
     rates = (out["numpy_max_gbs"], out["onnxruntime_gemv_gbs"])
     assert all(math.isfinite(r) and r > 0 for r in rates)
     assert out["gbs"] == max(rates)
+
+
+def test_bandwidth_cli_json_names_the_machine(capsys) -> None:
+    """`bandwidth.py --json`: the rounds, their median/min/max, and the CPU, threads, load
+    average and date every figure must carry."""
+    import bandwidth
+
+    assert bandwidth.main(["--threads", "1", "--rounds", "2", "--size-mb", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["rounds"]) == 2 and report["threads"] == 1
+    assert report["min_gbs"] <= report["median_gbs"] <= report["max_gbs"]
+    assert report["cpu"] and report["date"] and len(report["loadavg"]) == 3
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--probe-mb", "0"], ["--repeats", "0"], ["--max-new-tokens", "1"], ["--shots", "x"],
+     ["--forms", "bogus"], ["--threads", "-1"], ["/nonexistent/export"]],
+)  # fmt: skip
+def test_decode_forms_bench_refuses_bad_arguments(args: list[str], capsys) -> None:
+    """Each bad argument is one usage line naming it (exit 2), before any work."""
+    import decode_forms_bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        decode_forms_bench.main(args)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
