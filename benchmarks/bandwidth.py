@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     warning = busy_warning()
     if warning:
         print(f"[bandwidth] warning: {warning}", file=sys.stderr)
-    probe = ReadProbe(threads, args.size_mb << 20)
+    try:
+        probe = ReadProbe(threads, args.size_mb << 20)
+    except MemoryError:
+        parser.error(f"--size-mb {args.size_mb}: not enough memory for the probe's array")
     rounds = [probe.measure() for _ in range(args.rounds)]
     probe.close()
     gbs = [r["gbs"] for r in rounds]

@@ -404,8 +404,8 @@ def _step_max(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`model.step`'s (N, V) float32 logits, checked finite, and their row maxima (N,)."""
     logits = np.asarray(model.step(ids, mask), dtype=np.float32)
-    if logits.ndim != 2 or logits.shape[0] != ids.shape[0]:
-        raise ValueError(f"StepModel.step must return (N, V) logits, got {logits.shape}")
+    if logits.ndim != 2 or logits.shape[0] != ids.shape[0] or logits.shape[1] == 0:
+        raise ValueError(f"StepModel.step must return (N, V >= 1) logits, got {logits.shape}")
     row_max = logits.max(axis=1)
     _check_finite(logits, row_max, step)
     return logits, row_max

@@ -349,3 +349,17 @@ def test_a_pad_id_outside_the_vocabulary_pads_finished_rows() -> None:
     out = generate(PerRow(logits), np.zeros((2, 2), np.int64), np.ones((2, 2), np.int64), config)
     assert out.sequences == [[EOS], [4, 4, 4]]
     assert all(np.isfinite(lp) for row in out.logprobs for lp in row)
+
+
+def test_logits_without_a_vocabulary_are_named() -> None:
+    """A StepModel returning (N, 0) logits: a ValueError naming the shape, not numpy's
+    zero-size reduction error (breaker pass, 2026-11-30)."""
+
+    class Empty(Fixed):
+        def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+            return np.zeros((input_ids.shape[0], 0), dtype=np.float32)
+
+    for beams in (1, 2):
+        config = GenerationConfig(max_new_tokens=3, num_beams=beams, eos_token_ids=())
+        with pytest.raises(ValueError, match=r"\(N, V >= 1\) logits"):
+            generate(Empty([0.0]), np.ones((1, 2), np.int64), np.ones((1, 2), np.int64), config)
