@@ -281,28 +281,55 @@ class BaseStepModel:
 
     # ------------------------------------------------------------------ shared
 
+    def _new_tokens(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) as int64 after checking they are (N, T) new tokens and (N, past + T)
+        with N the cache's batch: ValueError naming the shapes otherwise (a wrong length would
+        silently misplace the in-place cache's positions)."""
+        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+        if (
+            ids.ndim != 2
+            or mask.ndim != 2
+            or ids.shape[0] != self.batch
+            or mask.shape != (self.batch, self.past_length + ids.shape[1])
+        ):
+            raise ValueError(
+                f"new ids {ids.shape} and attention mask {mask.shape} do not fit a cache of "
+                f"{self.batch} row(s) x {self.past_length} positions: expected (N, T) ids and "
+                "an (N, past + T) mask"
+            )
+        return _int64(ids), _int64(mask)
+
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """All-position logits (N, T, V) for the new tokens; advances the cache."""
-        logits = self._forward(_int64(input_ids), _int64(attention_mask), all_positions=True)
+        logits = self._forward(*self._new_tokens(input_ids, attention_mask), all_positions=True)
         return np.array(logits, copy=True)
 
     def advance(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
         """Run new tokens into the cache, computing the last position's logits only (a cached
         prefix's logits are never read)."""
-        self._forward(_int64(input_ids), _int64(attention_mask), all_positions=False)
+        self._forward(*self._new_tokens(input_ids, attention_mask), all_positions=False)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """StepModel.step: float32 logits (N, V) of the last position. Leading ids already in
         the cache (the mask is longer than past + new by that many) are skipped, so a cached
         prefix is never recomputed."""
         mask = _int64(attention_mask)
+        input_ids = np.asarray(input_ids)
+        rows = self.batch
+        if input_ids.ndim != 2 or mask.ndim != 2 or not len(input_ids) == len(mask) == rows:
+            raise ValueError(
+                f"ids {input_ids.shape} and attention mask {mask.shape}: expected (N, T) and "
+                f"(N, L) with N = {self.batch}, the cache's rows"
+            )
         new = mask.shape[1] - self.past_length
         if not 1 <= new <= input_ids.shape[1]:
             raise ValueError(
                 f"attention mask of {mask.shape[1]} with {self.past_length} cached positions "
                 f"leaves {new} new tokens, but {input_ids.shape[1]} ids were given"
             )
-        ids = _int64(np.asarray(input_ids)[:, -new:])
+        ids = _int64(input_ids[:, -new:])
         logits = self._forward(ids, mask, all_positions=False)[:, -1].astype(np.float32)
         if self.prefill_end is None:
             self.prefill_end = time.perf_counter()

@@ -402,3 +402,28 @@ def test_reorders_between_steps_move_the_cross_attention_rows(
         history = np.concatenate([ids[order], np.repeat(token, k, axis=1)], 1)
         want = fresh.step(history, np.concatenate([mask[order], ones], 1))
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"step {k}")
+
+
+@pytest.mark.parametrize("form", [PORTABLE, INPLACE], ids=str)
+def test_new_tokens_that_do_not_fit_the_cache_are_refused(tiny_model, form_export, form) -> None:
+    """run/advance/step with a mask of the wrong length, a wrong batch or 3-D ids: a ValueError
+    naming the shapes, before any run (the in-place form used to take a wrong-length mask and
+    misplace its cache positions silently: breaker pass, 2026-11-30); the cache is unchanged."""
+    _, tok, _, _ = tiny_model("llama")
+    engine = OnnxFlamingo(form_export("llama", form))
+    ids, mask, cross, n = _row_inputs(engine, tok, PROMPTS[0])
+    model = engine.step_model(cross, n)
+    model.step(ids, mask)
+    length = model.past_length
+    token = np.array([[5]])
+    for call in (model.run, model.advance):
+        for bad_mask in (mask, np.ones((1, length + 3), np.int64)):
+            with pytest.raises(ValueError, match="do not fit a cache"):
+                call(token, bad_mask)
+    with pytest.raises(ValueError, match="cache's rows"):
+        model.step(np.array([[5], [6]]), np.ones((2, length + 1), np.int64))
+    with pytest.raises(ValueError, match="cache's rows"):
+        model.step(np.array([[[5]]]), np.ones((1, length + 1), np.int64))
+    assert model.past_length == length
+    good = model.run(token, np.ones((1, length + 1), np.int64))
+    assert good.shape[:2] == (1, 1) and model.past_length == length + 1
